@@ -1,0 +1,257 @@
+//! Freshet's one typed configuration: defaults < TOML file < `FRESHET__SECTION__KEY`
+//! environment variables < command-line flags. Unknown keys are refused.
+//! Every setting is documented in docs/configuration.md.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::table::TableConfig;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The coordinator's gRPC server (ingest and admin).
+    pub server: ServerConfig,
+    /// The merge cycle.
+    pub cycle: CycleConfig,
+    /// Ingest limits.
+    pub ingest: IngestConfig,
+    /// The worker's own settings.
+    pub worker: WorkerConfig,
+    /// Object storage options.
+    pub storage: StorageConfig,
+    /// Where tables created at run time are recorded.
+    pub catalog: CatalogConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Tables defined in the file.
+    pub tables: Vec<TableConfig>,
+}
+
+/// The coordinator's gRPC server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the coordinator listens on.
+    pub listen: String,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:50051".into(),
+            max_message_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The merge cycle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CycleConfig {
+    /// Time between cycles of a table, in milliseconds.
+    pub interval_ms: u64,
+    /// Start a cycle sooner once this many changes are pending.
+    pub trigger_changes: u64,
+    /// Attempts per task before the cycle fails.
+    pub max_attempts: u32,
+    /// Time a worker gets for one task, in milliseconds.
+    pub task_timeout_ms: u64,
+    /// Age after which files of abandoned tasks are deleted, in milliseconds.
+    pub orphan_grace_ms: u64,
+    /// Cycle records kept for the admin API.
+    pub history: usize,
+    /// Static worker endpoints (`http://host:port`); embedded mode fills these in.
+    pub workers: Vec<String>,
+}
+
+impl Default for CycleConfig {
+    fn default() -> Self {
+        CycleConfig {
+            interval_ms: 1000,
+            trigger_changes: 100_000,
+            max_attempts: 3,
+            task_timeout_ms: 300_000,
+            orphan_grace_ms: 3_600_000,
+            history: 1000,
+            workers: Vec::new(),
+        }
+    }
+}
+
+/// Ingest limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Most rows in one batch.
+    pub max_batch_rows: usize,
+    /// Most bytes in one batch's payload.
+    pub max_batch_bytes: usize,
+    /// Most bytes staged but not yet applied, per table, before ingest pushes back.
+    pub max_pending_bytes: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_batch_rows: 1_000_000,
+            max_batch_bytes: 64 * 1024 * 1024,
+            max_pending_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// The worker's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address the worker listens on.
+    pub listen: String,
+    /// Tasks the worker runs at once.
+    pub capacity: u32,
+    /// The worker's id (default: a random one).
+    pub id: Option<String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            listen: "127.0.0.1:50061".into(),
+            capacity: 2,
+            id: None,
+        }
+    }
+}
+
+/// Object storage options, passed to every store (for example `aws_endpoint`,
+/// `aws_region`). Credentials are better left to the standard `AWS_*` variables.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// object_store options (key -> value).
+    pub options: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach logs: values of keys that look secret are redacted.
+        let redacted: HashMap<&String, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let lk = k.to_ascii_lowercase();
+                let secret = ["secret", "key", "token", "password", "credential"]
+                    .iter()
+                    .any(|s| lk.contains(s))
+                    && !lk.ends_with("key_id");
+                (k, if secret { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("StorageConfig").field("options", &redacted).finish()
+    }
+}
+
+/// Where tables created at run time are recorded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// A directory URI (`file://`, `s3://`, or a local path); none means run-time tables
+    /// live only as long as the process.
+    pub uri: Option<String>,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// JSON log lines instead of text.
+    pub json: bool,
+}
+
+const ENV_PREFIX: &str = "FRESHET__";
+
+impl Config {
+    /// Loads the file (if any), then applies `FRESHET__SECTION__KEY` variables from `env`.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let mut value = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))?;
+                toml::from_str::<toml::Value>(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Value::Table(Default::default()),
+        };
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut value, &path, parse_env_value(&v))
+                .map_err(|e| Error::Config(format!("environment variable {k}: {e}")))?;
+        }
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string (no environment).
+    pub fn from_toml(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+fn parse_env_value(v: &str) -> toml::Value {
+    // Numbers, booleans and arrays parse as TOML; anything else is a string.
+    toml::from_str::<toml::Table>(&format!("x = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("x"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()))
+}
+
+fn set_path(value: &mut toml::Value, path: &[String], v: toml::Value) -> std::result::Result<(), String> {
+    let (first, rest) = path.split_first().ok_or("empty key")?;
+    let table = value.as_table_mut().ok_or("not a table")?;
+    if rest.is_empty() {
+        table.insert(first.clone(), v);
+        Ok(())
+    } else {
+        let entry = table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        set_path(entry, rest, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.toml");
+        std::fs::write(&p, "[cycle]\ninterval_ms = 500\n").unwrap();
+        let c = Config::load(Some(&p), vec![("FRESHET__CYCLE__MAX_ATTEMPTS".into(), "7".into())]).unwrap();
+        assert_eq!(c.cycle.interval_ms, 500);
+        assert_eq!(c.cycle.max_attempts, 7);
+        std::fs::write(&p, "[cycle]\nintervall_ms = 500\n").unwrap();
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("intervall_ms"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let mut c = Config::default();
+        c.storage.options.insert("aws_secret_access_key".into(), "hunter2".into());
+        c.storage.options.insert("aws_access_key_id".into(), "AKIA".into());
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2"), "{s}");
+        assert!(s.contains("AKIA"));
+    }
+}

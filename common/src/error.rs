@@ -1,0 +1,143 @@
+//! Freshet's error type, and its one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of Freshet's libraries. Each names the table, file or row it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A batch of changes (or any request) is malformed; nothing was changed.
+    #[error("invalid input for table '{table}': {message}")]
+    InvalidInput { table: String, message: String },
+    /// A batch is larger than the configured limits; nothing was staged.
+    #[error("batch for table '{table}' too large: {message}")]
+    TooLarge { table: String, message: String },
+    /// Too much is staged and not yet applied; the client should retry later.
+    #[error("table '{table}' is over its pending-changes limit ({message}); retry later")]
+    Backpressure { table: String, message: String },
+    /// A table definition is inconsistent.
+    #[error("invalid table definition '{table}': {message}")]
+    InvalidTable { table: String, message: String },
+    /// No such table.
+    #[error("no table named '{0}'")]
+    TableNotFound(String),
+    /// A table of that name exists already.
+    #[error("table '{0}' exists already")]
+    TableExists(String),
+    /// No such cycle.
+    #[error("no cycle with id '{0}'")]
+    CycleNotFound(String),
+    /// Configuration is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Reading or writing the Delta log failed.
+    #[error("delta table '{table}': {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: deltalake::DeltaTableError,
+    },
+    /// Another writer committed first; the cycle must re-plan.
+    #[error("delta table '{table}': concurrent commit, cycle will re-plan: {message}")]
+    CommitConflict { table: String, message: String },
+    /// Object storage failed.
+    #[error("object store ({path}): {source}")]
+    ObjectStore {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// Arrow or Parquet failed while processing data.
+    #[error("{context}: {message}")]
+    Data { context: String, message: String },
+    /// A remote call failed.
+    #[error("{context}: {status}")]
+    Rpc {
+        context: String,
+        #[source]
+        status: Status,
+    },
+    /// The coordinator is shutting down or not serving.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A deliberately injected crash point was hit (tests only).
+    #[error("injected failure at {0}")]
+    Injected(String),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Builds a [`Error::Data`] from any displayable error.
+    pub fn data(context: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        Error::Data {
+            context: context.into(),
+            message: err.to_string(),
+        }
+    }
+
+    /// Builds an [`Error::InvalidInput`].
+    pub fn invalid(table: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            table: table.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds an [`Error::Delta`].
+    pub fn delta(table: impl Into<String>, source: deltalake::DeltaTableError) -> Self {
+        Error::Delta {
+            table: table.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::ObjectStore`].
+    pub fn store(path: impl std::fmt::Display, source: object_store::Error) -> Self {
+        Error::ObjectStore {
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    /// Whether retrying the same work may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::ObjectStore { .. }
+                | Error::Rpc { .. }
+                | Error::Unavailable(_)
+                | Error::CommitConflict { .. }
+                | Error::Backpressure { .. }
+        )
+    }
+
+    /// The gRPC code for this error: the one place errors meet status codes.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidInput { .. } | Error::InvalidTable { .. } | Error::Config(_) => {
+                Code::InvalidArgument
+            }
+            Error::TooLarge { .. } | Error::Backpressure { .. } => Code::ResourceExhausted,
+            Error::TableNotFound(_) | Error::CycleNotFound(_) => Code::NotFound,
+            Error::TableExists(_) => Code::AlreadyExists,
+            Error::CommitConflict { .. } => Code::Aborted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Rpc { status, .. } => status.code(),
+            Error::Delta { .. }
+            | Error::ObjectStore { .. }
+            | Error::Data { .. }
+            | Error::Injected(_)
+            | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}

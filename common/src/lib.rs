@@ -1,0 +1,18 @@
+//! What coordinator, workers, the CLI and tests share: configuration, table definitions,
+//! Delta log access, the staging-log format, the merge kernel and file statistics.
+
+pub mod changes;
+pub mod config;
+pub mod delta;
+pub mod error;
+pub mod ipc;
+pub mod key;
+pub mod merge;
+pub mod schema;
+pub mod server;
+pub mod staging;
+pub mod stats;
+pub mod storage;
+pub mod table;
+
+pub use error::{Error, Result};

@@ -1,0 +1,132 @@
+//! The staging log: durable, sequenced batches of changes in the table's object store,
+//! at `_freshet/staging/<first seq>-<last seq>.arrow` (Arrow IPC stream, [`staging_schema`]).
+//! A segment holds one group commit (one or more batches); it is written with put-if-absent
+//! and deleted once a Delta commit with a `txn` version at or above its last sequence exists.
+//!
+//! [`staging_schema`]: crate::changes::staging_schema
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, Result};
+
+/// Directory of staging segments, relative to the table root.
+pub const STAGING_DIR: &str = "_freshet/staging";
+
+/// A segment as listed in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// First sequence in the segment.
+    pub first: u64,
+    /// Last sequence in the segment.
+    pub last: u64,
+    /// Path relative to the table root.
+    pub path: Path,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The path of the segment holding sequences `first..=last`.
+pub fn segment_path(first: u64, last: u64) -> Path {
+    Path::from(format!("{STAGING_DIR}/{first:020}-{last:020}.arrow"))
+}
+
+/// Parses a segment file name into its sequence range.
+pub fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".arrow")?;
+    let (a, b) = stem.split_once('-')?;
+    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// Writes a segment; fails if one with that name exists (sequences are never reused).
+pub async fn write_segment(store: &Arc<dyn ObjectStore>, first: u64, last: u64, bytes: Vec<u8>) -> Result<Path> {
+    let path = segment_path(first, last);
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    store
+        .put_opts(&path, PutPayload::from(bytes), opts)
+        .await
+        .map_err(|e| Error::store(&path, e))?;
+    Ok(path)
+}
+
+/// Reads a segment's batches.
+pub async fn read_segment(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Vec<RecordBatch>> {
+    let bytes = store
+        .get(path)
+        .await
+        .map_err(|e| Error::store(path, e))?
+        .bytes()
+        .await
+        .map_err(|e| Error::store(path, e))?;
+    crate::ipc::decode(&bytes)
+        .map(|(_, b)| b)
+        .map_err(|e| Error::data(format!("reading staging segment {path}"), e))
+}
+
+/// Lists the segments, in sequence order.
+pub async fn list_segments(store: &Arc<dyn ObjectStore>) -> Result<Vec<SegmentInfo>> {
+    let prefix = Path::from(STAGING_DIR);
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
+    let mut out: Vec<SegmentInfo> = metas
+        .into_iter()
+        .filter_map(|m| {
+            let (first, last) = parse_segment_name(m.location.filename()?)?;
+            Some(SegmentInfo {
+                first,
+                last,
+                path: m.location,
+                size: m.size,
+            })
+        })
+        .collect();
+    out.sort_by_key(|s| s.first);
+    Ok(out)
+}
+
+/// Deletes a segment (missing is fine: deletion is idempotent).
+pub async fn delete_segment(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<()> {
+    match store.delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(Error::store(path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip() {
+        let p = segment_path(7, 12);
+        assert_eq!(parse_segment_name(p.filename().unwrap()), Some((7, 12)));
+        assert_eq!(parse_segment_name("junk.arrow"), None);
+        assert_eq!(parse_segment_name("00000000000000000009-00000000000000000003.arrow"), None);
+    }
+
+    #[tokio::test]
+    async fn segments_are_put_if_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        write_segment(&store, 1, 2, b"a".to_vec()).await.unwrap();
+        assert!(write_segment(&store, 1, 2, b"b".to_vec()).await.is_err());
+        let listed = list_segments(&store).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].first, listed[0].last), (1, 2));
+        delete_segment(&store, &listed[0].path).await.unwrap();
+        delete_segment(&store, &listed[0].path).await.unwrap();
+        assert!(list_segments(&store).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,167 @@
+//! The stateless Freshet worker: serves `freshet.worker.v1.WorkerService`, rewriting files
+//! with their changes directly against object storage.
+
+pub mod rewrite;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use freshet_common::error::{Error, Result};
+use freshet_common::storage::{table_store, table_url, StorageOptions};
+use freshet_proto::worker::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use freshet_proto::worker::v1::{InfoRequest, InfoResponse, RewriteRequest, RewriteResponse};
+use object_store::ObjectStore;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// Fault injection for tests: makes the next rewrites fail, around the real work.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Fail this many upcoming rewrites (before doing any work).
+    pub fail_next: AtomicU32,
+}
+
+/// A worker: its identity, capacity and caches. Holds no task state.
+pub struct Worker {
+    id: String,
+    capacity: u32,
+    options: StorageOptions,
+    permits: Semaphore,
+    in_flight: AtomicU64,
+    newest_epoch: AtomicU64,
+    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    /// Test fault injection.
+    pub faults: Faults,
+}
+
+impl Worker {
+    /// A worker with `capacity` concurrent tasks.
+    pub fn new(id: impl Into<String>, capacity: u32, options: StorageOptions) -> Arc<Self> {
+        Arc::new(Worker {
+            id: id.into(),
+            capacity: capacity.max(1),
+            options,
+            permits: Semaphore::new(capacity.max(1) as usize),
+            in_flight: AtomicU64::new(0),
+            newest_epoch: AtomicU64::new(0),
+            stores: Mutex::new(HashMap::new()),
+            faults: Faults::default(),
+        })
+    }
+
+    /// The worker's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn store(&self, table: &str, uri: &str) -> Result<Arc<dyn ObjectStore>> {
+        if let Some(s) = self.stores.lock().expect("lock").get(uri) {
+            return Ok(s.clone());
+        }
+        let store = table_store(table, &table_url(table, uri)?, &self.options)?;
+        self.stores.lock().expect("lock").insert(uri.to_string(), store.clone());
+        Ok(store)
+    }
+
+    /// Runs one task.
+    pub async fn rewrite(&self, req: RewriteRequest) -> Result<RewriteResponse> {
+        // Stale leaders must not get work done: refuse epochs older than the newest seen.
+        let newest = self.newest_epoch.fetch_max(req.epoch, Ordering::SeqCst);
+        if req.epoch < newest {
+            return Err(Error::Unavailable(format!(
+                "stale epoch {} (newest seen {newest})",
+                req.epoch
+            )));
+        }
+        if self
+            .faults
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::Injected(format!("worker {} rewrite", self.id)));
+        }
+        let _permit = self.permits.acquire().await.map_err(|_| Error::Unavailable("worker stopping".into()))?;
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let table = req.table.as_ref().map(|t| (t.name.clone(), t.uri.clone())).unwrap_or_default();
+        let result = async {
+            let store = self.store(&table.0, &table.1)?;
+            rewrite::rewrite(&store, &req, &self.id).await
+        }
+        .await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+/// The gRPC face of a [`Worker`].
+#[derive(Clone)]
+pub struct WorkerGrpc(pub Arc<Worker>);
+
+#[tonic::async_trait]
+impl WorkerService for WorkerGrpc {
+    async fn rewrite(&self, request: Request<RewriteRequest>) -> Result<Response<RewriteResponse>, Status> {
+        let req = request.into_inner();
+        let table = req.table.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let span = tracing::info_span!("task", cycle_id = %req.cycle_id, table = %table, task = req.task_id, attempt = req.attempt, worker = %self.0.id);
+        async {
+            let inputs = req.inputs.len();
+            match self.0.rewrite(req).await {
+                Ok(resp) => {
+                    tracing::debug!(inputs, outputs = resp.files.len(), ms = resp.duration_ms, "task done");
+                    Ok(Response::new(resp))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "task failed");
+                    Err(e.into())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(InfoResponse {
+            worker_id: self.0.id.clone(),
+            capacity: self.0.capacity,
+            tasks_in_flight: self.0.in_flight.load(Ordering::SeqCst),
+        }))
+    }
+}
+
+/// Serves a worker on `listener` until `shutdown` resolves.
+pub async fn serve(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (reporter, health) = freshet_common::server::health();
+    reporter.set_serving::<WorkerServiceServer<WorkerGrpc>>().await;
+    let (refl_v1, refl_v1alpha) = freshet_common::server::reflection();
+    let svc = WorkerServiceServer::new(WorkerGrpc(worker))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("worker server: {e}")))
+}
+
+/// Binds a listener, returning it with its address.
+pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+    let a = l.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((l, a))
+}

@@ -1,0 +1,174 @@
+//! One task: read the input files, apply the changes, write new files split at the target
+//! size, and describe them (size, partition values, stats, exact key range).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::record_batch::RecordBatch;
+use freshet_common::error::{Error, Result};
+use freshet_common::key::{key_at, key_to_json};
+use freshet_common::merge::{apply_changes, conform, split_points, MergeCounts};
+use freshet_common::stats::file_stats;
+use freshet_common::table::{partition_dir, TableDef};
+use freshet_proto::worker::v1::{OutputFile, RewriteRequest, RewriteResponse};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+/// Rows per Parquet row group.
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+/// Decodes the table spec of a request into a definition.
+pub fn table_def(req: &RewriteRequest) -> Result<TableDef> {
+    let spec = req
+        .table
+        .as_ref()
+        .ok_or_else(|| Error::invalid("?", "rewrite request without a table"))?;
+    let schema = freshet_common::ipc::decode_schema(&spec.schema_ipc)?;
+    TableDef::new(
+        &spec.name,
+        &spec.uri,
+        schema,
+        spec.primary_key.clone(),
+        spec.partition_columns.clone(),
+        req.target_file_size.max(1024),
+    )
+}
+
+async fn read_file(store: &Arc<dyn ObjectStore>, def: &TableDef, path: &str) -> Result<(Vec<RecordBatch>, u64)> {
+    let location = Path::from(path);
+    let ctx = || format!("table '{}', file {path}", def.name);
+    let bytes = store
+        .get(&location)
+        .await
+        .map_err(|e| Error::store(&location, e))?
+        .bytes()
+        .await
+        .map_err(|e| Error::store(&location, e))?;
+    let size = bytes.len() as u64;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|e| Error::data(ctx(), e))?
+        .with_batch_size(ROW_GROUP_ROWS)
+        .build()
+        .map_err(|e| Error::data(ctx(), e))?;
+    let schema = def.file_schema();
+    let batches = reader
+        .map(|b| conform(&b.map_err(|e| Error::data(ctx(), e))?, &schema, &ctx()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((batches, size))
+}
+
+fn encode_parquet(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build();
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| Error::data("parquet writer", e))?;
+    w.write(batch).map_err(|e| Error::data("parquet write", e))?;
+    w.close().map_err(|e| Error::data("parquet close", e))?;
+    Ok(buf)
+}
+
+/// Runs one rewrite task against the table's object store.
+pub async fn rewrite(store: &Arc<dyn ObjectStore>, req: &RewriteRequest, worker_id: &str) -> Result<RewriteResponse> {
+    let started = Instant::now();
+    let def = table_def(req)?;
+    let file_schema = def.file_schema();
+    let local_key = def.local_key();
+
+    let mut existing = Vec::new();
+    let mut bytes_read = 0;
+    for input in &req.inputs {
+        let (batches, size) = read_file(store, &def, &input.path).await?;
+        existing.extend(batches);
+        bytes_read += size;
+    }
+    let (_, change_batches) = freshet_common::ipc::decode(&req.changes_ipc)
+        .map_err(|e| Error::data(format!("table '{}': task changes", def.name), e))?;
+    let changes = arrow::compute::concat_batches(
+        &freshet_common::changes::change_schema(&def),
+        &change_batches
+            .iter()
+            .map(|b| conform(b, &freshet_common::changes::change_schema(&def), "task changes"))
+            .collect::<Result<Vec<_>>>()?,
+    )
+    .map_err(|e| Error::data("task changes", e))?;
+
+    let (merged, counts): (RecordBatch, MergeCounts) = apply_changes(&file_schema, &local_key, &existing, &changes)?;
+    drop(existing);
+
+    // Rows per file from the input's bytes per row, or from encoding a sample.
+    let n = merged.num_rows();
+    let bytes_per_row = if counts.rows_read > 0 && bytes_read > 0 {
+        (bytes_read as f64 / counts.rows_read as f64).max(1.0)
+    } else if n > 0 {
+        let sample = merged.slice(0, n.min(8192));
+        (encode_parquet(&sample)?.len() as f64 / sample.num_rows() as f64).max(1.0)
+    } else {
+        1.0
+    };
+    let rows_per_file = ((def.target_file_size as f64 / bytes_per_row) as usize).max(1);
+    let files = n.div_ceil(rows_per_file).max(1);
+    let per_file = n.div_ceil(files).max(1);
+
+    let partition_values: HashMap<String, String> = req.partition_values.clone();
+    let dir = partition_dir(&def.partition_by, &partition_values);
+    let mut out = Vec::new();
+    let mut bytes_written = 0;
+    for (start, len) in split_points(n, per_file) {
+        let chunk = merged.slice(start, len);
+        let bytes = encode_parquet(&chunk)?;
+        let size = bytes.len() as u64;
+        let name = format!(
+            "{dir}fr-{}-{}-{}-{}.parquet",
+            req.cycle_id,
+            req.task_id,
+            req.attempt,
+            uuid::Uuid::new_v4().simple()
+        );
+        let path = Path::from(name.as_str());
+        store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| Error::store(&path, e))?;
+        bytes_written += size;
+        let key_cols: Vec<&dyn arrow::array::Array> = local_key
+            .iter()
+            .map(|k| chunk.column_by_name(k).expect("key column").as_ref())
+            .collect();
+        out.push(OutputFile {
+            path: name,
+            size,
+            partition_values: partition_values.clone(),
+            num_records: len as u64,
+            stats_json: file_stats(&chunk).to_string(),
+            min_key_json: key_to_json(&key_at(&key_cols, 0)),
+            max_key_json: key_to_json(&key_at(&key_cols, len - 1)),
+            modification_time: chrono_now_ms(),
+        });
+    }
+    Ok(RewriteResponse {
+        files: out,
+        rows_read: counts.rows_read,
+        rows_written: n as u64,
+        rows_inserted: counts.inserted,
+        rows_updated: counts.updated,
+        rows_deleted: counts.deleted,
+        bytes_read,
+        bytes_written,
+        duration_ms: started.elapsed().as_millis() as u64,
+        worker_id: worker_id.to_string(),
+    })
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
