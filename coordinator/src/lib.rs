@@ -1,1 +1,334 @@
-//! placeholder
+//! The Freshet coordinator: validates and stages ingested changes, runs each table's merge
+//! cycle (plan, dispatch to workers, one Delta commit), and serves the ingest and admin APIs.
+
+pub mod catalog;
+pub mod commit;
+pub mod cycle;
+pub mod grpc;
+pub mod orphans;
+pub mod planner;
+pub mod recovery;
+pub mod router;
+pub mod stage;
+pub mod tables;
+pub mod validate;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use freshet_common::config::Config;
+use freshet_common::delta::{applied_sequence, files, open_or_create};
+use freshet_common::error::{Error, Result};
+use freshet_common::schema::SchemaSpec;
+use freshet_common::storage::{table_store, table_url};
+use freshet_common::table::TableDef;
+use freshet_proto::admin::v1::{CycleRecord, TableInfo};
+use freshet_proto::ingest::v1::{IngestRequest, IngestResponse};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::catalog::Catalog;
+use crate::router::Router;
+use crate::stage::{run_stager, StageRequest};
+use crate::tables::TableRuntime;
+
+/// Points where tests inject a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Workers wrote their files; the commit has not happened.
+    AfterRewrite,
+    /// The commit happened; staging cleanup has not.
+    AfterCommit,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "after_rewrite" => Ok(CrashPoint::AfterRewrite),
+            "after_commit" => Ok(CrashPoint::AfterCommit),
+            _ => Err(Error::Config(format!("unknown crash point '{s}' (after_rewrite, after_commit)"))),
+        }
+    }
+}
+
+/// State shared by the coordinator's tasks.
+pub struct Inner {
+    /// The configuration.
+    pub config: Config,
+    /// Workers.
+    pub router: Router,
+    /// The leader epoch sent with every task (1 in embedded mode).
+    pub epoch: u64,
+    tables: RwLock<BTreeMap<String, Arc<TableRuntime>>>,
+    history: Mutex<VecDeque<CycleRecord>>,
+    catalog: Option<Catalog>,
+    crash_at: Mutex<Option<(CrashPoint, bool)>>,
+    dead: AtomicBool,
+    stop: watch::Sender<bool>,
+}
+
+impl Inner {
+    /// Fails (or aborts the process) at an armed crash point.
+    pub fn crash_point(&self, p: CrashPoint) -> Result<()> {
+        let armed = *self.crash_at.lock().expect("lock");
+        if let Some((at, abort)) = armed {
+            if at == p {
+                if abort {
+                    eprintln!("freshet: injected crash at {p:?}");
+                    std::process::abort();
+                }
+                self.dead.store(true, Ordering::SeqCst);
+                return Err(Error::Injected(format!("{p:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, t: &TableRuntime, rec: &CycleRecord) {
+        if rec.state == "noop" {
+            return;
+        }
+        *t.last_cycle.lock().expect("lock") = Some(rec.clone());
+        let mut h = self.history.lock().expect("lock");
+        h.push_front(rec.clone());
+        h.truncate(self.config.cycle.history.max(1));
+    }
+}
+
+/// The coordinator.
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+impl Coordinator {
+    /// Starts a coordinator: opens (creating or adopting) and recovers every configured and
+    /// catalogued table, and starts their cycle loops.
+    pub async fn start(config: Config) -> Result<Arc<Coordinator>> {
+        let crash = match std::env::var("FRESHET_CRASH_AT") {
+            Ok(s) if !s.is_empty() => Some((s.parse::<CrashPoint>()?, true)),
+            _ => None,
+        };
+        let catalog = match &config.catalog.uri {
+            Some(uri) => Some(Catalog::open(uri, &config.storage.options)?),
+            None => None,
+        };
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            router: Router::new(config.cycle.workers.clone(), config.server.max_message_bytes),
+            epoch: 1,
+            tables: RwLock::new(BTreeMap::new()),
+            history: Mutex::new(VecDeque::new()),
+            catalog,
+            crash_at: Mutex::new(crash),
+            dead: AtomicBool::new(false),
+            stop,
+            config,
+        });
+        let c = Arc::new(Coordinator { inner });
+        let mut defs = Vec::new();
+        for t in &c.inner.config.tables {
+            defs.push(t.to_def()?);
+        }
+        if let Some(cat) = &c.inner.catalog {
+            for d in cat.load().await? {
+                if !defs.iter().any(|x| x.name == d.name) {
+                    defs.push(d);
+                }
+            }
+        }
+        for d in defs {
+            c.open_table(d).await?;
+        }
+        Ok(c)
+    }
+
+    /// Shared state (for the gRPC layer and tests).
+    pub fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Replaces the worker set.
+    pub fn set_workers(&self, endpoints: Vec<String>) {
+        self.inner.router.set_workers(endpoints);
+    }
+
+    /// Arms an in-process crash point: the cycle that reaches it fails and the coordinator
+    /// stops working, leaving storage as a crash would.
+    pub fn set_crash_point(&self, p: Option<CrashPoint>) {
+        *self.inner.crash_at.lock().expect("lock") = p.map(|p| (p, false));
+    }
+
+    /// Stops cycle loops and stagers.
+    pub fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+    }
+
+    async fn open_table(&self, def: TableDef) -> Result<(Arc<TableRuntime>, bool)> {
+        let opts = &self.inner.config.storage.options;
+        let (delta, adopted) = open_or_create(&def, opts).await?;
+        let store = table_store(&def.name, &table_url(&def.name, &def.uri)?, opts)?;
+        let grace = Duration::from_millis(self.inner.config.cycle.orphan_grace_ms);
+        let rec = recovery::recover(&def, &store, &delta, grace).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let t = TableRuntime::new(def, store, delta, tx);
+        t.pending.lock().expect("lock").segments = rec.pending;
+        {
+            let mut tables = self.inner.tables.write().expect("lock");
+            if tables.contains_key(&t.def.name) {
+                return Err(Error::TableExists(t.def.name.clone()));
+            }
+            tables.insert(t.def.name.clone(), t.clone());
+        }
+        tokio::spawn(run_stager(
+            t.clone(),
+            rx,
+            rec.next_seq,
+            self.inner.config.cycle.trigger_changes,
+            self.inner.stop.subscribe(),
+        ));
+        tokio::spawn(table_loop(self.inner.clone(), t.clone()));
+        tracing::info!(table = %t.def.name, uri = %t.def.uri, adopted, applied = rec.applied, "serving table");
+        Ok((t, adopted))
+    }
+
+    /// Creates (or adopts) a table at run time and records it in the catalog.
+    pub async fn create_table(&self, def: TableDef) -> Result<(TableInfo, bool)> {
+        if self.inner.tables.read().expect("lock").contains_key(&def.name) {
+            return Err(Error::TableExists(def.name.clone()));
+        }
+        let (t, adopted) = self.open_table(def).await?;
+        if let Some(cat) = &self.inner.catalog {
+            cat.save(&t.def).await?;
+        }
+        Ok((self.table_info(&t).await?, adopted))
+    }
+
+    /// A served table.
+    pub fn table(&self, name: &str) -> Result<Arc<TableRuntime>> {
+        self.inner.tables.read().expect("lock").get(name).cloned().ok_or_else(|| Error::TableNotFound(name.to_string()))
+    }
+
+    /// Every served table.
+    pub fn tables(&self) -> Vec<Arc<TableRuntime>> {
+        self.inner.tables.read().expect("lock").values().cloned().collect()
+    }
+
+    /// Validates and stages a batch; returns once it is durable.
+    pub async fn ingest(&self, req: IngestRequest) -> Result<IngestResponse> {
+        if self.inner.dead.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("coordinator stopped".into()));
+        }
+        let t = self.table(&req.table)?;
+        let pending_bytes = t.pending.lock().expect("lock").bytes();
+        if pending_bytes > self.inner.config.ingest.max_pending_bytes {
+            return Err(Error::Backpressure {
+                table: t.def.name.clone(),
+                message: format!("{pending_bytes} bytes pending, limit {} (ingest.max_pending_bytes)", self.inner.config.ingest.max_pending_bytes),
+            });
+        }
+        let limits = self.inner.config.ingest.clone();
+        let def = t.def.clone();
+        let valid = tokio::task::spawn_blocking(move || validate::validate(&def, &req, &limits))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let rows = valid.batch.num_rows() as u64;
+        let (reply, rx) = oneshot::channel();
+        t.stager
+            .send(StageRequest { batch: valid.batch, reply })
+            .await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))?;
+        let sequence = rx.await.map_err(|_| Error::Unavailable("staging stopped".into()))??;
+        Ok(IngestResponse { sequence, rows, upserts: valid.upserts, deletes: valid.deletes })
+    }
+
+    /// Runs a cycle of the table now.
+    pub async fn trigger(&self, table: &str) -> Result<CycleRecord> {
+        if self.inner.dead.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("coordinator stopped".into()));
+        }
+        let t = self.table(table)?;
+        let rec = cycle::run_cycle(&self.inner, &t).await?;
+        self.inner.record(&t, &rec);
+        Ok(rec)
+    }
+
+    /// Recent cycles, newest first.
+    pub fn cycles(&self, table: Option<&str>, limit: usize) -> Vec<CycleRecord> {
+        self.inner
+            .history
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|c| table.is_none_or(|t| c.table == t))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// One cycle by id.
+    pub fn cycle(&self, id: &str) -> Result<CycleRecord> {
+        self.inner
+            .history
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+            .ok_or_else(|| Error::CycleNotFound(id.to_string()))
+    }
+
+    /// The admin view of a table.
+    pub async fn table_info(&self, t: &TableRuntime) -> Result<TableInfo> {
+        let table = t.delta.lock().await;
+        let active = files(&t.def, &table)?;
+        let applied = applied_sequence(&t.def, &table).await?;
+        let (pending_changes, pending_bytes) = {
+            let p = t.pending.lock().expect("lock");
+            (p.rows(), p.bytes())
+        };
+        Ok(TableInfo {
+            name: t.def.name.clone(),
+            uri: t.def.uri.clone(),
+            schema_json: SchemaSpec::from_arrow(&t.def.schema).to_json(),
+            primary_key: t.def.primary_key.clone(),
+            partition_columns: t.def.partition_by.clone(),
+            target_file_size: t.def.target_file_size,
+            version: table.version().map(|v| v as i64).unwrap_or(-1),
+            num_files: active.len() as u64,
+            total_bytes: active.iter().map(|f| f.size).sum(),
+            total_rows: active.iter().map(|f| f.num_records.unwrap_or(0)).sum(),
+            pending_changes,
+            pending_bytes,
+            applied_sequence: applied,
+            last_cycle: t.last_cycle.lock().expect("lock").clone(),
+            paused: t.paused.load(Ordering::SeqCst),
+        })
+    }
+}
+
+async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
+    let interval = Duration::from_millis(inner.config.cycle.interval_ms.max(1));
+    let mut stop = inner.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = t.wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if t.paused.load(Ordering::SeqCst) || t.pending.lock().expect("lock").segments.is_empty() {
+            continue;
+        }
+        if inner.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        match cycle::run_cycle(&inner, &t).await {
+            Ok(rec) => inner.record(&t, &rec),
+            Err(e) => {
+                tracing::error!(table = %t.def.name, error = %e, "cycle stopped the coordinator");
+                return;
+            }
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Int8Array, RecordBatch, StringArray};
 use arrow::compute::{cast_with_options, concat_batches, CastOptions};
 use arrow::datatypes::{DataType, Field, Schema};
-use freshet_common::changes::{change_schema, OP_COLUMN, OP_DELETE, OP_UPSERT};
+use freshet_common::changes::{change_schema, OP_DELETE, OP_UPSERT};
 use freshet_common::config::IngestConfig;
 use freshet_common::error::{Error, Result};
 use freshet_common::table::TableDef;

@@ -1,0 +1,54 @@
+//! Tables created at run time, recorded as JSON under the catalog URI so that a restarted
+//! coordinator serves them again.
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use freshet_common::error::{Error, Result};
+use freshet_common::storage::{table_store, table_url, StorageOptions};
+use freshet_common::table::{TableConfig, TableDef};
+
+/// The run-time table catalog.
+pub struct Catalog {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl Catalog {
+    /// Opens the catalog at `uri`.
+    pub fn open(uri: &str, options: &StorageOptions) -> Result<Self> {
+        let url = table_url("catalog", uri).map_err(|e| Error::Config(format!("catalog.uri: {e}")))?;
+        Ok(Catalog { store: table_store("catalog", &url, options)? })
+    }
+
+    /// Records a table.
+    pub async fn save(&self, def: &TableDef) -> Result<()> {
+        let path = Path::from(format!("tables/{}.json", def.name));
+        let body = serde_json::to_vec_pretty(&def.to_config()).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store.put(&path, PutPayload::from(body)).await.map_err(|e| Error::store(&path, e))?;
+        Ok(())
+    }
+
+    /// Every recorded table.
+    pub async fn load(&self) -> Result<Vec<TableDef>> {
+        let prefix = Path::from("tables");
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(|e| Error::store(&prefix, e))?;
+        let mut out = Vec::new();
+        for m in metas {
+            let bytes = self
+                .store
+                .get(&m.location)
+                .await
+                .map_err(|e| Error::store(&m.location, e))?
+                .bytes()
+                .await
+                .map_err(|e| Error::store(&m.location, e))?;
+            let cfg: TableConfig = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Config(format!("catalog entry {}: {e}", m.location)))?;
+            out.push(cfg.to_def()?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,257 @@
+//! One merge cycle of one table: pending changes → last change per key → plan → workers →
+//! one Delta commit → staging cleanup, with every phase timed into a cycle record.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_common::changes::{change_schema, last_change_per_key};
+use freshet_common::delta::{applied_sequence, files};
+use freshet_common::error::{Error, Result};
+use freshet_common::staging::delete_segment;
+use freshet_common::table::partition_dir;
+use freshet_proto::admin::v1::{CycleRecord, Phase, TaskRecord};
+use freshet_proto::worker::v1::{InputFile, RewriteRequest, TableSpec};
+use tracing::Instrument;
+
+use crate::orphans::{self, InflightRecord};
+use crate::planner::plan;
+use crate::tables::TableRuntime;
+use crate::{commit, CrashPoint, Inner};
+
+struct Phases {
+    list: Vec<Phase>,
+    at: Instant,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases { list: Vec::new(), at: Instant::now() }
+    }
+    fn end(&mut self, name: &str) {
+        let now = Instant::now();
+        self.list.push(Phase { name: name.into(), duration_us: (now - self.at).as_micros() as u64 });
+        self.at = now;
+    }
+}
+
+/// Runs one cycle. A table with nothing pending gets a "noop" record (not kept in history).
+pub async fn run_cycle(inner: &Inner, t: &Arc<TableRuntime>) -> Result<CycleRecord> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let span = tracing::info_span!("cycle", cycle_id = %id, table = %t.def.name);
+    run(inner, t, id).instrument(span).await
+}
+
+async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRecord> {
+    let def = &t.def;
+    let started = Instant::now();
+    let mut rec = CycleRecord {
+        id: id.clone(),
+        table: def.name.clone(),
+        state: "noop".into(),
+        started_at_ms: chrono::Utc::now().timestamp_millis(),
+        delta_version: -1,
+        ..Default::default()
+    };
+    let mut phases = Phases::new();
+    let mut table = t.delta.lock().await;
+
+    // Phase: read pending (in memory; what recovery or the stager put there).
+    let segments = t.pending.lock().expect("lock").segments.clone();
+    if segments.is_empty() {
+        return Ok(rec);
+    }
+    rec.first_sequence = segments.first().map(|s| s.first).unwrap_or(0);
+    rec.last_sequence = segments.last().map(|s| s.last).unwrap_or(0);
+    let oldest_ack = segments.iter().map(|s| s.acked_at_ms).min().unwrap_or(rec.started_at_ms);
+    phases.end("read_pending");
+
+    let result = async {
+        // Refresh the snapshot: another writer may have committed, and a retried commit
+        // of ours may have landed already.
+        table.update_state().await.map_err(|e| Error::delta(&def.name, e))?;
+        let applied = applied_sequence(def, &table).await?;
+        let todo: Vec<_> = segments.iter().filter(|s| s.last > applied).collect();
+        if todo.is_empty() {
+            rec.state = "committed".into();
+            rec.delta_version = table.version().map(|v| v as i64).unwrap_or(-1);
+            return Ok(());
+        }
+        let batches: Vec<_> = todo.iter().flat_map(|s| s.batches.iter().cloned()).collect();
+        rec.changes = batches.iter().map(|b| b.num_rows() as u64).sum();
+        let partitions = last_change_per_key(def, &batches)?;
+        rec.keys = partitions.iter().map(|p| p.batch.num_rows() as u64).sum();
+        phases.end("reduce");
+
+        let active = files(def, &table)?;
+        let (total_bytes, total_rows) = active
+            .iter()
+            .fold((0u64, 0u64), |(b, r), f| (b + f.size, r + f.num_records.unwrap_or(0)));
+        let p = plan(def, &active, partitions)?;
+        rec.files_total = p.files_total;
+        rec.files_considered = p.files_considered;
+        rec.files_pruned = p.files_pruned;
+        phases.end("plan");
+
+        // Record what this cycle may write before any worker writes it.
+        let mut dirs: Vec<String> = p.tasks.iter().map(|t| partition_dir(&def.partition_by, &t.partition_values)).collect();
+        dirs.sort();
+        dirs.dedup();
+        let inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs, aborted: false };
+        orphans::write_record(&t.store, &inflight).await?;
+
+        let spec = TableSpec {
+            name: def.name.clone(),
+            uri: def.uri.clone(),
+            schema_ipc: freshet_common::ipc::encode_schema(&def.schema)?,
+            primary_key: def.primary_key.clone(),
+            partition_columns: def.partition_by.clone(),
+        };
+        let cschema = change_schema(def);
+        let mut requests = Vec::with_capacity(p.tasks.len());
+        let mut weights = Vec::with_capacity(p.tasks.len());
+        for (i, task) in p.tasks.iter().enumerate() {
+            let changes_ipc = freshet_common::ipc::encode(&cschema, std::slice::from_ref(&task.changes))?;
+            weights.push(task.input_bytes() + changes_ipc.len() as u64);
+            requests.push(RewriteRequest {
+                cycle_id: id.clone(),
+                task_id: i as u64,
+                attempt: 1,
+                epoch: inner.epoch,
+                table: Some(spec.clone()),
+                inputs: task.inputs.iter().map(|f| InputFile { path: f.path.clone(), size: f.size }).collect(),
+                partition_values: task.partition_values.clone(),
+                changes_ipc,
+                target_file_size: def.target_file_size,
+            });
+        }
+        phases.end("prepare");
+
+        let outcomes = inner
+            .router
+            .run(
+                requests,
+                &weights,
+                inner.config.cycle.max_attempts,
+                Duration::from_millis(inner.config.cycle.task_timeout_ms),
+            )
+            .await;
+        phases.end("rewrite");
+
+        let mut added = Vec::new();
+        let mut failed = Vec::new();
+        let mut retried = false;
+        for (i, (task, o)) in p.tasks.iter().zip(&outcomes).enumerate() {
+            retried |= o.attempts > 1;
+            let mut tr = TaskRecord {
+                task_id: i as u64,
+                worker: o.worker.clone(),
+                input_files: task.inputs.iter().map(|f| f.path.clone()).collect(),
+                changes: task.changes.num_rows() as u64,
+                duration_ms: o.duration.as_millis() as u64,
+                attempts: o.attempts,
+                errors: o.errors.clone(),
+                ..Default::default()
+            };
+            match &o.response {
+                Some(r) => {
+                    tr.output_files = r.files.iter().map(|f| f.path.clone()).collect();
+                    tr.rows_read = r.rows_read;
+                    tr.rows_written = r.rows_written;
+                    tr.bytes_read = r.bytes_read;
+                    tr.bytes_written = r.bytes_written;
+                    rec.rows_inserted += r.rows_inserted;
+                    rec.rows_updated += r.rows_updated;
+                    rec.rows_deleted += r.rows_deleted;
+                    rec.bytes_read += r.bytes_read;
+                    rec.bytes_written += r.bytes_written;
+                    added.extend(r.files.iter().cloned());
+                }
+                None => failed.push(format!("task {i}: {}", o.errors.join("; "))),
+            }
+            rec.tasks.push(tr);
+        }
+        if !failed.is_empty() {
+            let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
+            let aborted = InflightRecord { aborted: true, ..inflight.clone() };
+            orphans::write_record(&t.store, &aborted).await?;
+            orphans::sweep_later(t.store.clone(), aborted, HashSet::new(), grace);
+            return Err(Error::Internal(format!("{} task(s) failed: {}", failed.len(), failed.join(" | "))));
+        }
+        inner.crash_point(CrashPoint::AfterRewrite)?;
+
+        let removed: Vec<_> = p.tasks.iter().flat_map(|t| t.inputs.iter().cloned()).collect();
+        rec.files_rewritten = removed.len() as u64;
+        rec.files_added = added.len() as u64;
+        let changed_rows = rec.rows_inserted + rec.rows_updated + rec.rows_deleted;
+        let avg_row = if total_rows > 0 { total_bytes as f64 / total_rows as f64 } else { 0.0 };
+        rec.write_amplification = if changed_rows > 0 && avg_row > 0.0 { rec.bytes_written as f64 / (changed_rows as f64 * avg_row) } else { 0.0 };
+        let metrics = serde_json::json!({
+            "changes": rec.changes, "keys": rec.keys,
+            "filesRewritten": rec.files_rewritten, "filesAdded": rec.files_added,
+            "rowsInserted": rec.rows_inserted, "rowsUpdated": rec.rows_updated, "rowsDeleted": rec.rows_deleted,
+            "bytesRead": rec.bytes_read, "bytesWritten": rec.bytes_written,
+            "firstSequence": rec.first_sequence, "lastSequence": rec.last_sequence,
+        });
+        let keep: HashSet<String> = added.iter().map(|f| f.path.clone()).collect();
+        let actions = commit::actions(&removed, &added);
+        rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &id, metrics).await.inspect_err(|_| {
+            let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
+            let aborted = InflightRecord { aborted: true, ..inflight.clone() };
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                let _ = orphans::write_record(&store, &aborted).await;
+                orphans::sweep_later(store, aborted, HashSet::new(), grace);
+            });
+        })?;
+        rec.state = "committed".into();
+        phases.end("commit");
+        inner.crash_point(CrashPoint::AfterCommit)?;
+
+        if retried {
+            // Earlier attempts may have left files (or still be writing them).
+            orphans::sweep_later(t.store.clone(), inflight, keep, Duration::from_millis(inner.config.cycle.orphan_grace_ms));
+        } else {
+            orphans::sweep(&t.store, &inflight, &keep).await?;
+        }
+        Ok(())
+    }
+    .await;
+
+    match result {
+        Ok(()) => {
+            // Applied segments leave memory and the staging log.
+            let applied_last = rec.last_sequence;
+            t.pending.lock().expect("lock").segments.retain(|s| s.last > applied_last);
+            for s in segments.iter().filter(|s| s.last <= applied_last) {
+                if let Err(e) = delete_segment(&t.store, &s.path).await {
+                    tracing::warn!(error = %e, "could not delete applied staging segment; recovery will");
+                }
+            }
+            phases.end("cleanup");
+            rec.freshness_lag_ms = (chrono::Utc::now().timestamp_millis() - oldest_ack).max(0) as u64;
+        }
+        Err(ref e) => {
+            if matches!(e, Error::Injected(_)) {
+                return Err(result.unwrap_err());
+            }
+            rec.state = "failed".into();
+            rec.error = e.to_string();
+            tracing::warn!(error = %e, "cycle failed");
+        }
+    }
+    rec.phases = phases.list;
+    rec.duration_ms = started.elapsed().as_millis() as u64;
+    if rec.state == "committed" {
+        tracing::info!(
+            version = rec.delta_version,
+            changes = rec.changes,
+            files_rewritten = rec.files_rewritten,
+            files_total = rec.files_total,
+            bytes_written = rec.bytes_written,
+            ms = rec.duration_ms,
+            "cycle committed"
+        );
+    }
+    Ok(rec)
+}

@@ -1,0 +1,106 @@
+//! Group commit into the staging log: batches waiting while a segment is being written go
+//! into the next segment together (one PUT for many), and each is acknowledged only after
+//! its segment is durable.
+
+use std::sync::Arc;
+
+use arrow::array::UInt64Array;
+use arrow::record_batch::RecordBatch;
+use freshet_common::changes::staging_schema;
+use freshet_common::error::{Error, Result};
+use freshet_common::staging::write_segment;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::tables::{PendingSegment, TableRuntime};
+
+/// Most bytes (estimated in memory) grouped into one segment.
+const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
+
+/// A validated batch waiting to be staged.
+pub struct StageRequest {
+    /// Changes in change-schema form.
+    pub batch: RecordBatch,
+    /// Gets the batch's sequence number once durable.
+    pub reply: oneshot::Sender<Result<u64>>,
+}
+
+/// Runs the stager of one table until `stop` turns true or the queue closes.
+pub async fn run_stager(
+    table: Arc<TableRuntime>,
+    mut rx: mpsc::Receiver<StageRequest>,
+    mut next_seq: u64,
+    trigger_rows: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let schema = staging_schema(&table.def);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut group = vec![first];
+        let mut bytes = group[0].batch.get_array_memory_size();
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.batch.get_array_memory_size();
+                    group.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let first_seq = next_seq;
+        let last_seq = next_seq + group.len() as u64 - 1;
+        // Sequences are never reused, even when the write fails.
+        next_seq = last_seq + 1;
+        let staged: Result<Vec<RecordBatch>> = group
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut cols = r.batch.columns().to_vec();
+                cols.push(Arc::new(UInt64Array::from(vec![first_seq + i as u64; r.batch.num_rows()])));
+                RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("staging batch", e))
+            })
+            .collect();
+        let result = async {
+            let staged = staged?;
+            let encoded = freshet_common::ipc::encode(&schema, &staged)?;
+            let size = encoded.len() as u64;
+            let path = write_segment(&table.store, first_seq, last_seq, encoded).await?;
+            Ok::<_, Error>((staged, path, size))
+        }
+        .await;
+        match result {
+            Ok((batches, path, size)) => {
+                let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+                let pending_rows = {
+                    let mut p = table.pending.lock().expect("lock");
+                    p.segments.push(PendingSegment {
+                        first: first_seq,
+                        last: last_seq,
+                        path,
+                        batches,
+                        rows,
+                        bytes: size,
+                        acked_at_ms: chrono::Utc::now().timestamp_millis(),
+                    });
+                    p.rows()
+                };
+                tracing::debug!(table = %table.def.name, first_seq, last_seq, rows, bytes = size, "staged");
+                for (i, r) in group.into_iter().enumerate() {
+                    let _ = r.reply.send(Ok(first_seq + i as u64));
+                }
+                if pending_rows >= trigger_rows {
+                    table.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(table = %table.def.name, error = %e, "staging write failed");
+                let msg = e.to_string();
+                for r in group {
+                    let _ = r.reply.send(Err(Error::Unavailable(format!("staging write failed: {msg}"))));
+                }
+            }
+        }
+    }
+}

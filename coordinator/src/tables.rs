@@ -1,0 +1,88 @@
+//! A served table at run time: its definition, stores, Delta handle and pending changes.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use arrow::record_batch::RecordBatch;
+use deltalake::DeltaTable;
+use freshet_common::table::TableDef;
+use freshet_proto::admin::v1::CycleRecord;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use tokio::sync::{mpsc, Notify};
+
+use crate::stage::StageRequest;
+
+/// A staged segment not yet applied, kept in memory so cycles need not re-read it.
+#[derive(Debug, Clone)]
+pub struct PendingSegment {
+    /// First sequence.
+    pub first: u64,
+    /// Last sequence.
+    pub last: u64,
+    /// Where it is stored.
+    pub path: Path,
+    /// Its rows ([`freshet_common::changes::staging_schema`]).
+    pub batches: Vec<RecordBatch>,
+    /// Rows.
+    pub rows: u64,
+    /// Encoded bytes.
+    pub bytes: u64,
+    /// When it was acknowledged (ms since the epoch).
+    pub acked_at_ms: i64,
+}
+
+/// What is staged and not yet applied.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Segments in sequence order.
+    pub segments: Vec<PendingSegment>,
+}
+
+impl Pending {
+    /// Pending rows.
+    pub fn rows(&self) -> u64 {
+        self.segments.iter().map(|s| s.rows).sum()
+    }
+
+    /// Pending bytes.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+}
+
+/// A table the coordinator serves.
+pub struct TableRuntime {
+    /// The definition.
+    pub def: TableDef,
+    /// The object store rooted at the table.
+    pub store: Arc<dyn ObjectStore>,
+    /// The Delta table; its lock is also the cycle lock (one cycle per table at a time).
+    pub delta: tokio::sync::Mutex<DeltaTable>,
+    /// Staged, unapplied changes.
+    pub pending: Mutex<Pending>,
+    /// Queue of the group-commit stager.
+    pub stager: mpsc::Sender<StageRequest>,
+    /// Wakes the table's cycle loop early.
+    pub wake: Notify,
+    /// Paused tables run no cycles.
+    pub paused: AtomicBool,
+    /// The most recent cycle.
+    pub last_cycle: Mutex<Option<CycleRecord>>,
+}
+
+impl TableRuntime {
+    /// Builds the runtime (the stager is started by the caller with the receiver).
+    pub fn new(def: TableDef, store: Arc<dyn ObjectStore>, delta: DeltaTable, stager: mpsc::Sender<StageRequest>) -> Arc<Self> {
+        Arc::new(TableRuntime {
+            def,
+            store,
+            delta: tokio::sync::Mutex::new(delta),
+            pending: Mutex::new(Pending::default()),
+            stager,
+            wake: Notify::new(),
+            paused: AtomicBool::new(false),
+            last_cycle: Mutex::new(None),
+        })
+    }
+}
