@@ -196,7 +196,7 @@ mod tests {
             Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Int64, true)])),
             vec!["id".into()],
             vec![],
-            1000,
+            1024,
         )
         .unwrap()
     }

@@ -218,9 +218,21 @@ fn json_to_batch(def: &TableDef, text: &str, op_column: &str) -> Result<RecordBa
         decoder.serialize(rows)?;
         decoder.flush()
     };
+    let has_op = rows.iter().any(|r| r.get(op_column).is_some());
+    let drop_op = |b: RecordBatch| -> RecordBatch {
+        if has_op {
+            b
+        } else {
+            // No row names an op: every row is an upsert, as with Arrow batches.
+            let idx = b.schema().index_of(op_column).expect("op column");
+            let mut b = b;
+            b.remove_column(idx);
+            b
+        }
+    };
     match decode(&rows) {
-        Ok(Some(b)) => Ok(b),
-        Ok(None) => Ok(RecordBatch::new_empty(schema.clone())),
+        Ok(Some(b)) => Ok(drop_op(b)),
+        Ok(None) => Ok(drop_op(RecordBatch::new_empty(schema.clone()))),
         Err(e) => {
             // Find the row at fault for the message.
             for (i, row) in rows.iter().enumerate() {
@@ -266,7 +278,7 @@ mod tests {
 
     #[test]
     fn json_rows_validate_with_ops_and_defaults() {
-        let v = json(r#"[{"id":1,"name":"a","op":"C"},{"id":2,"op":"d"},{"id":3,"name":"c"}]"#).unwrap();
+        let v = json(r#"[{"id":1,"name":"a","op":"C"},{"id":2,"op":"d"},{"id":3,"name":"c","op":"upsert"}]"#).unwrap();
         assert_eq!((v.upserts, v.deletes), (2, 1));
         assert_eq!(v.batch.num_rows(), 3);
     }
@@ -277,6 +289,7 @@ mod tests {
             (r#"[{"id":1,"name":"a","op":"merge"}]"#, "row 0: column 'op' has unknown op 'merge'"),
             (r#"[{"id":1,"name":"a"},{"name":"b"}]"#, "row 1: primary key column 'id' is null"),
             (r#"[{"id":1,"name":"a"},{"id":2}]"#, "row 1: column 'name' is null but the column is not nullable"),
+            (r#"[{"id":1,"name":"a","op":"u"},{"id":2,"name":"b"}]"#, "row 1: op column 'op' is null"),
             (r#"[{"id":1,"name":"a","colour":"red"}]"#, "row 0: unknown column 'colour'"),
             (r#"[{"id":1,"name":"a"},{"id":"x","name":"b"}]"#, "row 1:"),
             (r#"[{"id":1,"#, "malformed JSON"),

@@ -1,0 +1,234 @@
+//! `freshet dev`: a coordinator and N workers in one process on the local filesystem, talking
+//! over the same gRPC services as a cluster, with a TPC-H orders demo workload.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arrow::array::{ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, StringArray};
+use arrow::record_batch::RecordBatch;
+use clap::Args;
+use freshet_common::config::Config;
+use freshet_common::schema::canonical_schema;
+use freshet_common::table::TableDef;
+use freshet_coordinator::Coordinator;
+use freshet_proto::ingest::v1::ingest_request::Payload;
+use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
+use freshet_proto::ingest::v1::IngestRequest;
+use freshet_worker::Worker;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+use crate::output::cycle_line;
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where tables and the catalog live.
+    #[arg(long, default_value = "./freshet-data")]
+    data_dir: PathBuf,
+    /// In-process workers.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Address of the gRPC server (ingest, admin).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// A config file (tables, cycle settings); FRESHET__* variables apply too.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Stop after this many committed cycles.
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// Serve only: no demo table or workload.
+    #[arg(long)]
+    no_demo: bool,
+    /// Demo changes per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Demo table size as a TPC-H scale factor (0.1 = 150k orders).
+    #[arg(long, default_value_t = 0.1)]
+    scale: f64,
+    /// Cycle interval in milliseconds.
+    #[arg(long)]
+    interval_ms: Option<u64>,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    freshet_common::server::init_logging(config.log.json);
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    if config.catalog.uri.is_none() {
+        config.catalog.uri = Some(data_dir.join("_catalog").display().to_string());
+    }
+    if let Some(ms) = args.interval_ms {
+        config.cycle.interval_ms = ms;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut endpoints = Vec::new();
+    for i in 0..args.workers.max(1) {
+        let (listener, addr) = freshet_worker::bind("127.0.0.1:0").await?;
+        let worker = Worker::new(format!("dev-worker-{i}"), config.worker.capacity, config.storage.options.clone());
+        let mut rx = stop_rx.clone();
+        tokio::spawn(freshet_worker::serve(worker, listener, config.server.max_message_bytes, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        endpoints.push(format!("http://{addr}"));
+    }
+    config.cycle.workers = endpoints.clone();
+    let coordinator = Coordinator::start(config).await?;
+    let (listener, addr) = freshet_worker::bind(&args.listen).await?;
+    let mut rx = stop_rx.clone();
+    tokio::spawn(freshet_coordinator::grpc::serve(coordinator.clone(), listener, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let endpoint = format!("http://{addr}");
+    eprintln!("freshet dev: coordinator on {endpoint}, {} workers, data in {}", endpoints.len(), data_dir.display());
+    eprintln!("  try: FRESHET_ENDPOINT={endpoint} freshet admin cycles   |   freshet query \"select count(*) from orders\"");
+
+    if !args.no_demo {
+        let demo = Demo::start(&coordinator, &data_dir, &endpoint, args.scale).await?;
+        tokio::spawn(demo.stream(args.rate, stop_rx.clone()));
+    }
+
+    // One line per committed cycle, until Ctrl-C or --cycles.
+    let mut seen = HashSet::new();
+    let mut committed = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { eprintln!("shutting down"); break; }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let mut fresh: Vec<_> = coordinator.cycles(None, 100).into_iter().filter(|c| !seen.contains(&c.id)).collect();
+        fresh.reverse();
+        for c in fresh {
+            seen.insert(c.id.clone());
+            println!("{}", cycle_line(&c));
+            if c.state == "committed" {
+                committed += 1;
+            }
+        }
+        if args.cycles.is_some_and(|n| committed >= n) {
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+    coordinator.shutdown();
+    Ok(())
+}
+
+/// The demo: a TPC-H orders table and a steady mix of updates, inserts and deletes.
+struct Demo {
+    client: IngestServiceClient<Channel>,
+    keys: Vec<i64>,
+    next_key: i64,
+    rng: SmallRng,
+}
+
+impl Demo {
+    async fn start(coordinator: &Arc<Coordinator>, data_dir: &std::path::Path, endpoint: &str, scale: f64) -> anyhow::Result<Demo> {
+        let client = IngestServiceClient::connect(endpoint.to_string()).await?.max_encoding_message_size(256 << 20);
+        let mut demo = Demo { client, keys: Vec::new(), next_key: 1, rng: SmallRng::seed_from_u64(42) };
+        let generator = tpchgen::generators::OrderGenerator::new(scale, 1, 1);
+        let batches: Vec<RecordBatch> = tpchgen_arrow::OrderArrow::new(generator).with_batch_size(50_000).collect::<Result<_, _>>()?;
+        let schema = canonical_schema(&batches.first().context("no demo data")?.schema());
+        if coordinator.table("orders").is_ok() {
+            // Resume: the keys are whatever the table holds; new keys go above the largest.
+            let generated: Vec<i64> = batches.iter().flat_map(|b| column_i64(b, 0)).collect();
+            demo.next_key = generated.iter().max().copied().unwrap_or(0) * 2 + 1;
+            demo.keys = generated;
+            return Ok(demo);
+        }
+        let def = TableDef::new(
+            "orders",
+            &data_dir.join("orders").display().to_string(),
+            schema,
+            vec!["o_orderkey".into()],
+            vec![],
+            4 * 1024 * 1024,
+        )?;
+        coordinator.create_table(def).await?;
+        eprintln!("demo: loading {} TPC-H orders (scale {scale})", batches.iter().map(|b| b.num_rows()).sum::<usize>());
+        for b in batches {
+            demo.keys.extend(column_i64(&b, 0));
+            demo.send(b).await?;
+        }
+        demo.next_key = demo.keys.iter().max().copied().unwrap_or(0) + 1;
+        Ok(demo)
+    }
+
+    async fn send(&mut self, batch: RecordBatch) -> anyhow::Result<()> {
+        let bytes = freshet_common::ipc::encode(&batch.schema(), std::slice::from_ref(&batch))?;
+        self.client
+            .ingest(IngestRequest { table: "orders".into(), payload: Some(Payload::ArrowIpc(bytes)), op_column: "op".into() })
+            .await
+            .map_err(|s| anyhow::anyhow!("demo ingest: {}", s.message()))?;
+        Ok(())
+    }
+
+    /// A batch of `n` changes: 70 % updates, 20 % inserts, 10 % deletes.
+    fn changes(&mut self, n: usize) -> anyhow::Result<RecordBatch> {
+        let mut keys = Vec::with_capacity(n);
+        let mut ops = Vec::with_capacity(n);
+        for _ in 0..n {
+            let r: f64 = self.rng.r#gen();
+            if r < 0.2 || self.keys.is_empty() {
+                keys.push(self.next_key);
+                self.keys.push(self.next_key);
+                self.next_key += 1;
+                ops.push("insert");
+            } else if r < 0.3 {
+                let i = self.rng.gen_range(0..self.keys.len());
+                keys.push(self.keys.swap_remove(i));
+                ops.push("delete");
+            } else {
+                keys.push(self.keys[self.rng.gen_range(0..self.keys.len())]);
+                ops.push("update");
+            }
+        }
+        let rng = &mut self.rng;
+        let statuses = ["F", "O", "P"];
+        let priorities = ["1-URGENT", "2-HIGH", "3-MEDIUM", "4-NOT SPECIFIED", "5-LOW"];
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("o_orderkey", Arc::new(Int64Array::from(keys))),
+            ("o_custkey", Arc::new(Int64Array::from((0..n).map(|_| rng.gen_range(1..15_000)).collect::<Vec<i64>>()))),
+            ("o_orderstatus", Arc::new(StringArray::from((0..n).map(|_| statuses[rng.gen_range(0..3)]).collect::<Vec<_>>()))),
+            ("o_totalprice", Arc::new(Decimal128Array::from((0..n).map(|_| rng.gen_range(100_00..500_000_00i128)).collect::<Vec<_>>()).with_precision_and_scale(15, 2)?)),
+            ("o_orderdate", Arc::new(Date32Array::from((0..n).map(|_| rng.gen_range(8_036..10_440)).collect::<Vec<i32>>()))),
+            ("o_orderpriority", Arc::new(StringArray::from((0..n).map(|_| priorities[rng.gen_range(0..5)]).collect::<Vec<_>>()))),
+            ("o_clerk", Arc::new(StringArray::from((0..n).map(|_| format!("Clerk#{:09}", rng.gen_range(1..1000))).collect::<Vec<_>>()))),
+            ("o_shippriority", Arc::new(Int32Array::from(vec![0; n]))),
+            ("o_comment", Arc::new(StringArray::from((0..n).map(|i| format!("updated by the freshet demo, change {i}")).collect::<Vec<_>>()))),
+            ("op", Arc::new(StringArray::from(ops))),
+        ];
+        Ok(RecordBatch::try_from_iter(cols)?)
+    }
+
+    async fn stream(mut self, rate: u64, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let tick = Duration::from_millis(250);
+        let per_tick = (rate / 4).max(1) as usize;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let batch = match self.changes(per_tick) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("demo: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = self.send(batch).await {
+                eprintln!("demo: {e}");
+            }
+        }
+    }
+}
+
+fn column_i64(b: &RecordBatch, i: usize) -> Vec<i64> {
+    use arrow::array::AsArray;
+    b.column(i).as_primitive::<arrow::datatypes::Int64Type>().values().to_vec()
+}

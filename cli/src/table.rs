@@ -1,0 +1,74 @@
+//! `freshet table create`: define (or adopt) a table at run time.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use freshet_common::schema::{canonical_schema, SchemaSpec};
+use freshet_proto::admin::v1::CreateTableRequest;
+
+use crate::output::table_json;
+
+#[derive(Subcommand)]
+pub enum TableCommand {
+    /// Create a Delta table (or adopt an existing one with the same schema) and serve it.
+    Create {
+        /// The table's name.
+        name: String,
+        /// The Delta table's URI (file://, s3://, or a local path).
+        #[arg(long)]
+        uri: String,
+        /// Take the schema from this Parquet file.
+        #[arg(long, conflicts_with = "schema")]
+        like: Option<PathBuf>,
+        /// Take the schema from this JSON file ({"fields":[{"name","type","nullable"}]}).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+        /// Primary key columns, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        primary_key: Vec<String>,
+        /// Partition columns (a subset of the key), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        partition_by: Vec<String>,
+        /// Target file size in bytes (default: the server's, 32 MiB).
+        #[arg(long, default_value_t = 0)]
+        target_file_size: u64,
+    },
+}
+
+pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
+    match cmd {
+        TableCommand::Create { name, uri, like, schema, primary_key, partition_by, target_file_size } => {
+            let spec = match (like, schema) {
+                (Some(p), None) => {
+                    let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+                    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                        .with_context(|| format!("{} is not a Parquet file", p.display()))?;
+                    SchemaSpec::from_arrow(&canonical_schema(b.schema()))
+                }
+                (None, Some(p)) => {
+                    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                    SchemaSpec::from_json(&text)?
+                }
+                _ => bail!("give the schema with --like FILE.parquet or --schema FILE.json"),
+            };
+            let mut c = crate::admin::client(endpoint).await?;
+            let resp = c
+                .create_table(CreateTableRequest {
+                    name,
+                    uri,
+                    schema_json: spec.to_json(),
+                    primary_key,
+                    partition_by,
+                    target_file_size,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let t = resp.table.context("no table in reply")?;
+            println!("{} table '{}' at {}", if resp.adopted { "adopted" } else { "created" }, t.name, t.uri);
+            println!("{}", serde_json::to_string_pretty(&table_json(&t))?);
+        }
+    }
+    Ok(())
+}
