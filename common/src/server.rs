@@ -6,7 +6,7 @@ use tonic_health::server::HealthReporter;
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,deltalake=warn,datafusion=warn,object_store=warn,h2=warn,tower=warn,hyper=warn")
+        EnvFilter::new("warn,freshet_coordinator=info,freshet_worker=info,freshet_common=info")
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let _ = if json {

@@ -125,48 +125,53 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
             .collect();
 
         let mut routed: std::collections::BTreeMap<Target, Vec<u32>> = Default::default();
-        // Sizes grow as gap keys are added, roughly: count keys to stop overfilling a group.
-        let mut gap_added: HashMap<usize, u64> = HashMap::new();
-        let target_size = def.target_file_size;
+        // Upserts in the gap before group n, in key order.
+        let mut gaps: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
         for i in 0..batch.num_rows() {
             let key = key_at(&key_cols, i);
-            let is_upsert = ops.value(i) == OP_UPSERT;
-            let target = if groups.len() == 1 && groups[0].range.is_none() {
-                Some(Target::Group(0))
-            } else {
-                // First group whose upper bound is >= key.
-                let idx = groups.partition_point(|g| g.range.as_ref().expect("ranged").1 < key);
-                if idx < groups.len() && groups[idx].range.as_ref().expect("ranged").0 <= key {
-                    Some(Target::Group(idx))
-                } else if !is_upsert {
-                    None // a delete in a gap: no file holds the key
-                } else {
-                    // A gap before group idx: extend a neighbour with room, else a new file.
-                    let has_room = |g: usize, added: &HashMap<usize, u64>| {
-                        let est_row = groups[g]
-                            .files
-                            .iter()
-                            .map(|f| f.size / f.num_records.unwrap_or(1).max(1))
-                            .max()
-                            .unwrap_or(1);
-                        groups[g].size + added.get(&g).copied().unwrap_or(0) * est_row < target_size
-                    };
-                    if idx > 0 && has_room(idx - 1, &gap_added) {
-                        *gap_added.entry(idx - 1).or_default() += 1;
-                        Some(Target::Group(idx - 1))
-                    } else if idx < groups.len() && has_room(idx, &gap_added) {
-                        *gap_added.entry(idx).or_default() += 1;
-                        Some(Target::Group(idx))
-                    } else {
-                        Some(Target::NewBefore(idx))
-                    }
-                }
-            };
-            if let Some(t) = target {
-                routed.entry(t).or_default().push(i as u32);
+            if groups.len() == 1 && groups[0].range.is_none() {
+                routed.entry(Target::Group(0)).or_default().push(i as u32);
+                continue;
             }
+            // First group whose upper bound is >= key.
+            let idx = groups.partition_point(|g| g.range.as_ref().expect("ranged").1 < key);
+            if idx < groups.len() && groups[idx].range.as_ref().expect("ranged").0 <= key {
+                routed.entry(Target::Group(idx)).or_default().push(i as u32);
+            } else if ops.value(i) == OP_UPSERT {
+                gaps.entry(idx).or_default().push(i as u32);
+            }
+            // A delete in a gap needs no work: no file holds the key.
+        }
+        // Gap keys: a prefix extends the group before the gap while it has room; the rest
+        // go all to the group after it (if it has room for them) or all to a new file. Any
+        // other split would make ranges overlap.
+        let target_size = def.target_file_size;
+        let row_size = |g: usize| {
+            groups[g].files.iter().map(|f| f.size / f.num_records.unwrap_or(1).max(1)).max().unwrap_or(1).max(1)
+        };
+        for (idx, rows) in gaps {
+            let mut rest: &[u32] = &rows;
+            if idx > 0 {
+                let room = target_size.saturating_sub(groups[idx - 1].size) / row_size(idx - 1);
+                let take = (room as usize).min(rest.len());
+                if take > 0 {
+                    routed.entry(Target::Group(idx - 1)).or_default().extend_from_slice(&rest[..take]);
+                }
+                rest = &rest[take..];
+            }
+            if rest.is_empty() {
+                continue;
+            }
+            let fits_next = idx < groups.len()
+                && groups[idx].size + rest.len() as u64 * row_size(idx) <= target_size;
+            let target = if fits_next { Target::Group(idx) } else { Target::NewBefore(idx) };
+            let entry = routed.entry(target).or_default();
+            entry.extend_from_slice(rest);
+            entry.sort_unstable();
         }
         for (target, rows) in routed {
+            let mut rows = rows;
+            rows.sort_unstable();
             let changes = take_record_batch(batch, &UInt32Array::from(rows)).map_err(|e| Error::data("take", e))?;
             let inputs = match target {
                 Target::Group(g) => groups[g].files.iter().map(|f| (*f).clone()).collect(),
@@ -294,6 +299,39 @@ mod tests {
                 }
             }
             prop_assert!(seen.len() <= total);
+            // After the rewrite, every partition's files still have disjoint key ranges:
+            // each task's output spans its inputs' ranges plus its upserted keys.
+            let mut spans: Vec<(i64, i64)> = Vec::new();
+            let rewritten: std::collections::HashSet<String> = p.tasks.iter().flat_map(|t| t.inputs.iter().map(|f| f.path.clone())).collect();
+            let int = |k: &freshet_common::key::Key| match &k[0] { KeyPart::Int(i) => *i as i64, _ => unreachable!() };
+            for f in files.iter().filter(|f| !rewritten.contains(&f.path)) {
+                let (lo, hi) = f.range.clone().unwrap();
+                spans.push((int(&lo), int(&hi)));
+            }
+            for t in &p.tasks {
+                let ids = t.changes.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let ops = t.changes.column(2).as_primitive::<Int8Type>();
+                let mut lo = i64::MAX;
+                let mut hi = i64::MIN;
+                for f in &t.inputs {
+                    let (a, b) = f.range.clone().unwrap();
+                    lo = lo.min(int(&a));
+                    hi = hi.max(int(&b));
+                }
+                for i in 0..ids.len() {
+                    if ops.value(i) == OP_UPSERT {
+                        lo = lo.min(ids.value(i));
+                        hi = hi.max(ids.value(i));
+                    }
+                }
+                if lo <= hi {
+                    spans.push((lo, hi));
+                }
+            }
+            spans.sort();
+            for w in spans.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "ranges overlap after the cycle: {:?} {:?}", w[0], w[1]);
+            }
         }
     }
 }
