@@ -6,7 +6,7 @@ use freshet_proto::admin::v1::admin_service_client::AdminServiceClient;
 use freshet_proto::admin::v1::*;
 use tonic::transport::Channel;
 
-use crate::output::{bytes, cycle_json, table, table_json, Format};
+use crate::output::{Format, bytes, cycle_json, table, table_json};
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -46,55 +46,128 @@ pub enum AdminCommand {
 pub async fn client(endpoint: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
     AdminServiceClient::connect(endpoint.to_string())
         .await
-        .with_context(|| format!("cannot reach the coordinator at {endpoint} (set --endpoint or FRESHET_ENDPOINT)"))
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator at {endpoint} (set --endpoint or FRESHET_ENDPOINT)"
+            )
+        })
 }
 
 pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {
     let mut c = client(endpoint).await?;
     match cmd {
         AdminCommand::Tables { output } => {
-            let tables = c.list_tables(ListTablesRequest {}).await?.into_inner().tables;
+            let tables = c
+                .list_tables(ListTablesRequest {})
+                .await?
+                .into_inner()
+                .tables;
             if output == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&tables.iter().map(table_json).collect::<Vec<_>>())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &tables.iter().map(table_json).collect::<Vec<_>>()
+                    )?
+                );
             } else {
-                let mut t = table(&["table", "version", "files", "bytes", "rows", "pending", "applied seq", "key", "partitions", "uri"]);
+                let mut t = table(&[
+                    "table",
+                    "version",
+                    "files",
+                    "bytes",
+                    "rows",
+                    "pending",
+                    "applied seq",
+                    "key",
+                    "partitions",
+                    "uri",
+                ]);
                 for x in &tables {
                     t.add_row(vec![
-                        x.name.clone(), x.version.to_string(), x.num_files.to_string(), bytes(x.total_bytes),
-                        x.total_rows.to_string(), x.pending_changes.to_string(), x.applied_sequence.to_string(),
-                        x.primary_key.join(","), x.partition_columns.join(","), x.uri.clone(),
+                        x.name.clone(),
+                        x.version.to_string(),
+                        x.num_files.to_string(),
+                        bytes(x.total_bytes),
+                        x.total_rows.to_string(),
+                        x.pending_changes.to_string(),
+                        x.applied_sequence.to_string(),
+                        x.primary_key.join(","),
+                        x.partition_columns.join(","),
+                        x.uri.clone(),
                     ]);
                 }
                 println!("{t}");
             }
         }
-        AdminCommand::Cycles { table: tname, limit, output } => {
+        AdminCommand::Cycles {
+            table: tname,
+            limit,
+            output,
+        } => {
             let cycles = c
-                .list_cycles(ListCyclesRequest { table: tname.unwrap_or_default(), limit })
+                .list_cycles(ListCyclesRequest {
+                    table: tname.unwrap_or_default(),
+                    limit,
+                })
                 .await?
                 .into_inner()
                 .cycles;
             if output == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&cycles.iter().map(cycle_json).collect::<Vec<_>>())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &cycles.iter().map(cycle_json).collect::<Vec<_>>()
+                    )?
+                );
             } else {
-                let mut t = table(&["cycle", "table", "state", "version", "changes", "files rewritten", "+/~/- rows", "written", "ms", "lag ms"]);
+                let mut t = table(&[
+                    "cycle",
+                    "table",
+                    "state",
+                    "version",
+                    "changes",
+                    "files rewritten",
+                    "+/~/- rows",
+                    "written",
+                    "ms",
+                    "lag ms",
+                ]);
                 for x in &cycles {
                     t.add_row(vec![
-                        x.id.clone(), x.table.clone(), x.state.clone(), x.delta_version.to_string(), x.changes.to_string(),
+                        x.id.clone(),
+                        x.table.clone(),
+                        x.state.clone(),
+                        x.delta_version.to_string(),
+                        x.changes.to_string(),
                         format!("{}/{}", x.files_rewritten, x.files_total),
                         format!("{}/{}/{}", x.rows_inserted, x.rows_updated, x.rows_deleted),
-                        bytes(x.bytes_written), x.duration_ms.to_string(), x.freshness_lag_ms.to_string(),
+                        bytes(x.bytes_written),
+                        x.duration_ms.to_string(),
+                        x.freshness_lag_ms.to_string(),
                     ]);
                 }
                 println!("{t}");
             }
         }
         AdminCommand::Cycle { id, output } => {
-            let cycle = c.get_cycle(GetCycleRequest { id }).await?.into_inner().cycle.context("no cycle in reply")?;
+            let cycle = c
+                .get_cycle(GetCycleRequest { id })
+                .await?
+                .into_inner()
+                .cycle
+                .context("no cycle in reply")?;
             print_cycle(&cycle, output)?;
         }
-        AdminCommand::Trigger { table: tname, output } => {
-            let cycle = c.trigger_cycle(TriggerCycleRequest { table: tname }).await?.into_inner().cycle.context("no cycle in reply")?;
+        AdminCommand::Trigger {
+            table: tname,
+            output,
+        } => {
+            let cycle = c
+                .trigger_cycle(TriggerCycleRequest { table: tname })
+                .await?
+                .into_inner()
+                .cycle
+                .context("no cycle in reply")?;
             print_cycle(&cycle, output)?;
         }
     }
@@ -106,29 +179,68 @@ fn print_cycle(c: &CycleRecord, output: Format) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&cycle_json(c))?);
         return Ok(());
     }
-    println!("cycle {} of table {}: {} (Delta version {})", c.id, c.table, c.state, c.delta_version);
+    println!(
+        "cycle {} of table {}: {} (Delta version {})",
+        c.id, c.table, c.state, c.delta_version
+    );
     if !c.error.is_empty() {
         println!("error: {}", c.error);
     }
     println!(
         "sequences {}..={}, {} changes on {} keys; files considered {}, pruned {}, rewritten {} of {}, added {}",
-        c.first_sequence, c.last_sequence, c.changes, c.keys, c.files_considered, c.files_pruned, c.files_rewritten, c.files_total, c.files_added
+        c.first_sequence,
+        c.last_sequence,
+        c.changes,
+        c.keys,
+        c.files_considered,
+        c.files_pruned,
+        c.files_rewritten,
+        c.files_total,
+        c.files_added
     );
     println!(
         "rows +{} ~{} -{}; read {}, wrote {}, write amplification {:.2}; {} ms, freshness lag {} ms",
-        c.rows_inserted, c.rows_updated, c.rows_deleted, bytes(c.bytes_read), bytes(c.bytes_written), c.write_amplification, c.duration_ms, c.freshness_lag_ms
+        c.rows_inserted,
+        c.rows_updated,
+        c.rows_deleted,
+        bytes(c.bytes_read),
+        bytes(c.bytes_written),
+        c.write_amplification,
+        c.duration_ms,
+        c.freshness_lag_ms
     );
     let mut t = table(&["phase", "ms"]);
     for p in &c.phases {
-        t.add_row(vec![p.name.clone(), format!("{:.1}", p.duration_us as f64 / 1000.0)]);
+        t.add_row(vec![
+            p.name.clone(),
+            format!("{:.1}", p.duration_us as f64 / 1000.0),
+        ]);
     }
     println!("{t}");
-    let mut t = table(&["task", "worker", "inputs", "outputs", "changes", "rows read", "rows written", "written", "ms", "attempts"]);
+    let mut t = table(&[
+        "task",
+        "worker",
+        "inputs",
+        "outputs",
+        "changes",
+        "rows read",
+        "rows written",
+        "written",
+        "ms",
+        "attempts",
+    ]);
     for x in &c.tasks {
         t.add_row(vec![
-            x.task_id.to_string(), x.worker.clone(), x.input_files.join("\n"), x.output_files.len().to_string(),
-            x.changes.to_string(), x.rows_read.to_string(), x.rows_written.to_string(), bytes(x.bytes_written),
-            x.duration_ms.to_string(), x.attempts.to_string(),
+            x.task_id.to_string(),
+            x.worker.clone(),
+            x.input_files.join("\n"),
+            x.output_files.len().to_string(),
+            x.changes.to_string(),
+            x.rows_read.to_string(),
+            x.rows_written.to_string(),
+            bytes(x.bytes_written),
+            x.duration_ms.to_string(),
+            x.attempts.to_string(),
         ]);
     }
     println!("{t}");

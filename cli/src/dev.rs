@@ -14,9 +14,9 @@ use freshet_common::config::Config;
 use freshet_common::schema::canonical_schema;
 use freshet_common::table::TableDef;
 use freshet_coordinator::Coordinator;
+use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
-use freshet_proto::ingest::v1::IngestRequest;
 use freshet_worker::Worker;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -58,7 +58,8 @@ pub struct DevArgs {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     freshet_common::server::init_logging(config.log.json);
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     if config.catalog.uri.is_none() {
         config.catalog.uri = Some(data_dir.join("_catalog").display().to_string());
@@ -70,23 +71,42 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut endpoints = Vec::new();
     for i in 0..args.workers.max(1) {
         let (listener, addr) = freshet_worker::bind("127.0.0.1:0").await?;
-        let worker = Worker::new(format!("dev-worker-{i}"), config.worker.capacity, config.storage.options.clone());
+        let worker = Worker::new(
+            format!("dev-worker-{i}"),
+            config.worker.capacity,
+            config.storage.options.clone(),
+        );
         let mut rx = stop_rx.clone();
-        tokio::spawn(freshet_worker::serve(worker, listener, config.server.max_message_bytes, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        tokio::spawn(freshet_worker::serve(
+            worker,
+            listener,
+            config.server.max_message_bytes,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ));
         endpoints.push(format!("http://{addr}"));
     }
     config.cycle.workers = endpoints.clone();
     let coordinator = Coordinator::start(config).await?;
     let (listener, addr) = freshet_worker::bind(&args.listen).await?;
     let mut rx = stop_rx.clone();
-    tokio::spawn(freshet_coordinator::grpc::serve(coordinator.clone(), listener, async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }));
+    tokio::spawn(freshet_coordinator::grpc::serve(
+        coordinator.clone(),
+        listener,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
     let endpoint = format!("http://{addr}");
-    eprintln!("freshet dev: coordinator on {endpoint}, {} workers, data in {}", endpoints.len(), data_dir.display());
-    eprintln!("  try: FRESHET_ENDPOINT={endpoint} freshet admin cycles   |   freshet query \"select count(*) from orders\"");
+    eprintln!(
+        "freshet dev: coordinator on {endpoint}, {} workers, data in {}",
+        endpoints.len(),
+        data_dir.display()
+    );
+    eprintln!(
+        "  try: FRESHET_ENDPOINT={endpoint} freshet admin cycles   |   freshet query \"select count(*) from orders\""
+    );
 
     if !args.no_demo {
         let demo = Demo::start(&coordinator, &data_dir, &endpoint, args.scale).await?;
@@ -101,7 +121,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => { eprintln!("shutting down"); break; }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let mut fresh: Vec<_> = coordinator.cycles(None, 100).into_iter().filter(|c| !seen.contains(&c.id)).collect();
+        let mut fresh: Vec<_> = coordinator
+            .cycles(None, 100)
+            .into_iter()
+            .filter(|c| !seen.contains(&c.id))
+            .collect();
         fresh.reverse();
         for c in fresh {
             seen.insert(c.id.clone());
@@ -128,11 +152,25 @@ struct Demo {
 }
 
 impl Demo {
-    async fn start(coordinator: &Arc<Coordinator>, data_dir: &std::path::Path, endpoint: &str, scale: f64) -> anyhow::Result<Demo> {
-        let client = IngestServiceClient::connect(endpoint.to_string()).await?.max_encoding_message_size(256 << 20);
-        let mut demo = Demo { client, keys: Vec::new(), next_key: 1, rng: SmallRng::seed_from_u64(42) };
+    async fn start(
+        coordinator: &Arc<Coordinator>,
+        data_dir: &std::path::Path,
+        endpoint: &str,
+        scale: f64,
+    ) -> anyhow::Result<Demo> {
+        let client = IngestServiceClient::connect(endpoint.to_string())
+            .await?
+            .max_encoding_message_size(256 << 20);
+        let mut demo = Demo {
+            client,
+            keys: Vec::new(),
+            next_key: 1,
+            rng: SmallRng::seed_from_u64(42),
+        };
         let generator = tpchgen::generators::OrderGenerator::new(scale, 1, 1);
-        let batches: Vec<RecordBatch> = tpchgen_arrow::OrderArrow::new(generator).with_batch_size(50_000).collect::<Result<_, _>>()?;
+        let batches: Vec<RecordBatch> = tpchgen_arrow::OrderArrow::new(generator)
+            .with_batch_size(50_000)
+            .collect::<Result<_, _>>()?;
         let schema = canonical_schema(&batches.first().context("no demo data")?.schema());
         if coordinator.table("orders").is_ok() {
             // Resume: the keys are whatever the table holds; new keys go above the largest.
@@ -150,7 +188,10 @@ impl Demo {
             4 * 1024 * 1024,
         )?;
         coordinator.create_table(def).await?;
-        eprintln!("demo: loading {} TPC-H orders (scale {scale})", batches.iter().map(|b| b.num_rows()).sum::<usize>());
+        eprintln!(
+            "demo: loading {} TPC-H orders (scale {scale})",
+            batches.iter().map(|b| b.num_rows()).sum::<usize>()
+        );
         for b in batches {
             demo.keys.extend(column_i64(&b, 0));
             demo.send(b).await?;
@@ -162,7 +203,11 @@ impl Demo {
     async fn send(&mut self, batch: RecordBatch) -> anyhow::Result<()> {
         let bytes = freshet_common::ipc::encode(&batch.schema(), std::slice::from_ref(&batch))?;
         self.client
-            .ingest(IngestRequest { table: "orders".into(), payload: Some(Payload::ArrowIpc(bytes)), op_column: "op".into() })
+            .ingest(IngestRequest {
+                table: "orders".into(),
+                payload: Some(Payload::ArrowIpc(bytes)),
+                op_column: "op".into(),
+            })
             .await
             .map_err(|s| anyhow::anyhow!("demo ingest: {}", s.message()))?;
         Ok(())
@@ -193,14 +238,66 @@ impl Demo {
         let priorities = ["1-URGENT", "2-HIGH", "3-MEDIUM", "4-NOT SPECIFIED", "5-LOW"];
         let cols: Vec<(&str, ArrayRef)> = vec![
             ("o_orderkey", Arc::new(Int64Array::from(keys))),
-            ("o_custkey", Arc::new(Int64Array::from((0..n).map(|_| rng.gen_range(1..15_000)).collect::<Vec<i64>>()))),
-            ("o_orderstatus", Arc::new(StringArray::from((0..n).map(|_| statuses[rng.gen_range(0..3)]).collect::<Vec<_>>()))),
-            ("o_totalprice", Arc::new(Decimal128Array::from((0..n).map(|_| rng.gen_range(100_00..500_000_00i128)).collect::<Vec<_>>()).with_precision_and_scale(15, 2)?)),
-            ("o_orderdate", Arc::new(Date32Array::from((0..n).map(|_| rng.gen_range(8_036..10_440)).collect::<Vec<i32>>()))),
-            ("o_orderpriority", Arc::new(StringArray::from((0..n).map(|_| priorities[rng.gen_range(0..5)]).collect::<Vec<_>>()))),
-            ("o_clerk", Arc::new(StringArray::from((0..n).map(|_| format!("Clerk#{:09}", rng.gen_range(1..1000))).collect::<Vec<_>>()))),
+            (
+                "o_custkey",
+                Arc::new(Int64Array::from(
+                    (0..n)
+                        .map(|_| rng.gen_range(1..15_000))
+                        .collect::<Vec<i64>>(),
+                )),
+            ),
+            (
+                "o_orderstatus",
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|_| statuses[rng.gen_range(0..3)])
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "o_totalprice",
+                Arc::new(
+                    Decimal128Array::from(
+                        (0..n)
+                            .map(|_| rng.gen_range(100_00..500_000_00i128))
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_precision_and_scale(15, 2)?,
+                ),
+            ),
+            (
+                "o_orderdate",
+                Arc::new(Date32Array::from(
+                    (0..n)
+                        .map(|_| rng.gen_range(8_036..10_440))
+                        .collect::<Vec<i32>>(),
+                )),
+            ),
+            (
+                "o_orderpriority",
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|_| priorities[rng.gen_range(0..5)])
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "o_clerk",
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|_| format!("Clerk#{:09}", rng.gen_range(1..1000)))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
             ("o_shippriority", Arc::new(Int32Array::from(vec![0; n]))),
-            ("o_comment", Arc::new(StringArray::from((0..n).map(|i| format!("updated by the freshet demo, change {i}")).collect::<Vec<_>>()))),
+            (
+                "o_comment",
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|i| format!("updated by the freshet demo, change {i}"))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
             ("op", Arc::new(StringArray::from(ops))),
         ];
         Ok(RecordBatch::try_from_iter(cols)?)
@@ -230,5 +327,8 @@ impl Demo {
 
 fn column_i64(b: &RecordBatch, i: usize) -> Vec<i64> {
     use arrow::array::AsArray;
-    b.column(i).as_primitive::<arrow::datatypes::Int64Type>().values().to_vec()
+    b.column(i)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .values()
+        .to_vec()
 }

@@ -3,15 +3,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use clap::Args;
 use freshet_common::schema::SchemaSpec;
 use freshet_proto::admin::v1::GetTableRequest;
+use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
-use freshet_proto::ingest::v1::IngestRequest;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
@@ -31,8 +31,16 @@ pub struct IngestArgs {
     files: Vec<PathBuf>,
 }
 
-fn read_file(path: &PathBuf, schema: Arc<Schema>, batch_rows: usize) -> anyhow::Result<Vec<RecordBatch>> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+fn read_file(
+    path: &PathBuf,
+    schema: Arc<Schema>,
+    batch_rows: usize,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let batches: Vec<RecordBatch> = match ext.as_str() {
         "parquet" => parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)?
@@ -48,7 +56,10 @@ fn read_file(path: &PathBuf, schema: Arc<Schema>, batch_rows: usize) -> anyhow::
             .with_batch_size(batch_rows)
             .build(std::io::BufReader::new(f))?
             .collect::<Result<_, _>>()?,
-        other => bail!("{}: unknown file type '.{other}' (want .parquet, .csv, .ndjson)", path.display()),
+        other => bail!(
+            "{}: unknown file type '.{other}' (want .parquet, .csv, .ndjson)",
+            path.display()
+        ),
     };
     Ok(batches)
 }
@@ -56,14 +67,20 @@ fn read_file(path: &PathBuf, schema: Arc<Schema>, batch_rows: usize) -> anyhow::
 pub async fn run(endpoint: &str, args: IngestArgs) -> anyhow::Result<()> {
     let mut admin = crate::admin::client(endpoint).await?;
     let info = admin
-        .get_table(GetTableRequest { name: args.table.clone() })
+        .get_table(GetTableRequest {
+            name: args.table.clone(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner()
         .table
         .context("no table in reply")?;
     let table_schema = SchemaSpec::from_json(&info.schema_json)?.to_arrow()?;
-    let mut fields: Vec<Field> = table_schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+    let mut fields: Vec<Field> = table_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
     fields.push(Field::new(&args.op_column, DataType::Utf8, true));
     let read_schema = Arc::new(Schema::new(fields));
     let mut client = IngestServiceClient::connect(endpoint.to_string())
@@ -74,10 +91,16 @@ pub async fn run(endpoint: &str, args: IngestArgs) -> anyhow::Result<()> {
         let batches = read_file(path, read_schema.clone(), args.batch_rows)?;
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let bar = ProgressBar::new(rows).with_message(path.display().to_string());
-        bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, {eta})")?.progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, {eta})")?
+                .progress_chars("=> "),
+        );
         for b in batches {
             // CSV/NDJSON: drop an op column that the file does not have.
-            let b = if b.column_by_name(&args.op_column).is_some_and(|c| c.null_count() == c.len()) {
+            let b = if b
+                .column_by_name(&args.op_column)
+                .is_some_and(|c| c.null_count() == c.len())
+            {
                 let mut b = b;
                 let i = b.schema().index_of(&args.op_column)?;
                 b.remove_column(i);
@@ -87,7 +110,11 @@ pub async fn run(endpoint: &str, args: IngestArgs) -> anyhow::Result<()> {
             };
             let bytes = freshet_common::ipc::encode(&b.schema(), std::slice::from_ref(&b))?;
             let resp = client
-                .ingest(IngestRequest { table: args.table.clone(), payload: Some(Payload::ArrowIpc(bytes)), op_column: args.op_column.clone() })
+                .ingest(IngestRequest {
+                    table: args.table.clone(),
+                    payload: Some(Payload::ArrowIpc(bytes)),
+                    op_column: args.op_column.clone(),
+                })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}: {}", path.display(), s.message()))?
                 .into_inner();

@@ -15,7 +15,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "freshet", version)]
 struct Cli {
     /// The coordinator's gRPC endpoint.
-    #[arg(long, global = true, env = "FRESHET_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "FRESHET_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
     endpoint: String,
     #[command(subcommand)]
     command: Command,

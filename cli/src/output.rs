@@ -1,9 +1,9 @@
 //! Printing: tables for people, JSON (`-o json`) for programs.
 
 use clap::ValueEnum;
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use freshet_proto::admin::v1::{CycleRecord, TableInfo};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -34,7 +34,11 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// A cycle as JSON.
@@ -75,7 +79,13 @@ pub fn table_json(t: &TableInfo) -> Value {
 /// One line per cycle, as `freshet dev` prints them.
 pub fn cycle_line(c: &CycleRecord) -> String {
     if c.state == "failed" {
-        return format!("cycle {} {} FAILED after {} ms: {}", &c.id[c.id.len() - 8..], c.table, c.duration_ms, c.error);
+        return format!(
+            "cycle {} {} FAILED after {} ms: {}",
+            &c.id[c.id.len() - 8..],
+            c.table,
+            c.duration_ms,
+            c.error
+        );
     }
     format!(
         "v{:<5} {:<8} files {:>3}/{:<4} rewritten  +{:<6} ~{:<6} -{:<6} rows  {:>10} written  cycle {:>5} ms  lag {:>5} ms",

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Subcommand;
-use freshet_common::schema::{canonical_schema, SchemaSpec};
+use freshet_common::schema::{SchemaSpec, canonical_schema};
 use freshet_proto::admin::v1::CreateTableRequest;
 
 use crate::output::table_json;
@@ -38,16 +38,27 @@ pub enum TableCommand {
 
 pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
     match cmd {
-        TableCommand::Create { name, uri, like, schema, primary_key, partition_by, target_file_size } => {
+        TableCommand::Create {
+            name,
+            uri,
+            like,
+            schema,
+            primary_key,
+            partition_by,
+            target_file_size,
+        } => {
             let spec = match (like, schema) {
                 (Some(p), None) => {
-                    let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-                    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-                        .with_context(|| format!("{} is not a Parquet file", p.display()))?;
+                    let f = std::fs::File::open(&p)
+                        .with_context(|| format!("cannot open {}", p.display()))?;
+                    let b =
+                        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                            .with_context(|| format!("{} is not a Parquet file", p.display()))?;
                     SchemaSpec::from_arrow(&canonical_schema(b.schema()))
                 }
                 (None, Some(p)) => {
-                    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read {}", p.display()))?;
                     SchemaSpec::from_json(&text)?
                 }
                 _ => bail!("give the schema with --like FILE.parquet or --schema FILE.json"),
@@ -66,7 +77,12 @@ pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
             let t = resp.table.context("no table in reply")?;
-            println!("{} table '{}' at {}", if resp.adopted { "adopted" } else { "created" }, t.name, t.uri);
+            println!(
+                "{} table '{}' at {}",
+                if resp.adopted { "adopted" } else { "created" },
+                t.name,
+                t.uri
+            );
             println!("{}", serde_json::to_string_pretty(&table_json(&t))?);
         }
     }

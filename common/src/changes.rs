@@ -11,7 +11,7 @@ use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 
 use crate::error::{Error, Result};
-use crate::table::{partition_value, TableDef};
+use crate::table::{TableDef, partition_value};
 
 /// Column holding a change's operation (int8).
 pub const OP_COLUMN: &str = "__op";
@@ -40,7 +40,11 @@ pub fn change_schema(def: &TableDef) -> SchemaRef {
 
 /// The schema of a staging segment: [`change_schema`] plus `__seq`.
 pub fn staging_schema(def: &TableDef) -> SchemaRef {
-    let mut fields: Vec<Field> = change_schema(def).fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = change_schema(def)
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new(SEQ_COLUMN, DataType::UInt64, false));
     Arc::new(Schema::new(fields))
 }
@@ -56,7 +60,10 @@ pub struct PartitionChanges {
 
 /// Reduces staged changes (in staging order) to the last change per primary key, grouped
 /// by partition and sorted by local key. Returns the partitions and the number of input rows.
-pub fn last_change_per_key(def: &TableDef, staged: &[RecordBatch]) -> Result<Vec<PartitionChanges>> {
+pub fn last_change_per_key(
+    def: &TableDef,
+    staged: &[RecordBatch],
+) -> Result<Vec<PartitionChanges>> {
     let schema = change_schema(def);
     let projected: Vec<RecordBatch> = staged
         .iter()
@@ -65,9 +72,9 @@ pub fn last_change_per_key(def: &TableDef, staged: &[RecordBatch]) -> Result<Vec
                 .fields()
                 .iter()
                 .map(|f| {
-                    b.column_by_name(f.name())
-                        .cloned()
-                        .ok_or_else(|| Error::Internal(format!("staged batch lacks column '{}'", f.name())))
+                    b.column_by_name(f.name()).cloned().ok_or_else(|| {
+                        Error::Internal(format!("staged batch lacks column '{}'", f.name()))
+                    })
                 })
                 .collect::<Result<_>>()?;
             RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("staged batch", e))
@@ -76,7 +83,8 @@ pub fn last_change_per_key(def: &TableDef, staged: &[RecordBatch]) -> Result<Vec
     if projected.iter().all(|b| b.num_rows() == 0) {
         return Ok(Vec::new());
     }
-    let all = concat_batches(&schema, &projected).map_err(|e| Error::data("concatenating changes", e))?;
+    let all =
+        concat_batches(&schema, &projected).map_err(|e| Error::data("concatenating changes", e))?;
 
     // Sort order: partition columns first, then the local key; that is the whole primary key.
     let mut order_cols: Vec<String> = def.partition_by.clone();
@@ -84,12 +92,25 @@ pub fn last_change_per_key(def: &TableDef, staged: &[RecordBatch]) -> Result<Vec
     let converter = RowConverter::new(
         order_cols
             .iter()
-            .map(|c| SortField::new(schema.field_with_name(c).expect("key column").data_type().clone()))
+            .map(|c| {
+                SortField::new(
+                    schema
+                        .field_with_name(c)
+                        .expect("key column")
+                        .data_type()
+                        .clone(),
+                )
+            })
             .collect(),
     )
     .map_err(|e| Error::data("row converter", e))?;
-    let arrays: Vec<ArrayRef> = order_cols.iter().map(|c| all.column_by_name(c).expect("key").clone()).collect();
-    let rows = converter.convert_columns(&arrays).map_err(|e| Error::data("key rows", e))?;
+    let arrays: Vec<ArrayRef> = order_cols
+        .iter()
+        .map(|c| all.column_by_name(c).expect("key").clone())
+        .collect();
+    let rows = converter
+        .convert_columns(&arrays)
+        .map_err(|e| Error::data("key rows", e))?;
 
     // Later rows win: remember the last index of every key.
     let mut last: HashMap<arrow::row::Row<'_>, u32> = HashMap::with_capacity(all.num_rows());
@@ -98,7 +119,8 @@ pub fn last_change_per_key(def: &TableDef, staged: &[RecordBatch]) -> Result<Vec
     }
     let mut winners: Vec<u32> = last.into_values().collect();
     winners.sort_unstable_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
-    let sorted = take_record_batch(&all, &UInt32Array::from(winners)).map_err(|e| Error::data("take", e))?;
+    let sorted =
+        take_record_batch(&all, &UInt32Array::from(winners)).map_err(|e| Error::data("take", e))?;
 
     // Split into runs of equal partition values.
     let part_arrays: Vec<&dyn Array> = def
@@ -109,7 +131,8 @@ pub fn last_change_per_key(def: &TableDef, staged: &[RecordBatch]) -> Result<Vec
     let mut out = Vec::new();
     let mut start = 0;
     let n = sorted.num_rows();
-    let values_at = |i: usize| -> Vec<String> { part_arrays.iter().map(|a| partition_value(*a, i)).collect() };
+    let values_at =
+        |i: usize| -> Vec<String> { part_arrays.iter().map(|a| partition_value(*a, i)).collect() };
     while start < n {
         let v = values_at(start);
         let mut end = start + 1;

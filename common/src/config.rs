@@ -153,7 +153,9 @@ impl std::fmt::Debug for StorageConfig {
                 (k, if secret { "<redacted>" } else { v.as_str() })
             })
             .collect();
-        f.debug_struct("StorageConfig").field("options", &redacted).finish()
+        f.debug_struct("StorageConfig")
+            .field("options", &redacted)
+            .finish()
     }
 }
 
@@ -178,7 +180,10 @@ const ENV_PREFIX: &str = "FRESHET__";
 
 impl Config {
     /// Loads the file (if any), then applies `FRESHET__SECTION__KEY` variables from `env`.
-    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
         let mut value = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -189,7 +194,9 @@ impl Config {
             None => toml::Value::Table(Default::default()),
         };
         for (k, v) in env {
-            let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = k.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             set_path(&mut value, &path, parse_env_value(&v))
                 .map_err(|e| Error::Config(format!("environment variable {k}: {e}")))?;
@@ -214,7 +221,11 @@ fn parse_env_value(v: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(v.to_string()))
 }
 
-fn set_path(value: &mut toml::Value, path: &[String], v: toml::Value) -> std::result::Result<(), String> {
+fn set_path(
+    value: &mut toml::Value,
+    path: &[String],
+    v: toml::Value,
+) -> std::result::Result<(), String> {
     let (first, rest) = path.split_first().ok_or("empty key")?;
     let table = value.as_table_mut().ok_or("not a table")?;
     if rest.is_empty() {
@@ -237,7 +248,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f.toml");
         std::fs::write(&p, "[cycle]\ninterval_ms = 500\n").unwrap();
-        let c = Config::load(Some(&p), vec![("FRESHET__CYCLE__MAX_ATTEMPTS".into(), "7".into())]).unwrap();
+        let c = Config::load(
+            Some(&p),
+            vec![("FRESHET__CYCLE__MAX_ATTEMPTS".into(), "7".into())],
+        )
+        .unwrap();
         assert_eq!(c.cycle.interval_ms, 500);
         assert_eq!(c.cycle.max_attempts, 7);
         std::fs::write(&p, "[cycle]\nintervall_ms = 500\n").unwrap();
@@ -248,8 +263,12 @@ mod tests {
     #[test]
     fn secrets_are_redacted_in_debug() {
         let mut c = Config::default();
-        c.storage.options.insert("aws_secret_access_key".into(), "hunter2".into());
-        c.storage.options.insert("aws_access_key_id".into(), "AKIA".into());
+        c.storage
+            .options
+            .insert("aws_secret_access_key".into(), "hunter2".into());
+        c.storage
+            .options
+            .insert("aws_access_key_id".into(), "AKIA".into());
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2"), "{s}");
         assert!(s.contains("AKIA"));

@@ -3,15 +3,15 @@
 
 use std::collections::HashMap;
 
-use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::StructType;
 use deltalake::DeltaTable;
+use deltalake::kernel::StructType;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::key::{key_from_json, key_part_from_stat, Bound, Key};
+use crate::key::{Bound, Key, key_from_json, key_part_from_stat};
 use crate::schema::canonical_type;
-use crate::storage::{log_store, table_url, StorageOptions};
+use crate::storage::{StorageOptions, log_store, table_url};
 use crate::table::TableDef;
 
 /// Tag on Freshet's Add actions holding the file's smallest local key (JSON).
@@ -39,7 +39,10 @@ pub struct FileEntry {
 
 /// Opens the table, or creates it when the location holds no Delta table.
 /// Returns the table and whether an existing table was adopted.
-pub async fn open_or_create(def: &TableDef, options: &StorageOptions) -> Result<(DeltaTable, bool)> {
+pub async fn open_or_create(
+    def: &TableDef,
+    options: &StorageOptions,
+) -> Result<(DeltaTable, bool)> {
     let url = table_url(&def.name, &def.uri)?;
     let store = log_store(&def.name, &url, options)?;
     let mut table = DeltaTable::new(store);
@@ -49,20 +52,23 @@ pub async fn open_or_create(def: &TableDef, options: &StorageOptions) -> Result<
             Ok((table, true))
         }
         Err(deltalake::DeltaTableError::NotATable(_)) => {
-            let schema: StructType = def
-                .schema
-                .as_ref()
-                .try_into_kernel()
-                .map_err(|e| Error::InvalidTable {
-                    table: def.name.clone(),
-                    message: format!("schema has no Delta equivalent: {e}"),
-                })?;
+            let schema: StructType =
+                def.schema
+                    .as_ref()
+                    .try_into_kernel()
+                    .map_err(|e| Error::InvalidTable {
+                        table: def.name.clone(),
+                        message: format!("schema has no Delta equivalent: {e}"),
+                    })?;
             let table = table
                 .create()
                 .with_table_name(&def.name)
                 .with_columns(schema.fields().cloned())
                 .with_partition_columns(def.partition_by.clone())
-                .with_comment(format!("Freshet table, primary key ({})", def.primary_key.join(", ")))
+                .with_comment(format!(
+                    "Freshet table, primary key ({})",
+                    def.primary_key.join(", ")
+                ))
                 .await
                 .map_err(|e| Error::delta(&def.name, e))?;
             Ok((table, false))
@@ -83,7 +89,10 @@ pub async fn open(def: &TableDef, options: &StorageOptions) -> Result<DeltaTable
 fn check_adoptable(def: &TableDef, table: &DeltaTable) -> Result<()> {
     let bad = |message: String| Error::InvalidTable {
         table: def.name.clone(),
-        message: format!("existing Delta table at '{}' cannot be adopted: {message}", def.uri),
+        message: format!(
+            "existing Delta table at '{}' cannot be adopted: {message}",
+            def.uri
+        ),
     };
     let snapshot = table.snapshot().map_err(|e| Error::delta(&def.name, e))?;
     let existing = snapshot.snapshot().arrow_schema();
@@ -99,12 +108,21 @@ fn check_adoptable(def: &TableDef, table: &DeltaTable) -> Result<()> {
                         e.data_type(),
                         f.data_type()
                     ));
-                } else if !def.primary_key.contains(f.name()) && e.is_nullable() != f.is_nullable() {
+                } else if !def.primary_key.contains(f.name()) && e.is_nullable() != f.is_nullable()
+                {
                     problems.push(format!(
                         "column '{}' is {} in the table but {} in the definition",
                         f.name(),
-                        if e.is_nullable() { "nullable" } else { "not nullable" },
-                        if f.is_nullable() { "nullable" } else { "not nullable" },
+                        if e.is_nullable() {
+                            "nullable"
+                        } else {
+                            "not nullable"
+                        },
+                        if f.is_nullable() {
+                            "nullable"
+                        } else {
+                            "not nullable"
+                        },
                     ));
                 }
             }
@@ -112,7 +130,10 @@ fn check_adoptable(def: &TableDef, table: &DeltaTable) -> Result<()> {
     }
     for e in existing.fields() {
         if def.schema.field_with_name(e.name()).is_err() {
-            problems.push(format!("the table has column '{}' that the definition lacks", e.name()));
+            problems.push(format!(
+                "the table has column '{}' that the definition lacks",
+                e.name()
+            ));
         }
     }
     let parts = snapshot.metadata().partition_columns();
@@ -123,7 +144,11 @@ fn check_adoptable(def: &TableDef, table: &DeltaTable) -> Result<()> {
             def.partition_by.join(", ")
         ));
     }
-    if let Some(mode) = snapshot.metadata().configuration().get("delta.columnMapping.mode") {
+    if let Some(mode) = snapshot
+        .metadata()
+        .configuration()
+        .get("delta.columnMapping.mode")
+    {
         if mode != "none" {
             problems.push(format!("column mapping mode '{mode}' is not supported"));
         }
@@ -173,7 +198,10 @@ pub fn files(def: &TableDef, table: &DeltaTable) -> Result<Vec<FileEntry>> {
                     .map(|(c, t)| key_part_from_stat(stats.get(field)?.get(c)?, t, b))
                     .collect()
             };
-            Some((bound("minValues", Bound::Lower)?, bound("maxValues", Bound::Upper)?))
+            Some((
+                bound("minValues", Bound::Lower)?,
+                bound("maxValues", Bound::Upper)?,
+            ))
         });
         out.push(FileEntry {
             path: add.path.clone(),

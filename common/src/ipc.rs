@@ -17,15 +17,19 @@ pub fn encode(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8>> {
         let mut w = StreamWriter::try_new_with_options(&mut buf, schema, opts)
             .map_err(|e| Error::data("encoding arrow ipc", e))?;
         for b in batches {
-            w.write(b).map_err(|e| Error::data("encoding arrow ipc", e))?;
+            w.write(b)
+                .map_err(|e| Error::data("encoding arrow ipc", e))?;
         }
-        w.finish().map_err(|e| Error::data("encoding arrow ipc", e))?;
+        w.finish()
+            .map_err(|e| Error::data("encoding arrow ipc", e))?;
     }
     Ok(buf)
 }
 
 /// Decodes an Arrow IPC stream into its schema and batches.
-pub fn decode(bytes: &[u8]) -> std::result::Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
+pub fn decode(
+    bytes: &[u8],
+) -> std::result::Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
     let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
     let schema = reader.schema();
     let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;

@@ -81,7 +81,9 @@ pub fn key_part(array: &dyn Array, row: usize) -> KeyPart {
             };
             KeyPart::Int(micros)
         }
-        DataType::Decimal128(_, _) => KeyPart::Int(array.as_primitive::<Decimal128Type>().value(row)),
+        DataType::Decimal128(_, _) => {
+            KeyPart::Int(array.as_primitive::<Decimal128Type>().value(row))
+        }
         DataType::Boolean => KeyPart::Bool(array.as_boolean().value(row)),
         DataType::Utf8 => KeyPart::Str(array.as_string::<i32>().value(row).to_string()),
         DataType::LargeUtf8 => KeyPart::Str(array.as_string::<i64>().value(row).to_string()),
@@ -235,7 +237,10 @@ mod tests {
     #[test]
     fn truncated_statistics_widen_to_valid_bounds() {
         let long = Value::String("x".repeat(32));
-        assert_eq!(key_part_from_stat(&long, &DataType::Utf8, Bound::Upper), None);
+        assert_eq!(
+            key_part_from_stat(&long, &DataType::Utf8, Bound::Upper),
+            None
+        );
         assert!(key_part_from_stat(&long, &DataType::Utf8, Bound::Lower).is_some());
         let ts = Value::String("2024-01-01T00:00:00.123Z".into());
         let t = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));

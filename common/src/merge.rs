@@ -33,8 +33,12 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef, context: &str) -> Result
         .iter()
         .map(|f| match batch.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
-            Some(c) => cast(c, f.data_type()).map_err(|e| Error::data(format!("{context}: column '{}'", f.name()), e)),
-            None => Ok(arrow::array::new_null_array(f.data_type(), batch.num_rows())),
+            Some(c) => cast(c, f.data_type())
+                .map_err(|e| Error::data(format!("{context}: column '{}'", f.name()), e)),
+            None => Ok(arrow::array::new_null_array(
+                f.data_type(),
+                batch.num_rows(),
+            )),
         })
         .collect::<Result<_>>()?;
     RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data(context, e))
@@ -50,7 +54,9 @@ fn key_rows(converter: &RowConverter, batch: &RecordBatch, key: &[String]) -> Re
                 .ok_or_else(|| Error::Internal(format!("batch lacks key column '{k}'")))
         })
         .collect::<Result<_>>()?;
-    converter.convert_columns(&arrays).map_err(|e| Error::data("key rows", e))
+    converter
+        .convert_columns(&arrays)
+        .map_err(|e| Error::data("key rows", e))
 }
 
 /// Applies `changes` (one row per key, with `__op`) to `existing` rows. Both are in (or are
@@ -62,7 +68,8 @@ pub fn apply_changes(
     existing: &[RecordBatch],
     changes: &RecordBatch,
 ) -> Result<(RecordBatch, MergeCounts)> {
-    let existing = concat_batches(file_schema, existing).map_err(|e| Error::data("concatenating file rows", e))?;
+    let existing = concat_batches(file_schema, existing)
+        .map_err(|e| Error::data("concatenating file rows", e))?;
     let ops = changes
         .column_by_name(OP_COLUMN)
         .ok_or_else(|| Error::Internal("changes lack __op".into()))?
@@ -85,7 +92,8 @@ pub fn apply_changes(
     let old_keys = key_rows(&converter, &existing, local_key)?;
     let new_keys = key_rows(&converter, &change_rows, local_key)?;
 
-    let mut changed: HashMap<arrow::row::Row<'_>, (usize, bool)> = HashMap::with_capacity(new_keys.num_rows());
+    let mut changed: HashMap<arrow::row::Row<'_>, (usize, bool)> =
+        HashMap::with_capacity(new_keys.num_rows());
     for i in 0..new_keys.num_rows() {
         changed.insert(new_keys.row(i), (i, false));
     }
@@ -118,15 +126,19 @@ pub fn apply_changes(
         }
     }
     upserts.sort_unstable();
-    let kept = filter_record_batch(&existing, &BooleanArray::from(keep)).map_err(|e| Error::data("filter", e))?;
-    let added = take_record_batch(&change_rows, &UInt32Array::from(upserts)).map_err(|e| Error::data("take", e))?;
-    let merged = concat_batches(file_schema, &[kept, added]).map_err(|e| Error::data("concat", e))?;
+    let kept = filter_record_batch(&existing, &BooleanArray::from(keep))
+        .map_err(|e| Error::data("filter", e))?;
+    let added = take_record_batch(&change_rows, &UInt32Array::from(upserts))
+        .map_err(|e| Error::data("take", e))?;
+    let merged =
+        concat_batches(file_schema, &[kept, added]).map_err(|e| Error::data("concat", e))?;
 
     // Sort the result by key (kept rows are usually sorted already; this keeps it simple).
     let rows = key_rows(&converter, &merged, local_key)?;
     let mut order: Vec<u32> = (0..merged.num_rows() as u32).collect();
     order.sort_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
-    let sorted = take_record_batch(&merged, &UInt32Array::from(order)).map_err(|e| Error::data("take", e))?;
+    let sorted = take_record_batch(&merged, &UInt32Array::from(order))
+        .map_err(|e| Error::data("take", e))?;
     Ok((sorted, counts))
 }
 
@@ -146,7 +158,7 @@ pub fn split_points(num_rows: usize, rows_per_file: usize) -> Vec<(usize, usize)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int64Array, Int8Array, StringArray};
+    use arrow::array::{Int8Array, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -182,7 +194,9 @@ mod tests {
                 Arc::new(Int64Array::from(ch.keys().copied().collect::<Vec<_>>())),
                 Arc::new(StringArray::from(ch.values().cloned().collect::<Vec<_>>())),
                 Arc::new(Int8Array::from(
-                    ch.values().map(|v| if v.is_some() { 0 } else { 1 }).collect::<Vec<_>>(),
+                    ch.values()
+                        .map(|v| if v.is_some() { 0 } else { 1 })
+                        .collect::<Vec<_>>(),
                 )),
             ],
         )
@@ -192,7 +206,9 @@ mod tests {
     fn to_map(b: &RecordBatch) -> Vec<(i64, String)> {
         let ids = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
         let vs = b.column(1).as_string::<i32>();
-        (0..b.num_rows()).map(|i| (ids.value(i), vs.value(i).to_string())).collect()
+        (0..b.num_rows())
+            .map(|i| (ids.value(i), vs.value(i).to_string()))
+            .collect()
     }
 
     proptest! {

@@ -53,13 +53,17 @@ pub fn parse_type(name: &str) -> Result<DataType> {
         "string" | "utf8" | "text" => DataType::Utf8,
         "binary" | "bytes" => DataType::Binary,
         "date" | "date32" => DataType::Date32,
-        "timestamp" | "timestamptz" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        "timestamp" | "timestamptz" => {
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        }
         "timestamp_ntz" => DataType::Timestamp(TimeUnit::Microsecond, None),
         _ => {
             if let Some(inner) = n.strip_prefix("decimal(").and_then(|s| s.strip_suffix(')')) {
                 let mut parts = inner.split(',').map(|p| p.trim().parse::<i64>());
                 match (parts.next(), parts.next(), parts.next()) {
-                    (Some(Ok(p)), Some(Ok(s)), None) if (1..=38).contains(&p) && (0..=p).contains(&s) => {
+                    (Some(Ok(p)), Some(Ok(s)), None)
+                        if (1..=38).contains(&p) && (0..=p).contains(&s) =>
+                    {
                         DataType::Decimal128(p as u8, s as i8)
                     }
                     _ => {
@@ -201,11 +205,13 @@ mod tests {
     fn bad_types_and_names_are_named() {
         let e = parse_type("int128").unwrap_err().to_string();
         assert!(e.contains("int128"), "{e}");
-        let e = SchemaSpec::from_json(r#"{"fields":[{"name":"a","type":"int64"},{"name":"a","type":"int64"}]}"#)
-            .unwrap()
-            .to_arrow()
-            .unwrap_err()
-            .to_string();
+        let e = SchemaSpec::from_json(
+            r#"{"fields":[{"name":"a","type":"int64"},{"name":"a","type":"int64"}]}"#,
+        )
+        .unwrap()
+        .to_arrow()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("'a' appears twice"), "{e}");
         assert!(parse_type("decimal(40,2)").is_err());
     }

@@ -8,7 +8,9 @@ pub fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("warn,freshet_coordinator=info,freshet_worker=info,freshet_common=info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -18,8 +20,12 @@ pub fn init_logging(json: bool) {
 
 /// gRPC reflection services (v1 and v1alpha, so grpcurl 1.8 can list).
 pub fn reflection() -> (
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
 ) {
     let v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(freshet_proto::FILE_DESCRIPTOR_SET)

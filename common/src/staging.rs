@@ -44,7 +44,12 @@ pub fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
 }
 
 /// Writes a segment; fails if one with that name exists (sequences are never reused).
-pub async fn write_segment(store: &Arc<dyn ObjectStore>, first: u64, last: u64, bytes: Vec<u8>) -> Result<Path> {
+pub async fn write_segment(
+    store: &Arc<dyn ObjectStore>,
+    first: u64,
+    last: u64,
+    bytes: Vec<u8>,
+) -> Result<Path> {
     let path = segment_path(first, last);
     let opts = PutOptions {
         mode: PutMode::Create,
@@ -112,7 +117,10 @@ mod tests {
         let p = segment_path(7, 12);
         assert_eq!(parse_segment_name(p.filename().unwrap()), Some((7, 12)));
         assert_eq!(parse_segment_name("junk.arrow"), None);
-        assert_eq!(parse_segment_name("00000000000000000009-00000000000000000003.arrow"), None);
+        assert_eq!(
+            parse_segment_name("00000000000000000009-00000000000000000003.arrow"),
+            None
+        );
     }
 
     #[tokio::test]

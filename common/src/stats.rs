@@ -12,14 +12,19 @@ use serde_json::{Map, Value};
 const MAX_STRING_STAT: usize = 32;
 
 fn date_string(days: i32) -> String {
-    (chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch") + chrono::Duration::days(days as i64))
-        .format("%Y-%m-%d")
-        .to_string()
+    (chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")
+        + chrono::Duration::days(days as i64))
+    .format("%Y-%m-%d")
+    .to_string()
 }
 
 fn timestamp_string(micros: i64, utc: bool, round_up: bool) -> Option<String> {
     // Delta keeps millisecond precision: round the minimum down and the maximum up.
-    let millis = if round_up { micros.div_euclid(1000) + i64::from(micros.rem_euclid(1000) != 0) } else { micros.div_euclid(1000) };
+    let millis = if round_up {
+        micros.div_euclid(1000) + i64::from(micros.rem_euclid(1000) != 0)
+    } else {
+        micros.div_euclid(1000)
+    };
     let dt = chrono::DateTime::from_timestamp_millis(millis)?;
     Some(if utc {
         dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
@@ -61,7 +66,8 @@ fn min_max(array: &dyn Array) -> (Option<Value>, Option<Value>) {
             if a.iter().flatten().any(f64::is_nan) {
                 return (None, None);
             }
-            let f = |v: Option<f64>| v.and_then(|v| serde_json::Number::from_f64(v).map(Value::Number));
+            let f =
+                |v: Option<f64>| v.and_then(|v| serde_json::Number::from_f64(v).map(Value::Number));
             (f(min(a)), f(max(a)))
         }
         DataType::Decimal128(_, scale) => {
@@ -79,21 +85,29 @@ fn min_max(array: &dyn Array) -> (Option<Value>, Option<Value>) {
         }
         DataType::Date32 => {
             let a = array.as_primitive::<Date32Type>();
-            (min(a).map(|d| Value::from(date_string(d))), max(a).map(|d| Value::from(date_string(d))))
+            (
+                min(a).map(|d| Value::from(date_string(d))),
+                max(a).map(|d| Value::from(date_string(d))),
+            )
         }
         DataType::Timestamp(unit, tz) => {
             let a = arrow::compute::cast(array, &DataType::Int64).expect("timestamp cast");
             let a = a.as_primitive::<Int64Type>();
             let utc = tz.is_some();
             (
-                min(a).and_then(|v| timestamp_string(to_micros(unit, v), utc, false)).map(Value::from),
-                max(a).and_then(|v| timestamp_string(to_micros(unit, v), utc, true)).map(Value::from),
+                min(a)
+                    .and_then(|v| timestamp_string(to_micros(unit, v), utc, false))
+                    .map(Value::from),
+                max(a)
+                    .and_then(|v| timestamp_string(to_micros(unit, v), utc, true))
+                    .map(Value::from),
             )
         }
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
             let a = arrow::compute::cast(array, &DataType::Utf8).expect("string cast");
             let a = a.as_string::<i32>();
-            let lo = min_string(a).map(|s| Value::from(s.chars().take(MAX_STRING_STAT).collect::<String>()));
+            let lo = min_string(a)
+                .map(|s| Value::from(s.chars().take(MAX_STRING_STAT).collect::<String>()));
             let hi = max_string(a)
                 .filter(|s| s.chars().count() <= MAX_STRING_STAT)
                 .map(Value::from);
@@ -140,15 +154,26 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int64, false),
             Field::new("s", DataType::Utf8, true),
-            Field::new("t", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+            Field::new(
+                "t",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
         ]));
         let long = "y".repeat(40);
         let b = RecordBatch::try_new(
             schema,
             vec![
                 Arc::new(Int64Array::from(vec![3, 1, 2])),
-                Arc::new(StringArray::from(vec![Some("b"), None, Some(long.as_str())])),
-                Arc::new(TimestampMicrosecondArray::from(vec![Some(1_500), None, Some(2_001)]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec![
+                    Some("b"),
+                    None,
+                    Some(long.as_str()),
+                ])),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![Some(1_500), None, Some(2_001)])
+                        .with_timezone("UTC"),
+                ),
             ],
         )
         .unwrap();
@@ -158,7 +183,10 @@ mod tests {
         assert_eq!(s["maxValues"]["id"], 3);
         assert_eq!(s["nullCount"]["s"], 1);
         assert_eq!(s["minValues"]["s"], "b");
-        assert!(s["maxValues"].get("s").is_none(), "a long max string is not a valid bound");
+        assert!(
+            s["maxValues"].get("s").is_none(),
+            "a long max string is not a valid bound"
+        );
         assert_eq!(s["minValues"]["t"], "1970-01-01T00:00:00.001Z");
         assert_eq!(s["maxValues"]["t"], "1970-01-01T00:00:00.003Z");
     }

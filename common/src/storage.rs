@@ -36,7 +36,8 @@ pub fn log_store(table: &str, url: &Url, options: &StorageOptions) -> Result<Log
     // S3-compatible servers on plain HTTP (tests, MinIO) need this explicitly.
     if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
         if endpoint.starts_with("http://") {
-            opts.entry("AWS_ALLOW_HTTP".into()).or_insert_with(|| "true".into());
+            opts.entry("AWS_ALLOW_HTTP".into())
+                .or_insert_with(|| "true".into());
         }
     }
     DeltaTableBuilder::from_url(url.clone())
@@ -45,6 +46,10 @@ pub fn log_store(table: &str, url: &Url, options: &StorageOptions) -> Result<Log
 }
 
 /// The object store rooted at the table's directory.
-pub fn table_store(table: &str, url: &Url, options: &StorageOptions) -> Result<Arc<dyn ObjectStore>> {
+pub fn table_store(
+    table: &str,
+    url: &Url,
+    options: &StorageOptions,
+) -> Result<Arc<dyn ObjectStore>> {
     Ok(log_store(table, url, options)?.object_store(None))
 }

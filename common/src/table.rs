@@ -100,16 +100,20 @@ impl TableDef {
             return Err(bad("the table has no uri".into()));
         }
         if primary_key.is_empty() {
-            return Err(bad("the primary key is empty; name at least one column".into()));
+            return Err(bad(
+                "the primary key is empty; name at least one column".into()
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for k in &primary_key {
             if !seen.insert(k) {
                 return Err(bad(format!("primary key column '{k}' is listed twice")));
             }
-            let field = schema
-                .field_with_name(k)
-                .map_err(|_| bad(format!("primary key column '{k}' is not a column of the schema")))?;
+            let field = schema.field_with_name(k).map_err(|_| {
+                bad(format!(
+                    "primary key column '{k}' is not a column of the schema"
+                ))
+            })?;
             if !key_type_supported(field.data_type()) {
                 return Err(bad(format!(
                     "primary key column '{k}' has type {}, which cannot be a key (floats and nested types cannot)",
@@ -128,7 +132,10 @@ impl TableDef {
                     primary_key.join(", ")
                 )));
             }
-            let t = schema.field_with_name(p).expect("key column exists").data_type();
+            let t = schema
+                .field_with_name(p)
+                .expect("key column exists")
+                .data_type();
             if !matches!(
                 t,
                 DataType::Int8
@@ -149,7 +156,9 @@ impl TableDef {
             }
         }
         if partition_by.len() == schema.fields().len() {
-            return Err(bad("every column is a partition column; keep at least one data column".into()));
+            return Err(bad(
+                "every column is a partition column; keep at least one data column".into(),
+            ));
         }
         if target_file_size < 1024 {
             return Err(bad(format!(
@@ -208,7 +217,13 @@ impl TableDef {
     pub fn local_key_types(&self) -> Vec<DataType> {
         self.local_key()
             .iter()
-            .map(|k| self.schema.field_with_name(k).expect("key column").data_type().clone())
+            .map(|k| {
+                self.schema
+                    .field_with_name(k)
+                    .expect("key column")
+                    .data_type()
+                    .clone()
+            })
             .collect()
     }
 
@@ -246,14 +261,22 @@ pub fn partition_dir(partition_by: &[String], values: &HashMap<String, String>) 
         let v = values.get(col).map(String::as_str).unwrap_or("");
         let safe: String = v
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         dir.push_str(col);
         dir.push('=');
         dir.push_str(&safe);
         if safe != v || v.is_empty() {
             // Keep distinct values in distinct directories after the replacement.
-            let h = v.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+            let h = v.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
             dir.push_str(&format!("-{:08x}", h as u32));
         }
         dir.push('/');
@@ -275,10 +298,20 @@ mod tests {
 
     #[test]
     fn partition_columns_must_be_part_of_the_key() {
-        let e = TableDef::new("t", "file:///x", schema(), vec!["id".into()], vec!["region".into()], 1 << 20)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("partition column 'region' is not part of the primary key"), "{e}");
+        let e = TableDef::new(
+            "t",
+            "file:///x",
+            schema(),
+            vec!["id".into()],
+            vec!["region".into()],
+            1 << 20,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("partition column 'region' is not part of the primary key"),
+            "{e}"
+        );
         let ok = TableDef::new(
             "t",
             "file:///x",
@@ -295,11 +328,17 @@ mod tests {
 
     #[test]
     fn bad_keys_are_refused_with_the_column_named() {
-        let e = TableDef::new("t", "u", schema(), vec!["nope".into()], vec![], 1 << 20).unwrap_err().to_string();
+        let e = TableDef::new("t", "u", schema(), vec!["nope".into()], vec![], 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'nope' is not a column"), "{e}");
-        let e = TableDef::new("t", "u", schema(), vec!["price".into()], vec![], 1 << 20).unwrap_err().to_string();
+        let e = TableDef::new("t", "u", schema(), vec!["price".into()], vec![], 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'price' has type Float64"), "{e}");
-        let e = TableDef::new("t", "u", schema(), vec![], vec![], 1 << 20).unwrap_err().to_string();
+        let e = TableDef::new("t", "u", schema(), vec![], vec![], 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("primary key is empty"), "{e}");
     }
 

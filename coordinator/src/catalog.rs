@@ -8,7 +8,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use freshet_common::error::{Error, Result};
-use freshet_common::storage::{table_store, table_url, StorageOptions};
+use freshet_common::storage::{StorageOptions, table_store, table_url};
 use freshet_common::table::{TableConfig, TableDef};
 
 /// The run-time table catalog.
@@ -19,22 +19,34 @@ pub struct Catalog {
 impl Catalog {
     /// Opens the catalog at `uri`.
     pub fn open(uri: &str, options: &StorageOptions) -> Result<Self> {
-        let url = table_url("catalog", uri).map_err(|e| Error::Config(format!("catalog.uri: {e}")))?;
-        Ok(Catalog { store: table_store("catalog", &url, options)? })
+        let url =
+            table_url("catalog", uri).map_err(|e| Error::Config(format!("catalog.uri: {e}")))?;
+        Ok(Catalog {
+            store: table_store("catalog", &url, options)?,
+        })
     }
 
     /// Records a table.
     pub async fn save(&self, def: &TableDef) -> Result<()> {
         let path = Path::from(format!("tables/{}.json", def.name));
-        let body = serde_json::to_vec_pretty(&def.to_config()).map_err(|e| Error::Internal(e.to_string()))?;
-        self.store.put(&path, PutPayload::from(body)).await.map_err(|e| Error::store(&path, e))?;
+        let body = serde_json::to_vec_pretty(&def.to_config())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        self.store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| Error::store(&path, e))?;
         Ok(())
     }
 
     /// Every recorded table.
     pub async fn load(&self) -> Result<Vec<TableDef>> {
         let prefix = Path::from("tables");
-        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(|e| Error::store(&prefix, e))?;
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store(&prefix, e))?;
         let mut out = Vec::new();
         for m in metas {
             let bytes = self

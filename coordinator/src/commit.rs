@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
+use deltalake::DeltaTable;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, Remove, Transaction};
 use deltalake::protocol::{DeltaOperation, OutputMode};
-use deltalake::DeltaTable;
-use freshet_common::delta::{applied_sequence, FileEntry, TAG_MAX_KEY, TAG_MIN_KEY};
+use freshet_common::delta::{FileEntry, TAG_MAX_KEY, TAG_MIN_KEY, applied_sequence};
 use freshet_common::error::{Error, Result};
 use freshet_common::table::TableDef;
 use freshet_proto::worker::v1::OutputFile;
@@ -22,7 +22,12 @@ pub fn actions(removed: &[FileEntry], added: &[OutputFile]) -> Vec<Action> {
             data_change: true,
             deletion_timestamp: Some(now),
             extended_file_metadata: Some(true),
-            partition_values: Some(f.partition_values.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()),
+            partition_values: Some(
+                f.partition_values
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Some(v.clone())))
+                    .collect(),
+            ),
             size: Some(f.size as i64),
             tags: None,
             deletion_vector: None,
@@ -33,7 +38,11 @@ pub fn actions(removed: &[FileEntry], added: &[OutputFile]) -> Vec<Action> {
     for f in added {
         out.push(Action::Add(Add {
             path: f.path.clone(),
-            partition_values: f.partition_values.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect(),
+            partition_values: f
+                .partition_values
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect(),
             size: f.size as i64,
             modification_time: f.modification_time,
             data_change: true,
@@ -61,11 +70,17 @@ pub async fn commit(
     cycle_id: &str,
     metrics: serde_json::Value,
 ) -> Result<i64> {
-    let snapshot = table.snapshot().map_err(|e| Error::delta(&def.name, e))?.clone();
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| Error::delta(&def.name, e))?
+        .clone();
     let props = CommitProperties::default()
         .with_application_transaction(Transaction::new(def.app_id(), last_seq as i64))
         .with_metadata([
-            ("freshet.cycleId".to_string(), serde_json::Value::from(cycle_id)),
+            (
+                "freshet.cycleId".to_string(),
+                serde_json::Value::from(cycle_id),
+            ),
             ("freshet.metrics".to_string(), metrics),
         ])
         // Any concurrent commit fails this one; the next cycle re-plans on fresh state.
@@ -82,17 +97,26 @@ pub async fn commit(
     match result {
         Ok(done) => {
             let version = done.version() as i64;
-            table.update_state().await.map_err(|e| Error::delta(&def.name, e))?;
+            table
+                .update_state()
+                .await
+                .map_err(|e| Error::delta(&def.name, e))?;
             Ok(version)
         }
         Err(err) => {
             // The outcome may be ambiguous (a lost reply): the log decides.
-            table.update_state().await.map_err(|e| Error::delta(&def.name, e))?;
+            table
+                .update_state()
+                .await
+                .map_err(|e| Error::delta(&def.name, e))?;
             if applied_sequence(def, table).await? >= last_seq {
                 tracing::warn!(table = %def.name, error = %err, "commit reported an error but the log has it; treating as committed");
                 return Ok(table.version().map(|v| v as i64).unwrap_or(-1));
             }
-            Err(Error::CommitConflict { table: def.name.clone(), message: err.to_string() })
+            Err(Error::CommitConflict {
+                table: def.name.clone(),
+                message: err.to_string(),
+            })
         }
     }
 }

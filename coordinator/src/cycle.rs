@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::orphans::{self, InflightRecord};
 use crate::planner::plan;
 use crate::tables::TableRuntime;
-use crate::{commit, CrashPoint, Inner};
+use crate::{CrashPoint, Inner, commit};
 
 struct Phases {
     list: Vec<Phase>,
@@ -26,11 +26,17 @@ struct Phases {
 
 impl Phases {
     fn new() -> Self {
-        Phases { list: Vec::new(), at: Instant::now() }
+        Phases {
+            list: Vec::new(),
+            at: Instant::now(),
+        }
     }
     fn end(&mut self, name: &str) {
         let now = Instant::now();
-        self.list.push(Phase { name: name.into(), duration_us: (now - self.at).as_micros() as u64 });
+        self.list.push(Phase {
+            name: name.into(),
+            duration_us: (now - self.at).as_micros() as u64,
+        });
         self.at = now;
     }
 }
@@ -63,7 +69,11 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
     }
     rec.first_sequence = segments.first().map(|s| s.first).unwrap_or(0);
     rec.last_sequence = segments.last().map(|s| s.last).unwrap_or(0);
-    let oldest_ack = segments.iter().map(|s| s.acked_at_ms).min().unwrap_or(rec.started_at_ms);
+    let oldest_ack = segments
+        .iter()
+        .map(|s| s.acked_at_ms)
+        .min()
+        .unwrap_or(rec.started_at_ms);
     phases.end("read_pending");
 
     let result = async {
@@ -222,14 +232,19 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         Ok(()) => {
             // Applied segments leave memory and the staging log.
             let applied_last = rec.last_sequence;
-            t.pending.lock().expect("lock").segments.retain(|s| s.last > applied_last);
+            t.pending
+                .lock()
+                .expect("lock")
+                .segments
+                .retain(|s| s.last > applied_last);
             for s in segments.iter().filter(|s| s.last <= applied_last) {
                 if let Err(e) = delete_segment(&t.store, &s.path).await {
                     tracing::warn!(error = %e, "could not delete applied staging segment; recovery will");
                 }
             }
             phases.end("cleanup");
-            rec.freshness_lag_ms = (chrono::Utc::now().timestamp_millis() - oldest_ack).max(0) as u64;
+            rec.freshness_lag_ms =
+                (chrono::Utc::now().timestamp_millis() - oldest_ack).max(0) as u64;
         }
         Err(ref e) => {
             if matches!(e, Error::Injected(_)) {

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
 use crate::router::Router;
-use crate::stage::{run_stager, StageRequest};
+use crate::stage::{StageRequest, run_stager};
 use crate::tables::TableRuntime;
 
 /// Points where tests inject a crash.
@@ -48,7 +48,9 @@ impl std::str::FromStr for CrashPoint {
         match s {
             "after_rewrite" => Ok(CrashPoint::AfterRewrite),
             "after_commit" => Ok(CrashPoint::AfterCommit),
-            _ => Err(Error::Config(format!("unknown crash point '{s}' (after_rewrite, after_commit)"))),
+            _ => Err(Error::Config(format!(
+                "unknown crash point '{s}' (after_rewrite, after_commit)"
+            ))),
         }
     }
 }
@@ -116,7 +118,10 @@ impl Coordinator {
         };
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
-            router: Router::new(config.cycle.workers.clone(), config.server.max_message_bytes),
+            router: Router::new(
+                config.cycle.workers.clone(),
+                config.server.max_message_bytes,
+            ),
             epoch: 1,
             tables: RwLock::new(BTreeMap::new()),
             history: Mutex::new(VecDeque::new()),
@@ -195,7 +200,13 @@ impl Coordinator {
 
     /// Creates (or adopts) a table at run time and records it in the catalog.
     pub async fn create_table(&self, def: TableDef) -> Result<(TableInfo, bool)> {
-        if self.inner.tables.read().expect("lock").contains_key(&def.name) {
+        if self
+            .inner
+            .tables
+            .read()
+            .expect("lock")
+            .contains_key(&def.name)
+        {
             return Err(Error::TableExists(def.name.clone()));
         }
         let (t, adopted) = self.open_table(def).await?;
@@ -207,12 +218,24 @@ impl Coordinator {
 
     /// A served table.
     pub fn table(&self, name: &str) -> Result<Arc<TableRuntime>> {
-        self.inner.tables.read().expect("lock").get(name).cloned().ok_or_else(|| Error::TableNotFound(name.to_string()))
+        self.inner
+            .tables
+            .read()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::TableNotFound(name.to_string()))
     }
 
     /// Every served table.
     pub fn tables(&self) -> Vec<Arc<TableRuntime>> {
-        self.inner.tables.read().expect("lock").values().cloned().collect()
+        self.inner
+            .tables
+            .read()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Validates and stages a batch; returns once it is durable.
@@ -225,7 +248,10 @@ impl Coordinator {
         if pending_bytes > self.inner.config.ingest.max_pending_bytes {
             return Err(Error::Backpressure {
                 table: t.def.name.clone(),
-                message: format!("{pending_bytes} bytes pending, limit {} (ingest.max_pending_bytes)", self.inner.config.ingest.max_pending_bytes),
+                message: format!(
+                    "{pending_bytes} bytes pending, limit {} (ingest.max_pending_bytes)",
+                    self.inner.config.ingest.max_pending_bytes
+                ),
             });
         }
         let limits = self.inner.config.ingest.clone();
@@ -236,11 +262,21 @@ impl Coordinator {
         let rows = valid.batch.num_rows() as u64;
         let (reply, rx) = oneshot::channel();
         t.stager
-            .send(StageRequest { batch: valid.batch, reply })
+            .send(StageRequest {
+                batch: valid.batch,
+                reply,
+            })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
-        let sequence = rx.await.map_err(|_| Error::Unavailable("staging stopped".into()))??;
-        Ok(IngestResponse { sequence, rows, upserts: valid.upserts, deletes: valid.deletes })
+        let sequence = rx
+            .await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))??;
+        Ok(IngestResponse {
+            sequence,
+            rows,
+            upserts: valid.upserts,
+            deletes: valid.deletes,
+        })
     }
 
     /// Runs a cycle of the table now.

@@ -40,14 +40,21 @@ fn record_path(cycle_id: &str) -> Path {
 pub async fn write_record(store: &Arc<dyn ObjectStore>, rec: &InflightRecord) -> Result<()> {
     let path = record_path(&rec.cycle_id);
     let body = serde_json::to_vec(rec).map_err(|e| Error::Internal(e.to_string()))?;
-    store.put(&path, PutPayload::from(body)).await.map_err(|e| Error::store(&path, e))?;
+    store
+        .put(&path, PutPayload::from(body))
+        .await
+        .map_err(|e| Error::store(&path, e))?;
     Ok(())
 }
 
 /// Lists every record.
 pub async fn list_records(store: &Arc<dyn ObjectStore>) -> Result<Vec<InflightRecord>> {
     let prefix = Path::from(INFLIGHT_DIR);
-    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.map_err(|e| Error::store(&prefix, e))?;
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
     let mut out = Vec::new();
     for m in metas {
         let bytes = store
@@ -59,18 +66,28 @@ pub async fn list_records(store: &Arc<dyn ObjectStore>) -> Result<Vec<InflightRe
             .map_err(|e| Error::store(&m.location, e))?;
         match serde_json::from_slice(&bytes) {
             Ok(r) => out.push(r),
-            Err(e) => tracing::warn!(path = %m.location, error = %e, "ignoring unreadable in-flight record"),
+            Err(e) => {
+                tracing::warn!(path = %m.location, error = %e, "ignoring unreadable in-flight record")
+            }
         }
     }
     Ok(out)
 }
 
 /// Deletes the cycle's files not in `keep`, then its record.
-pub async fn sweep(store: &Arc<dyn ObjectStore>, rec: &InflightRecord, keep: &HashSet<String>) -> Result<usize> {
+pub async fn sweep(
+    store: &Arc<dyn ObjectStore>,
+    rec: &InflightRecord,
+    keep: &HashSet<String>,
+) -> Result<usize> {
     let marker = format!("fr-{}-", rec.cycle_id);
     let mut deleted = 0;
     for dir in &rec.dirs {
-        let prefix = if dir.is_empty() { None } else { Some(Path::from(dir.trim_end_matches('/'))) };
+        let prefix = if dir.is_empty() {
+            None
+        } else {
+            Some(Path::from(dir.trim_end_matches('/')))
+        };
         let metas: Vec<_> = store
             .list_with_delimiter(prefix.as_ref())
             .await
@@ -95,11 +112,18 @@ pub async fn sweep(store: &Arc<dyn ObjectStore>, rec: &InflightRecord, keep: &Ha
 }
 
 /// Sweeps after `grace`, in the background.
-pub fn sweep_later(store: Arc<dyn ObjectStore>, rec: InflightRecord, keep: HashSet<String>, grace: Duration) {
+pub fn sweep_later(
+    store: Arc<dyn ObjectStore>,
+    rec: InflightRecord,
+    keep: HashSet<String>,
+    grace: Duration,
+) {
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;
         match sweep(&store, &rec, &keep).await {
-            Ok(n) if n > 0 => tracing::info!(cycle_id = %rec.cycle_id, files = n, "deleted files of abandoned tasks"),
+            Ok(n) if n > 0 => {
+                tracing::info!(cycle_id = %rec.cycle_id, files = n, "deleted files of abandoned tasks")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(cycle_id = %rec.cycle_id, error = %e, "orphan sweep failed"),
         }

@@ -13,10 +13,10 @@ use arrow::array::{Array, AsArray, UInt32Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::Int8Type;
 use arrow::record_batch::RecordBatch;
-use freshet_common::changes::{PartitionChanges, OP_COLUMN, OP_UPSERT};
+use freshet_common::changes::{OP_COLUMN, OP_UPSERT, PartitionChanges};
 use freshet_common::delta::FileEntry;
 use freshet_common::error::{Error, Result};
-use freshet_common::key::{key_at, Key};
+use freshet_common::key::{Key, key_at};
 use freshet_common::table::TableDef;
 
 /// One unit of work: rewrite `inputs` (possibly none) with `changes`.
@@ -63,10 +63,20 @@ fn groups<'a>(files: Vec<&'a FileEntry>) -> Vec<Group<'a>> {
     }
     if files.iter().any(|f| f.range.is_none()) {
         let size = files.iter().map(|f| f.size).sum();
-        return vec![Group { files, range: None, size }];
+        return vec![Group {
+            files,
+            range: None,
+            size,
+        }];
     }
     let mut files = files;
-    files.sort_by(|a, b| a.range.as_ref().unwrap().0.cmp(&b.range.as_ref().unwrap().0));
+    files.sort_by(|a, b| {
+        a.range
+            .as_ref()
+            .unwrap()
+            .0
+            .cmp(&b.range.as_ref().unwrap().0)
+    });
     let mut out: Vec<Group<'a>> = Vec::new();
     for f in files {
         let (lo, hi) = f.range.clone().expect("ranged");
@@ -81,7 +91,11 @@ fn groups<'a>(files: Vec<&'a FileEntry>) -> Vec<Group<'a>> {
                 continue;
             }
         }
-        out.push(Group { files: vec![f], range: Some((lo, hi)), size: f.size });
+        out.push(Group {
+            files: vec![f],
+            range: Some((lo, hi)),
+            size: f.size,
+        });
     }
     out
 }
@@ -98,7 +112,10 @@ enum Target {
 /// Plans a cycle. `files` are the table's active files, `changes` one entry per touched
 /// partition (from [`freshet_common::changes::last_change_per_key`]).
 pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>) -> Result<Plan> {
-    let mut plan = Plan { files_total: files.len() as u64, ..Default::default() };
+    let mut plan = Plan {
+        files_total: files.len() as u64,
+        ..Default::default()
+    };
     let local_key = def.local_key();
     for part in changes {
         let pfiles: Vec<&FileEntry> = files
@@ -112,13 +129,20 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
         if let Some(f) = pfiles.iter().find(|f| f.has_deletion_vector) {
             return Err(Error::InvalidTable {
                 table: def.name.clone(),
-                message: format!("file {} has a deletion vector; rewriting such files is not supported yet", f.path),
+                message: format!(
+                    "file {} has a deletion vector; rewriting such files is not supported yet",
+                    f.path
+                ),
             });
         }
         plan.files_considered += pfiles.len() as u64;
         let groups = groups(pfiles);
         let batch = &part.batch;
-        let ops = batch.column_by_name(OP_COLUMN).expect("op column").as_primitive::<Int8Type>().clone();
+        let ops = batch
+            .column_by_name(OP_COLUMN)
+            .expect("op column")
+            .as_primitive::<Int8Type>()
+            .clone();
         let key_cols: Vec<&dyn Array> = local_key
             .iter()
             .map(|k| batch.column_by_name(k).expect("key column").as_ref())
@@ -147,7 +171,13 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
         // other split would make ranges overlap.
         let target_size = def.target_file_size;
         let row_size = |g: usize| {
-            groups[g].files.iter().map(|f| f.size / f.num_records.unwrap_or(1).max(1)).max().unwrap_or(1).max(1)
+            groups[g]
+                .files
+                .iter()
+                .map(|f| f.size / f.num_records.unwrap_or(1).max(1))
+                .max()
+                .unwrap_or(1)
+                .max(1)
         };
         for (idx, rows) in gaps {
             let mut rest: &[u32] = &rows;
@@ -155,7 +185,10 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
                 let room = target_size.saturating_sub(groups[idx - 1].size) / row_size(idx - 1);
                 let take = (room as usize).min(rest.len());
                 if take > 0 {
-                    routed.entry(Target::Group(idx - 1)).or_default().extend_from_slice(&rest[..take]);
+                    routed
+                        .entry(Target::Group(idx - 1))
+                        .or_default()
+                        .extend_from_slice(&rest[..take]);
                 }
                 rest = &rest[take..];
             }
@@ -164,7 +197,11 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
             }
             let fits_next = idx < groups.len()
                 && groups[idx].size + rest.len() as u64 * row_size(idx) <= target_size;
-            let target = if fits_next { Target::Group(idx) } else { Target::NewBefore(idx) };
+            let target = if fits_next {
+                Target::Group(idx)
+            } else {
+                Target::NewBefore(idx)
+            };
             let entry = routed.entry(target).or_default();
             entry.extend_from_slice(rest);
             entry.sort_unstable();
@@ -172,12 +209,17 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
         for (target, rows) in routed {
             let mut rows = rows;
             rows.sort_unstable();
-            let changes = take_record_batch(batch, &UInt32Array::from(rows)).map_err(|e| Error::data("take", e))?;
+            let changes = take_record_batch(batch, &UInt32Array::from(rows))
+                .map_err(|e| Error::data("take", e))?;
             let inputs = match target {
                 Target::Group(g) => groups[g].files.iter().map(|f| (*f).clone()).collect(),
                 Target::NewBefore(_) => Vec::new(),
             };
-            plan.tasks.push(Task { inputs, partition_values: part.partition_values.clone(), changes });
+            plan.tasks.push(Task {
+                inputs,
+                partition_values: part.partition_values.clone(),
+                changes,
+            });
         }
     }
     let rewritten: u64 = plan.tasks.iter().map(|t| t.inputs.len() as u64).sum();
@@ -188,7 +230,7 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int64Array, Int8Array};
+    use arrow::array::{Int8Array, Int64Array};
     use arrow::datatypes::{DataType, Field, Schema};
     use freshet_common::key::KeyPart;
     use proptest::prelude::*;
@@ -198,7 +240,10 @@ mod tests {
         TableDef::new(
             "t",
             "memory:///t",
-            Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("v", DataType::Int64, true)])),
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("v", DataType::Int64, true),
+            ])),
             vec!["id".into()],
             vec![],
             1024,
@@ -212,7 +257,10 @@ mod tests {
             size,
             partition_values: HashMap::new(),
             num_records: Some(10),
-            range: Some((vec![KeyPart::Int(lo as i128)], vec![KeyPart::Int(hi as i128)])),
+            range: Some((
+                vec![KeyPart::Int(lo as i128)],
+                vec![KeyPart::Int(hi as i128)],
+            )),
             has_deletion_vector: false,
         }
     }
@@ -225,18 +273,31 @@ mod tests {
         let batch = RecordBatch::try_new(
             freshet_common::changes::change_schema(&d),
             vec![
-                Arc::new(Int64Array::from(keys.iter().map(|k| k.0).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(
+                    keys.iter().map(|k| k.0).collect::<Vec<_>>(),
+                )),
                 Arc::new(Int64Array::from(vec![None; keys.len()])),
-                Arc::new(Int8Array::from(keys.iter().map(|k| if k.1 { 0 } else { 1 }).collect::<Vec<_>>())),
+                Arc::new(Int8Array::from(
+                    keys.iter()
+                        .map(|k| if k.1 { 0 } else { 1 })
+                        .collect::<Vec<_>>(),
+                )),
             ],
         )
         .unwrap();
-        vec![PartitionChanges { partition_values: HashMap::new(), batch }]
+        vec![PartitionChanges {
+            partition_values: HashMap::new(),
+            batch,
+        }]
     }
 
     #[test]
     fn keys_route_to_the_covering_file_only() {
-        let files = vec![file("a", 0, 9, 2000), file("b", 10, 19, 2000), file("c", 20, 29, 2000)];
+        let files = vec![
+            file("a", 0, 9, 2000),
+            file("b", 10, 19, 2000),
+            file("c", 20, 29, 2000),
+        ];
         let p = plan(&def(), &files, changes(&[(12, true), (15, false)])).unwrap();
         assert_eq!(p.tasks.len(), 1);
         assert_eq!(p.tasks[0].inputs[0].path, "b");
@@ -246,16 +307,33 @@ mod tests {
     #[test]
     fn gaps_go_to_a_neighbour_with_room_or_a_new_file() {
         // "a" is small: the insert at 12 extends it; "b"/"c" are full: 45 gets a new file.
-        let files = vec![file("a", 0, 9, 10), file("b", 20, 29, 2000), file("c", 30, 39, 2000)];
-        let p = plan(&def(), &files, changes(&[(12, true), (45, true), (50, false)])).unwrap();
-        let mut inputs: Vec<Vec<String>> = p.tasks.iter().map(|t| t.inputs.iter().map(|f| f.path.clone()).collect()).collect();
+        let files = vec![
+            file("a", 0, 9, 10),
+            file("b", 20, 29, 2000),
+            file("c", 30, 39, 2000),
+        ];
+        let p = plan(
+            &def(),
+            &files,
+            changes(&[(12, true), (45, true), (50, false)]),
+        )
+        .unwrap();
+        let mut inputs: Vec<Vec<String>> = p
+            .tasks
+            .iter()
+            .map(|t| t.inputs.iter().map(|f| f.path.clone()).collect())
+            .collect();
         inputs.sort();
         assert_eq!(inputs, vec![vec![], vec!["a".to_string()]]);
     }
 
     #[test]
     fn overlapping_files_are_rewritten_together() {
-        let files = vec![file("a", 0, 15, 2000), file("b", 10, 19, 2000), file("c", 30, 39, 2000)];
+        let files = vec![
+            file("a", 0, 15, 2000),
+            file("b", 10, 19, 2000),
+            file("c", 30, 39, 2000),
+        ];
         let p = plan(&def(), &files, changes(&[(5, true)])).unwrap();
         assert_eq!(p.tasks.len(), 1);
         assert_eq!(p.tasks[0].inputs.len(), 2);
@@ -263,7 +341,11 @@ mod tests {
         unknown.range = None;
         let files = vec![file("a", 0, 9, 2000), unknown, file("c", 30, 39, 2000)];
         let p = plan(&def(), &files, changes(&[(35, false)])).unwrap();
-        assert_eq!(p.tasks[0].inputs.len(), 3, "a file without stats may hold any key");
+        assert_eq!(
+            p.tasks[0].inputs.len(),
+            3,
+            "a file without stats may hold any key"
+        );
     }
 
     proptest! {

@@ -27,7 +27,12 @@ pub struct Recovered {
 }
 
 /// Recovers one table's staging state from its Delta log and staging log.
-pub async fn recover(def: &TableDef, store: &Arc<dyn ObjectStore>, table: &DeltaTable, grace: Duration) -> Result<Recovered> {
+pub async fn recover(
+    def: &TableDef,
+    store: &Arc<dyn ObjectStore>,
+    table: &DeltaTable,
+    grace: Duration,
+) -> Result<Recovered> {
     let applied = applied_sequence(def, table).await?;
     let mut pending = Vec::new();
     let mut max_seen = applied;
@@ -54,7 +59,15 @@ pub async fn recover(def: &TableDef, store: &Arc<dyn ObjectStore>, table: &Delta
     for rec in orphans::list_records(store).await? {
         if !rec.aborted && applied >= rec.last_sequence {
             // It committed; whatever its failed attempts left stays (harmless, unreferenced).
-            orphans::sweep(store, &orphans::InflightRecord { dirs: vec![], ..rec }, &HashSet::new()).await?;
+            orphans::sweep(
+                store,
+                &orphans::InflightRecord {
+                    dirs: vec![],
+                    ..rec
+                },
+                &HashSet::new(),
+            )
+            .await?;
         } else {
             orphans::sweep_later(store.clone(), rec, active.clone(), grace);
         }
@@ -62,5 +75,9 @@ pub async fn recover(def: &TableDef, store: &Arc<dyn ObjectStore>, table: &Delta
     if !pending.is_empty() {
         tracing::info!(table = %def.name, applied, segments = pending.len(), "recovered staged changes to apply");
     }
-    Ok(Recovered { pending, next_seq: max_seen + 1, applied })
+    Ok(Recovered {
+        pending,
+        next_seq: max_seen + 1,
+        applied,
+    })
 }

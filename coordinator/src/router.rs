@@ -70,7 +70,13 @@ impl Router {
     /// Runs every task; a failed attempt is retried on the next worker, up to `max_attempts`.
     /// `weights` (bytes per task) balance the first assignment: largest first, to the least
     /// loaded worker.
-    pub async fn run(&self, requests: Vec<RewriteRequest>, weights: &[u64], max_attempts: u32, timeout: Duration) -> Vec<TaskOutcome> {
+    pub async fn run(
+        &self,
+        requests: Vec<RewriteRequest>,
+        weights: &[u64],
+        max_attempts: u32,
+        timeout: Duration,
+    ) -> Vec<TaskOutcome> {
         let workers = self.workers();
         if workers.is_empty() {
             return requests
@@ -89,7 +95,9 @@ impl Router {
         let mut load = vec![0u64; workers.len()];
         let mut first_worker = vec![0usize; requests.len()];
         for i in order {
-            let w = (0..workers.len()).min_by_key(|w| load[*w]).expect("workers");
+            let w = (0..workers.len())
+                .min_by_key(|w| load[*w])
+                .expect("workers");
             load[w] += weights[i].max(1);
             first_worker[i] = w;
         }

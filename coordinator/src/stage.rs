@@ -58,8 +58,12 @@ pub async fn run_stager(
             .enumerate()
             .map(|(i, r)| {
                 let mut cols = r.batch.columns().to_vec();
-                cols.push(Arc::new(UInt64Array::from(vec![first_seq + i as u64; r.batch.num_rows()])));
-                RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("staging batch", e))
+                cols.push(Arc::new(UInt64Array::from(vec![
+                    first_seq + i as u64;
+                    r.batch.num_rows()
+                ])));
+                RecordBatch::try_new(schema.clone(), cols)
+                    .map_err(|e| Error::data("staging batch", e))
             })
             .collect();
         let result = async {
@@ -98,7 +102,9 @@ pub async fn run_stager(
                 tracing::warn!(table = %table.def.name, error = %e, "staging write failed");
                 let msg = e.to_string();
                 for r in group {
-                    let _ = r.reply.send(Err(Error::Unavailable(format!("staging write failed: {msg}"))));
+                    let _ = r.reply.send(Err(Error::Unavailable(format!(
+                        "staging write failed: {msg}"
+                    ))));
                 }
             }
         }

@@ -7,9 +7,9 @@ use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use freshet_common::table::TableDef;
 use freshet_proto::admin::v1::CycleRecord;
-use object_store::path::Path;
 use object_store::ObjectStore;
-use tokio::sync::{mpsc, Notify};
+use object_store::path::Path;
+use tokio::sync::{Notify, mpsc};
 
 use crate::stage::StageRequest;
 
@@ -73,7 +73,12 @@ pub struct TableRuntime {
 
 impl TableRuntime {
     /// Builds the runtime (the stager is started by the caller with the receiver).
-    pub fn new(def: TableDef, store: Arc<dyn ObjectStore>, delta: DeltaTable, stager: mpsc::Sender<StageRequest>) -> Arc<Self> {
+    pub fn new(
+        def: TableDef,
+        store: Arc<dyn ObjectStore>,
+        delta: DeltaTable,
+        stager: mpsc::Sender<StageRequest>,
+    ) -> Arc<Self> {
         Arc::new(TableRuntime {
             def,
             store,

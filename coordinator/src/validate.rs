@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Int8Array, RecordBatch, StringArray};
-use arrow::compute::{cast_with_options, concat_batches, CastOptions};
+use arrow::compute::{CastOptions, cast_with_options, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema};
-use freshet_common::changes::{change_schema, OP_DELETE, OP_UPSERT};
+use freshet_common::changes::{OP_DELETE, OP_UPSERT, change_schema};
 use freshet_common::config::IngestConfig;
 use freshet_common::error::{Error, Result};
 use freshet_common::table::TableDef;
-use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::IngestRequest;
+use freshet_proto::ingest::v1::ingest_request::Payload;
 
 /// Ops accepted, case-insensitively.
 pub const KNOWN_OPS: &str = "upsert, insert, update, delete, c, r, u, d";
@@ -38,14 +38,28 @@ fn parse_op(op: &str) -> Option<i8> {
 /// Validates an ingest request for `def` into a batch of changes.
 pub fn validate(def: &TableDef, req: &IngestRequest, limits: &IngestConfig) -> Result<ValidBatch> {
     let table = &def.name;
-    let op_column = if req.op_column.is_empty() { "op" } else { req.op_column.as_str() };
+    let op_column = if req.op_column.is_empty() {
+        "op"
+    } else {
+        req.op_column.as_str()
+    };
     let batch = match &req.payload {
-        None => return Err(Error::invalid(table, "the request has no payload (arrow_ipc or json_rows)")),
+        None => {
+            return Err(Error::invalid(
+                table,
+                "the request has no payload (arrow_ipc or json_rows)",
+            ));
+        }
         Some(Payload::ArrowIpc(bytes)) => {
             check_size(def, bytes.len(), limits)?;
-            let (schema, batches) = freshet_common::ipc::decode(bytes)
-                .map_err(|e| Error::invalid(table, format!("payload is not a valid Arrow IPC stream: {e}")))?;
-            concat_batches(&schema, &batches).map_err(|e| Error::invalid(table, format!("payload: {e}")))?
+            let (schema, batches) = freshet_common::ipc::decode(bytes).map_err(|e| {
+                Error::invalid(
+                    table,
+                    format!("payload is not a valid Arrow IPC stream: {e}"),
+                )
+            })?;
+            concat_batches(&schema, &batches)
+                .map_err(|e| Error::invalid(table, format!("payload: {e}")))?
         }
         Some(Payload::JsonRows(text)) => {
             check_size(def, text.len(), limits)?;
@@ -69,7 +83,10 @@ fn check_size(def: &TableDef, len: usize, limits: &IngestConfig) -> Result<()> {
     if len > limits.max_batch_bytes {
         return Err(Error::TooLarge {
             table: def.name.clone(),
-            message: format!("payload is {len} bytes, limit {} (ingest.max_batch_bytes)", limits.max_batch_bytes),
+            message: format!(
+                "payload is {len} bytes, limit {} (ingest.max_batch_bytes)",
+                limits.max_batch_bytes
+            ),
         });
     }
     Ok(())
@@ -86,7 +103,12 @@ pub fn validate_batch(def: &TableDef, batch: &RecordBatch, op_column: &str) -> R
                 format!(
                     "unknown column '{}' (table columns: {}; op column: '{op_column}')",
                     f.name(),
-                    def.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                    def.schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -95,14 +117,24 @@ pub fn validate_batch(def: &TableDef, batch: &RecordBatch, op_column: &str) -> R
     let ops: Int8Array = match batch.column_by_name(op_column) {
         None => Int8Array::from(vec![OP_UPSERT; n]),
         Some(col) => {
-            let strings = cast_with_options(col, &DataType::Utf8, &CastOptions::default()).map_err(|_| {
-                Error::invalid(table, format!("op column '{op_column}' has type {}, expected a string", col.data_type()))
-            })?;
+            let strings = cast_with_options(col, &DataType::Utf8, &CastOptions::default())
+                .map_err(|_| {
+                    Error::invalid(
+                        table,
+                        format!(
+                            "op column '{op_column}' has type {}, expected a string",
+                            col.data_type()
+                        ),
+                    )
+                })?;
             let strings = strings.as_string::<i32>();
             let mut ops = Vec::with_capacity(n);
             for i in 0..n {
                 if strings.is_null(i) {
-                    return Err(Error::invalid(table, format!("row {i}: op column '{op_column}' is null")));
+                    return Err(Error::invalid(
+                        table,
+                        format!("row {i}: op column '{op_column}' is null"),
+                    ));
                 }
                 let op = strings.value(i);
                 ops.push(parse_op(op).ok_or_else(|| {
@@ -118,9 +150,17 @@ pub fn validate_batch(def: &TableDef, batch: &RecordBatch, op_column: &str) -> R
         let name = field.name();
         let is_key = def.primary_key.contains(name);
         let col = match batch.column_by_name(name) {
-            None if is_key => return Err(Error::invalid(table, format!("missing primary key column '{name}'"))),
+            None if is_key => {
+                return Err(Error::invalid(
+                    table,
+                    format!("missing primary key column '{name}'"),
+                ));
+            }
             None if !field.is_nullable() => {
-                return Err(Error::invalid(table, format!("missing column '{name}', which is not nullable")));
+                return Err(Error::invalid(
+                    table,
+                    format!("missing column '{name}', which is not nullable"),
+                ));
             }
             None => arrow::array::new_null_array(field.data_type(), n),
             Some(c) if c.data_type() == field.data_type() => c.clone(),
@@ -130,12 +170,17 @@ pub fn validate_batch(def: &TableDef, batch: &RecordBatch, op_column: &str) -> R
             for i in 0..n {
                 if col.is_null(i) {
                     if is_key {
-                        return Err(Error::invalid(table, format!("row {i}: primary key column '{name}' is null")));
+                        return Err(Error::invalid(
+                            table,
+                            format!("row {i}: primary key column '{name}' is null"),
+                        ));
                     }
                     if !field.is_nullable() && ops.value(i) == OP_UPSERT {
                         return Err(Error::invalid(
                             table,
-                            format!("row {i}: column '{name}' is null but the column is not nullable"),
+                            format!(
+                                "row {i}: column '{name}' is null but the column is not nullable"
+                            ),
                         ));
                     }
                 }
@@ -145,7 +190,8 @@ pub fn validate_batch(def: &TableDef, batch: &RecordBatch, op_column: &str) -> R
     }
     let deletes = ops.iter().filter(|o| *o == Some(OP_DELETE)).count() as u64;
     columns.push(Arc::new(ops));
-    let batch = RecordBatch::try_new(out_schema, columns).map_err(|e| Error::invalid(table, e.to_string()))?;
+    let batch = RecordBatch::try_new(out_schema, columns)
+        .map_err(|e| Error::invalid(table, e.to_string()))?;
     Ok(ValidBatch {
         batch,
         upserts: n as u64 - deletes,
@@ -160,7 +206,9 @@ fn convert(col: &ArrayRef, field: &Field, table: &str) -> Result<ArrayRef> {
     let to = field.data_type();
     let widening = match (from, to) {
         (Int8, Int16 | Int32 | Int64) | (Int16, Int32 | Int64) | (Int32, Int64) => true,
-        (UInt8, UInt16 | UInt32 | UInt64 | Int16 | Int32 | Int64) | (UInt16, UInt32 | UInt64 | Int32 | Int64) | (UInt32, UInt64 | Int64) => true,
+        (UInt8, UInt16 | UInt32 | UInt64 | Int16 | Int32 | Int64)
+        | (UInt16, UInt32 | UInt64 | Int32 | Int64)
+        | (UInt32, UInt64 | Int64) => true,
         (Float32, Float64) => true,
         (Int8 | Int16 | Int32 | UInt8 | UInt16, Float64) => true,
         (Utf8View | LargeUtf8, Utf8) | (BinaryView | LargeBinary, Binary) => true,
@@ -178,8 +226,22 @@ fn convert(col: &ArrayRef, field: &Field, table: &str) -> Result<ArrayRef> {
         ));
     }
     // Checked conversion: an overflow or a lost digit is an error, not a silent change.
-    cast_with_options(col, to, &CastOptions { safe: false, ..Default::default() }).map_err(|e| {
-        Error::invalid(table, format!("column '{}': cannot convert {from} to {to} without loss: {e}", field.name()))
+    cast_with_options(
+        col,
+        to,
+        &CastOptions {
+            safe: false,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| {
+        Error::invalid(
+            table,
+            format!(
+                "column '{}': cannot convert {from} to {to} without loss: {e}",
+                field.name()
+            ),
+        )
     })
 }
 
@@ -189,16 +251,26 @@ fn json_to_batch(def: &TableDef, text: &str, op_column: &str) -> Result<RecordBa
     let table = &def.name;
     let trimmed = text.trim_start();
     let rows: Vec<serde_json::Value> = if trimmed.starts_with('[') {
-        serde_json::from_str(trimmed).map_err(|e| Error::invalid(table, format!("malformed JSON: {e}")))?
+        serde_json::from_str(trimmed)
+            .map_err(|e| Error::invalid(table, format!("malformed JSON: {e}")))?
     } else {
         trimmed
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::invalid(table, format!("line {}: malformed JSON: {e}", i + 1))))
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    Error::invalid(table, format!("line {}: malformed JSON: {e}", i + 1))
+                })
+            })
             .collect::<Result<_>>()?
     };
-    let mut fields: Vec<Field> = def.schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+    let mut fields: Vec<Field> = def
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
     fields.push(Field::new(op_column, DataType::Utf8, true));
     let schema = Arc::new(Schema::new(fields));
     for (i, row) in rows.iter().enumerate() {
@@ -207,7 +279,10 @@ fn json_to_batch(def: &TableDef, text: &str, op_column: &str) -> Result<RecordBa
             .ok_or_else(|| Error::invalid(table, format!("row {i}: not a JSON object")))?;
         for k in obj.keys() {
             if schema.field_with_name(k).is_err() {
-                return Err(Error::invalid(table, format!("row {i}: unknown column '{k}'")));
+                return Err(Error::invalid(
+                    table,
+                    format!("row {i}: unknown column '{k}'"),
+                ));
             }
         }
     }
@@ -272,13 +347,20 @@ mod tests {
     }
 
     fn json(text: &str) -> Result<ValidBatch> {
-        let req = IngestRequest { table: "t".into(), payload: Some(Payload::JsonRows(text.into())), op_column: String::new() };
+        let req = IngestRequest {
+            table: "t".into(),
+            payload: Some(Payload::JsonRows(text.into())),
+            op_column: String::new(),
+        };
         validate(&def(), &req, &IngestConfig::default())
     }
 
     #[test]
     fn json_rows_validate_with_ops_and_defaults() {
-        let v = json(r#"[{"id":1,"name":"a","op":"C"},{"id":2,"op":"d"},{"id":3,"name":"c","op":"upsert"}]"#).unwrap();
+        let v = json(
+            r#"[{"id":1,"name":"a","op":"C"},{"id":2,"op":"d"},{"id":3,"name":"c","op":"upsert"}]"#,
+        )
+        .unwrap();
         assert_eq!((v.upserts, v.deletes), (2, 1));
         assert_eq!(v.batch.num_rows(), 3);
     }
@@ -286,11 +368,26 @@ mod tests {
     #[test]
     fn errors_name_row_and_column() {
         let cases = [
-            (r#"[{"id":1,"name":"a","op":"merge"}]"#, "row 0: column 'op' has unknown op 'merge'"),
-            (r#"[{"id":1,"name":"a"},{"name":"b"}]"#, "row 1: primary key column 'id' is null"),
-            (r#"[{"id":1,"name":"a"},{"id":2}]"#, "row 1: column 'name' is null but the column is not nullable"),
-            (r#"[{"id":1,"name":"a","op":"u"},{"id":2,"name":"b"}]"#, "row 1: op column 'op' is null"),
-            (r#"[{"id":1,"name":"a","colour":"red"}]"#, "row 0: unknown column 'colour'"),
+            (
+                r#"[{"id":1,"name":"a","op":"merge"}]"#,
+                "row 0: column 'op' has unknown op 'merge'",
+            ),
+            (
+                r#"[{"id":1,"name":"a"},{"name":"b"}]"#,
+                "row 1: primary key column 'id' is null",
+            ),
+            (
+                r#"[{"id":1,"name":"a"},{"id":2}]"#,
+                "row 1: column 'name' is null but the column is not nullable",
+            ),
+            (
+                r#"[{"id":1,"name":"a","op":"u"},{"id":2,"name":"b"}]"#,
+                "row 1: op column 'op' is null",
+            ),
+            (
+                r#"[{"id":1,"name":"a","colour":"red"}]"#,
+                "row 0: unknown column 'colour'",
+            ),
             (r#"[{"id":1,"name":"a"},{"id":"x","name":"b"}]"#, "row 1:"),
             (r#"[{"id":1,"#, "malformed JSON"),
             (r#"[1]"#, "row 0: not a JSON object"),
@@ -306,7 +403,10 @@ mod tests {
     fn arrow_types_are_checked_and_widened_without_loss() {
         let d = def();
         let b = RecordBatch::try_from_iter(vec![
-            ("id", Arc::new(arrow::array::Int32Array::from(vec![1])) as ArrayRef),
+            (
+                "id",
+                Arc::new(arrow::array::Int32Array::from(vec![1])) as ArrayRef,
+            ),
             ("name", Arc::new(StringArray::from(vec!["a"])) as ArrayRef),
         ])
         .unwrap();
@@ -317,8 +417,15 @@ mod tests {
         ])
         .unwrap();
         let e = validate_batch(&d, &b, "op").unwrap_err().to_string();
-        assert!(e.contains("column 'id' has type Utf8, expected Int64"), "{e}");
-        let b = RecordBatch::try_from_iter(vec![("name", Arc::new(StringArray::from(vec!["a"])) as ArrayRef)]).unwrap();
+        assert!(
+            e.contains("column 'id' has type Utf8, expected Int64"),
+            "{e}"
+        );
+        let b = RecordBatch::try_from_iter(vec![(
+            "name",
+            Arc::new(StringArray::from(vec!["a"])) as ArrayRef,
+        )])
+        .unwrap();
         let e = validate_batch(&d, &b, "op").unwrap_err().to_string();
         assert!(e.contains("missing primary key column 'id'"), "{e}");
         let _ = Int64Array::from(vec![1]);
@@ -326,8 +433,15 @@ mod tests {
 
     #[test]
     fn size_limits_are_resource_exhausted() {
-        let req = IngestRequest { table: "t".into(), payload: Some(Payload::JsonRows("[]".repeat(10))), op_column: String::new() };
-        let limits = IngestConfig { max_batch_bytes: 5, ..Default::default() };
+        let req = IngestRequest {
+            table: "t".into(),
+            payload: Some(Payload::JsonRows("[]".repeat(10))),
+            op_column: String::new(),
+        };
+        let limits = IngestConfig {
+            max_batch_bytes: 5,
+            ..Default::default()
+        };
         let e = validate(&def(), &req, &limits).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.to_string().contains("max_batch_bytes"));

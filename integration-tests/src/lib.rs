@@ -13,9 +13,9 @@ use freshet_common::config::Config;
 use freshet_common::table::TableConfig;
 use freshet_coordinator::Coordinator;
 use freshet_proto::admin::v1::admin_service_client::AdminServiceClient;
+use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
-use freshet_proto::ingest::v1::IngestRequest;
 use freshet_worker::Worker;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -36,19 +36,48 @@ pub struct Cluster {
 }
 
 /// A test table: `id` int64 key, optional `region` partition (part of the key), `v` string, `n` int64.
-pub fn table_config(dir: &Path, name: &str, partitioned: bool, target_file_size: u64) -> TableConfig {
-    let mut columns = vec![freshet_common::schema::ColumnSpec { name: "id".into(), data_type: "int64".into(), nullable: false }];
+pub fn table_config(
+    dir: &Path,
+    name: &str,
+    partitioned: bool,
+    target_file_size: u64,
+) -> TableConfig {
+    let mut columns = vec![freshet_common::schema::ColumnSpec {
+        name: "id".into(),
+        data_type: "int64".into(),
+        nullable: false,
+    }];
     if partitioned {
-        columns.push(freshet_common::schema::ColumnSpec { name: "region".into(), data_type: "string".into(), nullable: false });
+        columns.push(freshet_common::schema::ColumnSpec {
+            name: "region".into(),
+            data_type: "string".into(),
+            nullable: false,
+        });
     }
-    columns.push(freshet_common::schema::ColumnSpec { name: "v".into(), data_type: "string".into(), nullable: true });
-    columns.push(freshet_common::schema::ColumnSpec { name: "n".into(), data_type: "int64".into(), nullable: true });
+    columns.push(freshet_common::schema::ColumnSpec {
+        name: "v".into(),
+        data_type: "string".into(),
+        nullable: true,
+    });
+    columns.push(freshet_common::schema::ColumnSpec {
+        name: "n".into(),
+        data_type: "int64".into(),
+        nullable: true,
+    });
     TableConfig {
         name: name.into(),
         uri: dir.join(name).display().to_string(),
         columns,
-        primary_key: if partitioned { vec!["region".into(), "id".into()] } else { vec!["id".into()] },
-        partition_by: if partitioned { vec!["region".into()] } else { vec![] },
+        primary_key: if partitioned {
+            vec!["region".into(), "id".into()]
+        } else {
+            vec!["id".into()]
+        },
+        partition_by: if partitioned {
+            vec!["region".into()]
+        } else {
+            vec![]
+        },
         target_file_size: Some(target_file_size),
     }
 }
@@ -83,13 +112,26 @@ impl Cluster {
             eps.push(format!("http://{addr}"));
         }
         config.cycle.workers = eps.clone();
-        let coordinator = Coordinator::start(config.clone()).await.expect("coordinator starts");
+        let coordinator = Coordinator::start(config.clone())
+            .await
+            .expect("coordinator starts");
         let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
         let mut rx = stop_rx.clone();
-        tokio::spawn(freshet_coordinator::grpc::serve(coordinator.clone(), l, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-        Cluster { coordinator, endpoint: format!("http://{addr}"), workers: ws, worker_endpoints: eps, config, stop }
+        tokio::spawn(freshet_coordinator::grpc::serve(
+            coordinator.clone(),
+            l,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ));
+        Cluster {
+            coordinator,
+            endpoint: format!("http://{addr}"),
+            workers: ws,
+            worker_endpoints: eps,
+            config,
+            stop,
+        }
     }
 
     /// Stops everything (as a crash would, storage is left as it is).
@@ -110,12 +152,16 @@ impl Cluster {
 
     /// An ingest client.
     pub async fn ingest_client(&self) -> IngestServiceClient<Channel> {
-        IngestServiceClient::connect(self.endpoint.clone()).await.unwrap()
+        IngestServiceClient::connect(self.endpoint.clone())
+            .await
+            .unwrap()
     }
 
     /// An admin client.
     pub async fn admin_client(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::connect(self.endpoint.clone()).await.unwrap()
+        AdminServiceClient::connect(self.endpoint.clone())
+            .await
+            .unwrap()
     }
 }
 
@@ -132,15 +178,46 @@ pub fn request(table: &str, partitioned: bool, changes: &[Change]) -> IngestRequ
     let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
     let mut cols: Vec<(&str, ArrayRef)> = vec![("id", Arc::new(Int64Array::from(ids.clone())))];
     if partitioned {
-        cols.push(("region", Arc::new(StringArray::from(ids.iter().map(|i| region_of(*i)).collect::<Vec<_>>()))));
+        cols.push((
+            "region",
+            Arc::new(StringArray::from(
+                ids.iter().map(|i| region_of(*i)).collect::<Vec<_>>(),
+            )),
+        ));
     }
-    cols.push(("v", Arc::new(StringArray::from(changes.iter().map(|c| c.1.as_ref().map(|x| x.0.clone())).collect::<Vec<_>>()))));
-    cols.push(("n", Arc::new(Int64Array::from(changes.iter().map(|c| c.1.as_ref().map(|x| x.1)).collect::<Vec<_>>()))));
-    cols.push(("op", Arc::new(StringArray::from(changes.iter().map(|c| if c.1.is_some() { "upsert" } else { "delete" }).collect::<Vec<_>>()))));
+    cols.push((
+        "v",
+        Arc::new(StringArray::from(
+            changes
+                .iter()
+                .map(|c| c.1.as_ref().map(|x| x.0.clone()))
+                .collect::<Vec<_>>(),
+        )),
+    ));
+    cols.push((
+        "n",
+        Arc::new(Int64Array::from(
+            changes
+                .iter()
+                .map(|c| c.1.as_ref().map(|x| x.1))
+                .collect::<Vec<_>>(),
+        )),
+    ));
+    cols.push((
+        "op",
+        Arc::new(StringArray::from(
+            changes
+                .iter()
+                .map(|c| if c.1.is_some() { "upsert" } else { "delete" })
+                .collect::<Vec<_>>(),
+        )),
+    ));
     let b = RecordBatch::try_from_iter(cols).unwrap();
     IngestRequest {
         table: table.into(),
-        payload: Some(Payload::ArrowIpc(freshet_common::ipc::encode(&b.schema(), &[b.clone()]).unwrap())),
+        payload: Some(Payload::ArrowIpc(
+            freshet_common::ipc::encode(&b.schema(), &[b.clone()]).unwrap(),
+        )),
         op_column: "op".into(),
     }
 }
@@ -170,7 +247,11 @@ pub async fn read_table(uri: &str) -> BTreeMap<i64, (String, i64)> {
         let ns = b.column(2).as_primitive::<Int64Type>();
         for i in 0..b.num_rows() {
             let prev = out.insert(ids.value(i), (vs.value(i).to_string(), ns.value(i)));
-            assert!(prev.is_none(), "key {} appears twice in the table", ids.value(i));
+            assert!(
+                prev.is_none(),
+                "key {} appears twice in the table",
+                ids.value(i)
+            );
         }
     }
     out
@@ -182,7 +263,8 @@ pub async fn query(uri: &str, sql: &str) -> Vec<RecordBatch> {
     let table = deltalake::DeltaTable::try_from_url(url).await.unwrap();
     let ctx = SessionContext::new();
     table.update_datafusion_session(&ctx.state()).unwrap();
-    ctx.register_table("t", table.table_provider().await.unwrap()).unwrap();
+    ctx.register_table("t", table.table_provider().await.unwrap())
+        .unwrap();
     ctx.sql(sql).await.unwrap().collect().await.unwrap()
 }
 
@@ -208,7 +290,9 @@ pub fn list_files(dir: &Path) -> Vec<String> {
 
 /// The actions of one Delta commit, parsed from its JSON log file.
 pub fn commit_actions(table_dir: &Path, version: i64) -> Vec<serde_json::Value> {
-    let p = table_dir.join("_delta_log").join(format!("{version:020}.json"));
+    let p = table_dir
+        .join("_delta_log")
+        .join(format!("{version:020}.json"));
     std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
         .lines()
@@ -220,7 +304,11 @@ pub fn commit_actions(table_dir: &Path, version: i64) -> Vec<serde_json::Value> 
 pub fn removed_paths(table_dir: &Path, version: i64) -> Vec<String> {
     let mut v: Vec<String> = commit_actions(table_dir, version)
         .iter()
-        .filter_map(|a| a.get("remove").and_then(|r| r["path"].as_str()).map(String::from))
+        .filter_map(|a| {
+            a.get("remove")
+                .and_then(|r| r["path"].as_str())
+                .map(String::from)
+        })
         .collect();
     v.sort();
     v
@@ -231,7 +319,11 @@ pub fn freshet_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("freshet");
-    assert!(bin.exists(), "{} is missing: run `cargo build --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        bin.display()
+    );
     bin
 }
 
@@ -242,7 +334,11 @@ pub fn python() -> PathBuf {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let p = root.join(".venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `python3 -m venv .venv && .venv/bin/pip install deltalake pyarrow` (or set FRESHET_PYTHON)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `python3 -m venv .venv && .venv/bin/pip install deltalake pyarrow` (or set FRESHET_PYTHON)",
+        p.display()
+    );
     p
 }
 

@@ -5,21 +5,27 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use freshet_integration_tests::*;
-use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::IngestRequest;
+use freshet_proto::ingest::v1::ingest_request::Payload;
 use tonic::Code;
 
 fn arrow_req(cols: Vec<(&str, ArrayRef)>) -> IngestRequest {
     let b = RecordBatch::try_from_iter(cols).unwrap();
     IngestRequest {
         table: "t".into(),
-        payload: Some(Payload::ArrowIpc(freshet_common::ipc::encode(&b.schema(), &[b.clone()]).unwrap())),
+        payload: Some(Payload::ArrowIpc(
+            freshet_common::ipc::encode(&b.schema(), &[b.clone()]).unwrap(),
+        )),
         op_column: "op".into(),
     }
 }
 
 fn json_req(text: &str) -> IngestRequest {
-    IngestRequest { table: "t".into(), payload: Some(Payload::JsonRows(text.into())), op_column: String::new() }
+    IngestRequest {
+        table: "t".into(),
+        payload: Some(Payload::JsonRows(text.into())),
+        op_column: String::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +39,10 @@ async fn invalid_batches_are_rejected_and_nothing_is_staged() {
     let c = Cluster::start_with(config, 1).await;
     let mut ingest = c.ingest_client().await;
     // One good batch first, so the staging log is not empty.
-    ingest.ingest(request("t", false, &[(1, Some(("a".into(), 1)))])).await.unwrap();
+    ingest
+        .ingest(request("t", false, &[(1, Some(("a".into(), 1)))]))
+        .await
+        .unwrap();
     let staging = dir.path().join("t/_freshet/staging");
     let before = list_files(&staging);
     assert_eq!(before.len(), 1);
@@ -41,27 +50,106 @@ async fn invalid_batches_are_rejected_and_nothing_is_staged() {
     let ids = |v: Vec<Option<i64>>| Arc::new(Int64Array::from(v)) as ArrayRef;
     let strs = |v: Vec<Option<&str>>| Arc::new(StringArray::from(v)) as ArrayRef;
     let cases: Vec<(IngestRequest, Code, &str)> = vec![
-        (arrow_req(vec![("id", ids(vec![Some(1), None])), ("op", strs(vec![Some("u"), Some("u")]))]), Code::InvalidArgument, "row 1: primary key column 'id' is null"),
-        (arrow_req(vec![("v", strs(vec![Some("x")]))]), Code::InvalidArgument, "missing primary key column 'id'"),
-        (arrow_req(vec![("id", ids(vec![Some(1)])), ("colour", strs(vec![Some("red")]))]), Code::InvalidArgument, "unknown column 'colour'"),
-        (arrow_req(vec![("id", strs(vec![Some("1")]))]), Code::InvalidArgument, "column 'id' has type Utf8, expected Int64"),
-        (arrow_req(vec![("id", ids(vec![Some(1), Some(2)])), ("op", strs(vec![Some("upsert"), Some("merge")]))]), Code::InvalidArgument, "row 1: column 'op' has unknown op 'merge'"),
-        (arrow_req(vec![("id", ids(vec![Some(1)])), ("op", strs(vec![None]))]), Code::InvalidArgument, "row 0: op column 'op' is null"),
-        (arrow_req(vec![("id", ids((0..101).map(Some).collect()))]), Code::ResourceExhausted, "101 rows, limit 100"),
-        (IngestRequest { table: "t".into(), payload: Some(Payload::ArrowIpc(b"not arrow".to_vec())), op_column: String::new() }, Code::InvalidArgument, "not a valid Arrow IPC stream"),
-        (IngestRequest { table: "t".into(), payload: None, op_column: String::new() }, Code::InvalidArgument, "no payload"),
-        (json_req(r#"[{"id": 1, "n": "seven"}]"#), Code::InvalidArgument, "row 0:"),
-        (json_req(r#"{"id": 1}
+        (
+            arrow_req(vec![
+                ("id", ids(vec![Some(1), None])),
+                ("op", strs(vec![Some("u"), Some("u")])),
+            ]),
+            Code::InvalidArgument,
+            "row 1: primary key column 'id' is null",
+        ),
+        (
+            arrow_req(vec![("v", strs(vec![Some("x")]))]),
+            Code::InvalidArgument,
+            "missing primary key column 'id'",
+        ),
+        (
+            arrow_req(vec![
+                ("id", ids(vec![Some(1)])),
+                ("colour", strs(vec![Some("red")])),
+            ]),
+            Code::InvalidArgument,
+            "unknown column 'colour'",
+        ),
+        (
+            arrow_req(vec![("id", strs(vec![Some("1")]))]),
+            Code::InvalidArgument,
+            "column 'id' has type Utf8, expected Int64",
+        ),
+        (
+            arrow_req(vec![
+                ("id", ids(vec![Some(1), Some(2)])),
+                ("op", strs(vec![Some("upsert"), Some("merge")])),
+            ]),
+            Code::InvalidArgument,
+            "row 1: column 'op' has unknown op 'merge'",
+        ),
+        (
+            arrow_req(vec![("id", ids(vec![Some(1)])), ("op", strs(vec![None]))]),
+            Code::InvalidArgument,
+            "row 0: op column 'op' is null",
+        ),
+        (
+            arrow_req(vec![("id", ids((0..101).map(Some).collect()))]),
+            Code::ResourceExhausted,
+            "101 rows, limit 100",
+        ),
+        (
+            IngestRequest {
+                table: "t".into(),
+                payload: Some(Payload::ArrowIpc(b"not arrow".to_vec())),
+                op_column: String::new(),
+            },
+            Code::InvalidArgument,
+            "not a valid Arrow IPC stream",
+        ),
+        (
+            IngestRequest {
+                table: "t".into(),
+                payload: None,
+                op_column: String::new(),
+            },
+            Code::InvalidArgument,
+            "no payload",
+        ),
+        (
+            json_req(r#"[{"id": 1, "n": "seven"}]"#),
+            Code::InvalidArgument,
+            "row 0:",
+        ),
+        (
+            json_req(
+                r#"{"id": 1}
 {"id": 2, "v": "x"
-"#), Code::InvalidArgument, "line 2: malformed JSON"),
-        (IngestRequest { table: "nope".into(), payload: Some(Payload::JsonRows("[]".into())), op_column: String::new() }, Code::NotFound, "no table named 'nope'"),
+"#,
+            ),
+            Code::InvalidArgument,
+            "line 2: malformed JSON",
+        ),
+        (
+            IngestRequest {
+                table: "nope".into(),
+                payload: Some(Payload::JsonRows("[]".into())),
+                op_column: String::new(),
+            },
+            Code::NotFound,
+            "no table named 'nope'",
+        ),
     ];
     for (req, code, want) in cases {
         let status = ingest.ingest(req).await.unwrap_err();
         assert_eq!(status.code(), code, "{want}: {}", status.message());
-        assert!(status.message().contains(want), "want '{want}' in '{}'", status.message());
+        assert!(
+            status.message().contains(want),
+            "want '{want}' in '{}'",
+            status.message()
+        );
     }
-    assert_eq!(list_files(&staging), before, "nothing staged by rejected batches");
+    assert_eq!(
+        list_files(&staging),
+        before,
+        "nothing staged by rejected batches"
+    );
     c.stop();
 }
 
@@ -70,22 +158,46 @@ async fn table_definitions_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start(dir.path(), vec![], 1).await;
     let mut admin = c.admin_client().await;
-    let req = |pk: Vec<&str>, parts: Vec<&str>, schema: &str| freshet_proto::admin::v1::CreateTableRequest {
-        name: "x".into(),
-        uri: dir.path().join("x").display().to_string(),
-        schema_json: schema.into(),
-        primary_key: pk.into_iter().map(String::from).collect(),
-        partition_by: parts.into_iter().map(String::from).collect(),
-        target_file_size: 0,
+    let req = |pk: Vec<&str>, parts: Vec<&str>, schema: &str| {
+        freshet_proto::admin::v1::CreateTableRequest {
+            name: "x".into(),
+            uri: dir.path().join("x").display().to_string(),
+            schema_json: schema.into(),
+            primary_key: pk.into_iter().map(String::from).collect(),
+            partition_by: parts.into_iter().map(String::from).collect(),
+            target_file_size: 0,
+        }
     };
     let schema = r#"{"fields":[{"name":"id","type":"int64"},{"name":"region","type":"string"}]}"#;
-    let e = admin.create_table(req(vec!["id"], vec!["region"], schema)).await.unwrap_err();
+    let e = admin
+        .create_table(req(vec!["id"], vec!["region"], schema))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("partition column 'region' is not part of the primary key"), "{}", e.message());
-    let e = admin.create_table(req(vec!["id"], vec![], r#"{"fields":[{"name":"id","type":"int128"}]}"#)).await.unwrap_err();
-    assert!(e.message().contains("unknown column type 'int128'"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains("partition column 'region' is not part of the primary key"),
+        "{}",
+        e.message()
+    );
+    let e = admin
+        .create_table(req(
+            vec!["id"],
+            vec![],
+            r#"{"fields":[{"name":"id","type":"int128"}]}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("unknown column type 'int128'"),
+        "{}",
+        e.message()
+    );
     // Created once; adopting with another schema is refused, with the same schema accepted.
-    admin.create_table(req(vec!["id"], vec![], schema)).await.unwrap();
+    admin
+        .create_table(req(vec!["id"], vec![], schema))
+        .await
+        .unwrap();
     c.stop();
     let c = Cluster::start(dir.path(), vec![], 1).await;
     let mut admin = c.admin_client().await;
@@ -93,7 +205,11 @@ async fn table_definitions_are_checked() {
     let mut r = req(vec!["id"], vec![], other);
     r.name = "y".into();
     let e = admin.create_table(r).await.unwrap_err();
-    assert!(e.message().contains("cannot be adopted") && e.message().contains("column 'region'"), "{}", e.message());
+    assert!(
+        e.message().contains("cannot be adopted") && e.message().contains("column 'region'"),
+        "{}",
+        e.message()
+    );
     let mut r = req(vec!["id"], vec![], schema);
     r.name = "z".into();
     assert!(admin.create_table(r).await.unwrap().into_inner().adopted);

@@ -17,7 +17,10 @@ async fn check_invariants(c: &Cluster, name: &str, model: &BTreeMap<i64, (String
     for f in fs {
         let mut pv: Vec<String> = f.partition_values.values().cloned().collect();
         pv.sort();
-        by_part.entry(pv).or_default().push(f.range.clone().expect("freshet files carry exact ranges"));
+        by_part
+            .entry(pv)
+            .or_default()
+            .push(f.range.clone().expect("freshet files carry exact ranges"));
     }
     for ranges in by_part.values_mut() {
         ranges.sort();
@@ -26,12 +29,16 @@ async fn check_invariants(c: &Cluster, name: &str, model: &BTreeMap<i64, (String
         }
     }
     let count = query(&t.def.uri, "select count(*) as c from t").await;
-    let n = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(count[0].column(0)).value(0);
+    let n = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(count[0].column(0))
+        .value(0);
     assert_eq!(n as usize, model.len(), "count(*) from numRecords");
 }
 
 fn change_strategy() -> impl Strategy<Value = Change> {
-    (0i64..120, proptest::option::weighted(0.75, ("[a-z]{0,12}", any::<i64>())))
+    (
+        0i64..120,
+        proptest::option::weighted(0.75, ("[a-z]{0,12}", any::<i64>())),
+    )
 }
 
 proptest! {
@@ -68,9 +75,18 @@ proptest! {
 
 /// Loads keys 0..n (as upserts) and runs one cycle.
 async fn load(c: &Cluster, table: &str, partitioned: bool, n: i64) -> BTreeMap<i64, (String, i64)> {
-    let changes: Vec<Change> = (0..n).map(|i| (i, Some((format!("value-{i}"), i * 10)))).collect();
-    c.ingest_client().await.ingest(request(table, partitioned, &changes)).await.unwrap();
-    assert_eq!(c.coordinator.trigger(table).await.unwrap().state, "committed");
+    let changes: Vec<Change> = (0..n)
+        .map(|i| (i, Some((format!("value-{i}"), i * 10))))
+        .collect();
+    c.ingest_client()
+        .await
+        .ingest(request(table, partitioned, &changes))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.coordinator.trigger(table).await.unwrap().state,
+        "committed"
+    );
     let mut m = BTreeMap::new();
     apply(&mut m, &changes);
     m
@@ -97,13 +113,20 @@ async fn pruning(partitioned: bool) {
         (100_000, None),
     ];
     let mut ingest = c.ingest_client().await;
-    ingest.ingest(request("t", partitioned, &changes)).await.unwrap();
+    ingest
+        .ingest(request("t", partitioned, &changes))
+        .await
+        .unwrap();
     apply(&mut model, &changes);
     let rec = c.coordinator.trigger("t").await.unwrap();
     assert_eq!(rec.state, "committed");
     let mut want: Vec<String> = picked.iter().map(|f| f.path.clone()).collect();
     want.sort();
-    assert_eq!(removed_paths(&dir.path().join("t"), rec.delta_version), want, "exactly the touched files are rewritten");
+    assert_eq!(
+        removed_paths(&dir.path().join("t"), rec.delta_version),
+        want,
+        "exactly the touched files are rewritten"
+    );
     assert_eq!(rec.files_rewritten, 2);
     assert_eq!(rec.files_pruned, rec.files_considered - 2);
     assert_eq!(read_table(&cfg.uri).await, model);
@@ -125,14 +148,27 @@ async fn a_failed_task_is_retried_on_another_worker() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = table_config(dir.path(), "t", false, 1 << 20);
     let c = Cluster::start(dir.path(), vec![cfg.clone()], 2).await;
-    c.workers[0].faults.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
-    c.workers[1].faults.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
+    c.workers[0]
+        .faults
+        .fail_next
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    c.workers[1]
+        .faults
+        .fail_next
+        .store(1, std::sync::atomic::Ordering::SeqCst);
     let model = load(&c, "t", false, 50).await;
     let rec = c.coordinator.cycles(Some("t"), 1).remove(0);
     assert_eq!(rec.tasks[0].attempts, 3, "{:?}", rec.tasks[0]);
     assert_eq!(rec.tasks[0].errors.len(), 2);
-    assert!(rec.tasks[0].errors[0].contains("on http://") && rec.tasks[0].errors[1].contains("on http://"));
-    assert_ne!(rec.tasks[0].errors[0].split(" on ").nth(1), rec.tasks[0].errors[1].split(" on ").nth(1), "retried elsewhere");
+    assert!(
+        rec.tasks[0].errors[0].contains("on http://")
+            && rec.tasks[0].errors[1].contains("on http://")
+    );
+    assert_ne!(
+        rec.tasks[0].errors[0].split(" on ").nth(1),
+        rec.tasks[0].errors[1].split(" on ").nth(1),
+        "retried elsewhere"
+    );
     assert_eq!(read_table(&cfg.uri).await, model);
     // The failed attempts wrote nothing; nothing but live files remain.
     c.stop();
@@ -151,11 +187,25 @@ async fn foreign_tables_with_overlapping_files_merge_correctly() {
     for ids in [vec![1i64, 5, 9, 13], vec![3, 7, 11, 15]] {
         let b = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(ids.clone())) as ArrayRef),
-            ("v", Arc::new(StringArray::from(ids.iter().map(|i| format!("foreign-{i}")).collect::<Vec<_>>())) as ArrayRef),
+            (
+                "v",
+                Arc::new(StringArray::from(
+                    ids.iter()
+                        .map(|i| format!("foreign-{i}"))
+                        .collect::<Vec<_>>(),
+                )) as ArrayRef,
+            ),
             ("n", Arc::new(Int64Array::from(ids.clone())) as ArrayRef),
         ])
         .unwrap();
-        let b = RecordBatch::try_new(freshet_common::table::TableConfig::to_def(&cfg).unwrap().schema.clone(), b.columns().to_vec()).unwrap();
+        let b = RecordBatch::try_new(
+            freshet_common::table::TableConfig::to_def(&cfg)
+                .unwrap()
+                .schema
+                .clone(),
+            b.columns().to_vec(),
+        )
+        .unwrap();
         table = table.write(vec![b]).await.unwrap();
         for i in ids {
             model.insert(i, (format!("foreign-{i}"), i));
@@ -163,12 +213,23 @@ async fn foreign_tables_with_overlapping_files_merge_correctly() {
     }
     let c = Cluster::start(dir.path(), vec![cfg.clone()], 2).await;
     assert_eq!(read_table(&cfg.uri).await, model, "adopted as is");
-    let changes: Vec<Change> = vec![(7, Some(("mine".into(), 70))), (9, None), (8, Some(("new".into(), 80)))];
-    c.ingest_client().await.ingest(request("t", false, &changes)).await.unwrap();
+    let changes: Vec<Change> = vec![
+        (7, Some(("mine".into(), 70))),
+        (9, None),
+        (8, Some(("new".into(), 80))),
+    ];
+    c.ingest_client()
+        .await
+        .ingest(request("t", false, &changes))
+        .await
+        .unwrap();
     apply(&mut model, &changes);
     let rec = c.coordinator.trigger("t").await.unwrap();
     assert_eq!(rec.state, "committed", "{}", rec.error);
-    assert_eq!(rec.files_rewritten, 2, "overlapping files are rewritten together");
+    assert_eq!(
+        rec.files_rewritten, 2,
+        "overlapping files are rewritten together"
+    );
     assert_eq!(read_table(&cfg.uri).await, model);
     check_invariants(&c, "t", &model).await;
     c.stop();

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use freshet_common::error::{Error, Result};
-use freshet_common::storage::{table_store, table_url, StorageOptions};
+use freshet_common::storage::{StorageOptions, table_store, table_url};
 use freshet_proto::worker::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use freshet_proto::worker::v1::{InfoRequest, InfoResponse, RewriteRequest, RewriteResponse};
 use object_store::ObjectStore;
@@ -63,7 +63,10 @@ impl Worker {
             return Ok(s.clone());
         }
         let store = table_store(table, &table_url(table, uri)?, &self.options)?;
-        self.stores.lock().expect("lock").insert(uri.to_string(), store.clone());
+        self.stores
+            .lock()
+            .expect("lock")
+            .insert(uri.to_string(), store.clone());
         Ok(store)
     }
 
@@ -85,9 +88,17 @@ impl Worker {
         {
             return Err(Error::Injected(format!("worker {} rewrite", self.id)));
         }
-        let _permit = self.permits.acquire().await.map_err(|_| Error::Unavailable("worker stopping".into()))?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("worker stopping".into()))?;
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let table = req.table.as_ref().map(|t| (t.name.clone(), t.uri.clone())).unwrap_or_default();
+        let table = req
+            .table
+            .as_ref()
+            .map(|t| (t.name.clone(), t.uri.clone()))
+            .unwrap_or_default();
         let result = async {
             let store = self.store(&table.0, &table.1)?;
             rewrite::rewrite(&store, &req, &self.id).await
@@ -104,15 +115,27 @@ pub struct WorkerGrpc(pub Arc<Worker>);
 
 #[tonic::async_trait]
 impl WorkerService for WorkerGrpc {
-    async fn rewrite(&self, request: Request<RewriteRequest>) -> Result<Response<RewriteResponse>, Status> {
+    async fn rewrite(
+        &self,
+        request: Request<RewriteRequest>,
+    ) -> Result<Response<RewriteResponse>, Status> {
         let req = request.into_inner();
-        let table = req.table.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let table = req
+            .table
+            .as_ref()
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
         let span = tracing::info_span!("task", cycle_id = %req.cycle_id, table = %table, task = req.task_id, attempt = req.attempt, worker = %self.0.id);
         async {
             let inputs = req.inputs.len();
             match self.0.rewrite(req).await {
                 Ok(resp) => {
-                    tracing::debug!(inputs, outputs = resp.files.len(), ms = resp.duration_ms, "task done");
+                    tracing::debug!(
+                        inputs,
+                        outputs = resp.files.len(),
+                        ms = resp.duration_ms,
+                        "task done"
+                    );
                     Ok(Response::new(resp))
                 }
                 Err(e) => {
@@ -142,7 +165,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (reporter, health) = freshet_common::server::health();
-    reporter.set_serving::<WorkerServiceServer<WorkerGrpc>>().await;
+    reporter
+        .set_serving::<WorkerServiceServer<WorkerGrpc>>()
+        .await;
     let (refl_v1, refl_v1alpha) = freshet_common::server::reflection();
     let svc = WorkerServiceServer::new(WorkerGrpc(worker))
         .max_decoding_message_size(max_message_bytes)
@@ -152,7 +177,10 @@ pub async fn serve(
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::Internal(format!("worker server: {e}")))
 }

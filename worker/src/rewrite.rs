@@ -8,14 +8,14 @@ use std::time::Instant;
 use arrow::record_batch::RecordBatch;
 use freshet_common::error::{Error, Result};
 use freshet_common::key::{key_at, key_to_json};
-use freshet_common::merge::{apply_changes, conform, split_points, MergeCounts};
+use freshet_common::merge::{MergeCounts, apply_changes, conform, split_points};
 use freshet_common::stats::file_stats;
-use freshet_common::table::{partition_dir, TableDef};
+use freshet_common::table::{TableDef, partition_dir};
 use freshet_proto::worker::v1::{OutputFile, RewriteRequest, RewriteResponse};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
@@ -39,7 +39,11 @@ pub fn table_def(req: &RewriteRequest) -> Result<TableDef> {
     )
 }
 
-async fn read_file(store: &Arc<dyn ObjectStore>, def: &TableDef, path: &str) -> Result<(Vec<RecordBatch>, u64)> {
+async fn read_file(
+    store: &Arc<dyn ObjectStore>,
+    def: &TableDef,
+    path: &str,
+) -> Result<(Vec<RecordBatch>, u64)> {
     let location = Path::from(path);
     let ctx = || format!("table '{}', file {path}", def.name);
     let bytes = store
@@ -68,14 +72,20 @@ fn encode_parquet(batch: &RecordBatch) -> Result<Vec<u8>> {
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build();
     let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| Error::data("parquet writer", e))?;
-    w.write(batch).map_err(|e| Error::data("parquet write", e))?;
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
+        .map_err(|e| Error::data("parquet writer", e))?;
+    w.write(batch)
+        .map_err(|e| Error::data("parquet write", e))?;
     w.close().map_err(|e| Error::data("parquet close", e))?;
     Ok(buf)
 }
 
 /// Runs one rewrite task against the table's object store.
-pub async fn rewrite(store: &Arc<dyn ObjectStore>, req: &RewriteRequest, worker_id: &str) -> Result<RewriteResponse> {
+pub async fn rewrite(
+    store: &Arc<dyn ObjectStore>,
+    req: &RewriteRequest,
+    worker_id: &str,
+) -> Result<RewriteResponse> {
     let started = Instant::now();
     let def = table_def(req)?;
     let file_schema = def.file_schema();
@@ -94,12 +104,19 @@ pub async fn rewrite(store: &Arc<dyn ObjectStore>, req: &RewriteRequest, worker_
         &freshet_common::changes::change_schema(&def),
         &change_batches
             .iter()
-            .map(|b| conform(b, &freshet_common::changes::change_schema(&def), "task changes"))
+            .map(|b| {
+                conform(
+                    b,
+                    &freshet_common::changes::change_schema(&def),
+                    "task changes",
+                )
+            })
             .collect::<Result<Vec<_>>>()?,
     )
     .map_err(|e| Error::data("task changes", e))?;
 
-    let (merged, counts): (RecordBatch, MergeCounts) = apply_changes(&file_schema, &local_key, &existing, &changes)?;
+    let (merged, counts): (RecordBatch, MergeCounts) =
+        apply_changes(&file_schema, &local_key, &existing, &changes)?;
     drop(existing);
 
     // Rows per file from the input's bytes per row, or from encoding a sample.
