@@ -12,4 +12,11 @@ if ! .venv/bin/python -c "import deltalake, pyarrow" 2>/dev/null; then
 fi
 export FRESHET_PYTHON="$PWD/.venv/bin/python"
 cargo build --workspace --bins
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed"
+exit $status
