@@ -40,6 +40,60 @@ pub enum AdminCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: Format,
     },
+    /// List workers: address, capacity, tasks in flight, last heartbeat.
+    Workers {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show the current leader and its epoch.
+    Leader {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Follow cycles live as they end (Ctrl-C to stop).
+    Watch {
+        /// Only this table's cycles.
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Pause a table's cycles (changes are still staged).
+    Pause {
+        /// The table.
+        table: String,
+    },
+    /// Resume a paused table.
+    Resume {
+        /// The table.
+        table: String,
+    },
+}
+
+impl AdminCommand {
+    /// Commands any coordinator answers (no need to find the leader).
+    pub fn any_coordinator(&self) -> bool {
+        matches!(self, AdminCommand::Leader { .. })
+    }
+}
+
+/// The leader's endpoint when `endpoint` is a follower that names one, else `endpoint`.
+pub async fn leader_endpoint(endpoint: &str) -> String {
+    let Ok(mut c) = client(endpoint).await else {
+        return endpoint.to_string();
+    };
+    match c.get_leader(GetLeaderRequest {}).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            if !r.is_leader && !r.leader.is_empty() && r.leader != endpoint {
+                eprintln!("{endpoint} is a follower; using the leader at {}", r.leader);
+                r.leader
+            } else {
+                endpoint.to_string()
+            }
+        }
+        Err(_) => endpoint.to_string(),
+    }
 }
 
 /// Connects to the admin API.
@@ -169,6 +223,137 @@ pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {
                 .cycle
                 .context("no cycle in reply")?;
             print_cycle(&cycle, output)?;
+        }
+        AdminCommand::Workers { output } => {
+            let workers = c
+                .list_workers(ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers;
+            let now = chrono::Utc::now().timestamp_millis();
+            if output == Format::Json {
+                let v: Vec<_> = workers
+                    .iter()
+                    .map(|w| {
+                        serde_json::json!({
+                            "id": w.id, "address": w.address, "capacity": w.capacity,
+                            "tasksInFlight": w.tasks_in_flight, "lastHeartbeatMs": w.last_heartbeat_ms,
+                            "tasksSent": w.tasks_sent, "tasksFailed": w.tasks_failed,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let mut t = table(&[
+                    "worker",
+                    "address",
+                    "capacity",
+                    "in flight",
+                    "heartbeat",
+                    "tasks sent",
+                    "failed",
+                ]);
+                for w in &workers {
+                    t.add_row(vec![
+                        w.id.clone(),
+                        w.address.clone(),
+                        w.capacity.to_string(),
+                        w.tasks_in_flight.to_string(),
+                        if w.last_heartbeat_ms > 0 {
+                            format!("{:.1} s ago", (now - w.last_heartbeat_ms) as f64 / 1000.0)
+                        } else {
+                            "static".into()
+                        },
+                        w.tasks_sent.to_string(),
+                        w.tasks_failed.to_string(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        AdminCommand::Leader { output } => {
+            let l = c.get_leader(GetLeaderRequest {}).await?.into_inner();
+            if output == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "leader": l.leader, "epoch": l.epoch, "nodeId": l.node_id,
+                        "nodeAddress": l.node_address, "isLeader": l.is_leader,
+                        "leaderChanges": l.leader_changes,
+                    }))?
+                );
+            } else if l.leader.is_empty() {
+                println!(
+                    "no leader elected (asked {} at {})",
+                    l.node_id, l.node_address
+                );
+            } else {
+                println!("leader: {} (epoch {})", l.leader, l.epoch);
+                println!(
+                    "asked:  {} at {} ({}); leader changes seen: {}",
+                    l.node_id,
+                    l.node_address,
+                    if l.is_leader {
+                        "the leader"
+                    } else {
+                        "a follower"
+                    },
+                    l.leader_changes
+                );
+            }
+        }
+        AdminCommand::Watch {
+            table: tname,
+            output,
+        } => {
+            let mut stream = c
+                .watch_cycles(WatchCyclesRequest {
+                    table: tname.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            eprintln!("watching cycles at {endpoint} (Ctrl-C to stop)");
+            while let Some(x) = stream.message().await? {
+                if output == Format::Json {
+                    println!("{}", serde_json::to_string(&cycle_json(&x))?);
+                } else {
+                    let at = chrono::DateTime::from_timestamp_millis(x.started_at_ms)
+                        .map(|d| d.format("%H:%M:%S%.3f").to_string())
+                        .unwrap_or_default();
+                    println!(
+                        "{at} {} {} v{} {} changes, {}/{} files, wrote {}, {} ms, lag {} ms, epoch {}{}",
+                        x.table,
+                        x.state,
+                        x.delta_version,
+                        x.changes,
+                        x.files_rewritten,
+                        x.files_total,
+                        bytes(x.bytes_written),
+                        x.duration_ms,
+                        x.freshness_lag_ms,
+                        x.epoch,
+                        if x.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" error: {}", x.error)
+                        }
+                    );
+                }
+            }
+        }
+        AdminCommand::Pause { table: tname } => {
+            c.pause_table(PauseTableRequest {
+                table: tname.clone(),
+            })
+            .await?;
+            println!("table {tname} paused");
+        }
+        AdminCommand::Resume { table: tname } => {
+            c.resume_table(ResumeTableRequest {
+                table: tname.clone(),
+            })
+            .await?;
+            println!("table {tname} resumed");
         }
     }
     Ok(())

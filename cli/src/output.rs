@@ -55,6 +55,8 @@ pub fn cycle_json(c: &CycleRecord) -> Value {
         "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,
         "write_amplification": c.write_amplification, "delta_version": c.delta_version,
         "freshness_lag_ms": c.freshness_lag_ms,
+        "epoch": c.epoch,
+        "coordinator": c.coordinator,
         "tasks": c.tasks.iter().map(|t| json!({
             "task_id": t.task_id, "worker": t.worker, "input_files": t.input_files, "output_files": t.output_files,
             "changes": t.changes, "rows_read": t.rows_read, "rows_written": t.rows_written,

@@ -14,6 +14,8 @@ use crate::table::TableConfig;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Cluster mode: etcd membership and leader election.
+    pub cluster: ClusterConfig,
     /// The coordinator's gRPC server (ingest and admin).
     pub server: ServerConfig,
     /// The merge cycle.
@@ -38,6 +40,10 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address the coordinator listens on.
     pub listen: String,
+    /// URL other nodes and clients use to reach this coordinator (default `http://<listen>`).
+    pub advertise: Option<String>,
+    /// Address of the HTTP server for `/metrics`, `/livez` and `/readyz` (empty: none).
+    pub http_listen: String,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
 }
@@ -46,8 +52,51 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:50051".into(),
+            advertise: None,
+            http_listen: "127.0.0.1:9090".into(),
             max_message_bytes: 256 * 1024 * 1024,
         }
+    }
+}
+
+/// Cluster mode: etcd membership and leader election.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The cluster's name: etcd keys live under `/freshet/<name>/`.
+    pub name: String,
+    /// etcd endpoints (`http://host:2379`); empty means no etcd (static workers, one coordinator).
+    pub etcd_endpoints: Vec<String>,
+    /// Lease time-to-live of leaders and workers, in seconds.
+    pub lease_ttl_s: u64,
+    /// Time to wait for etcd at start, in milliseconds.
+    pub etcd_connect_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: "freshet".into(),
+            etcd_endpoints: Vec::new(),
+            lease_ttl_s: 10,
+            etcd_connect_timeout_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The etcd key prefix of this cluster.
+    pub fn prefix(&self) -> String {
+        format!("/freshet/{}/", self.name)
+    }
+}
+
+/// `http://<addr>` unless the address already names a scheme.
+pub fn url_of(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
     }
 }
 
@@ -113,18 +162,27 @@ impl Default for IngestConfig {
 pub struct WorkerConfig {
     /// Address the worker listens on.
     pub listen: String,
+    /// URL the coordinator uses to reach this worker (default `http://<listen>`).
+    pub advertise: Option<String>,
+    /// Address of the worker's HTTP server for `/metrics`, `/livez`, `/readyz` (empty: none).
+    pub http_listen: String,
     /// Tasks the worker runs at once.
     pub capacity: u32,
     /// The worker's id (default: a random one).
     pub id: Option<String>,
+    /// On SIGTERM, how long in-flight tasks may take to finish, in milliseconds.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             listen: "127.0.0.1:50061".into(),
+            advertise: None,
+            http_listen: "127.0.0.1:9091".into(),
             capacity: 2,
             id: None,
+            shutdown_grace_ms: 30_000,
         }
     }
 }

@@ -62,6 +62,12 @@ pub enum Error {
     /// The coordinator is shutting down or not serving.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// This coordinator is not the leader; the leader's address is given when known.
+    #[error("this coordinator is not the leader; {}", match .leader { Some(l) => format!("the leader is at {l}"), None => "no leader is elected yet".to_string() })]
+    NotLeader { leader: Option<String> },
+    /// Leadership was lost while working; nothing more is committed or acknowledged.
+    #[error("leadership lost: {0}")]
+    LeadershipLost(String),
     /// A deliberately injected crash point was hit (tests only).
     #[error("injected failure at {0}")]
     Injected(String),
@@ -110,6 +116,7 @@ impl Error {
             Error::ObjectStore { .. }
                 | Error::Rpc { .. }
                 | Error::Unavailable(_)
+                | Error::NotLeader { .. }
                 | Error::CommitConflict { .. }
                 | Error::Backpressure { .. }
         )
@@ -125,7 +132,9 @@ impl Error {
             Error::TableNotFound(_) | Error::CycleNotFound(_) => Code::NotFound,
             Error::TableExists(_) => Code::AlreadyExists,
             Error::CommitConflict { .. } => Code::Aborted,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::NotLeader { .. } | Error::LeadershipLost(_) => {
+                Code::Unavailable
+            }
             Error::Rpc { status, .. } => status.code(),
             Error::Delta { .. }
             | Error::ObjectStore { .. }
@@ -136,8 +145,20 @@ impl Error {
     }
 }
 
+/// gRPC metadata key naming the leader's address on a follower's UNAVAILABLE answer.
+pub const LEADER_METADATA: &str = "freshet-leader";
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        Status::new(err.code(), err.to_string())
+        let mut status = Status::new(err.code(), err.to_string());
+        if let Error::NotLeader {
+            leader: Some(leader),
+        } = &err
+        {
+            if let Ok(v) = leader.parse() {
+                status.metadata_mut().insert(LEADER_METADATA, v);
+            }
+        }
+        status
     }
 }

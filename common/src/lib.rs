@@ -5,6 +5,8 @@ pub mod changes;
 pub mod config;
 pub mod delta;
 pub mod error;
+pub mod etcd;
+pub mod http;
 pub mod ipc;
 pub mod key;
 pub mod merge;

@@ -57,6 +57,8 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         state: "noop".into(),
         started_at_ms: chrono::Utc::now().timestamp_millis(),
         delta_version: -1,
+        epoch: inner.epoch,
+        coordinator: inner.node_id.clone(),
         ..Default::default()
     };
     let mut phases = Phases::new();
@@ -202,9 +204,16 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             "rowsInserted": rec.rows_inserted, "rowsUpdated": rec.rows_updated, "rowsDeleted": rec.rows_deleted,
             "bytesRead": rec.bytes_read, "bytesWritten": rec.bytes_written,
             "firstSequence": rec.first_sequence, "lastSequence": rec.last_sequence,
+            "epoch": inner.epoch, "coordinator": inner.node_id,
         });
         let keep: HashSet<String> = added.iter().map(|f| f.path.clone()).collect();
         let actions = commit::actions(&removed, &added);
+        // The last moment to find out that another coordinator leads now.
+        inner.fence.check().await.inspect_err(|_| {
+            let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
+            let aborted = InflightRecord { aborted: true, ..inflight.clone() };
+            orphans::sweep_later(t.store.clone(), aborted, HashSet::new(), grace);
+        })?;
         rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &id, metrics).await.inspect_err(|_| {
             let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
             let aborted = InflightRecord { aborted: true, ..inflight.clone() };
@@ -247,7 +256,7 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
                 (chrono::Utc::now().timestamp_millis() - oldest_ack).max(0) as u64;
         }
         Err(ref e) => {
-            if matches!(e, Error::Injected(_)) {
+            if matches!(e, Error::Injected(_) | Error::LeadershipLost(_)) {
                 return Err(result.unwrap_err());
             }
             rec.state = "failed".into();

@@ -13,10 +13,18 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::Coordinator;
+use crate::node::Node;
 
-/// The gRPC face of a [`Coordinator`].
+/// The gRPC face of a coordinator [`Node`]: calls go to the current term's coordinator, or
+/// are answered UNAVAILABLE with the leader's address (metadata `freshet-leader`).
 #[derive(Clone)]
-pub struct CoordinatorGrpc(pub Arc<Coordinator>);
+pub struct CoordinatorGrpc(pub Arc<Node>);
+
+impl CoordinatorGrpc {
+    fn c(&self) -> Result<Arc<Coordinator>, Status> {
+        Ok(self.0.coordinator()?)
+    }
+}
 
 #[tonic::async_trait]
 impl IngestService for CoordinatorGrpc {
@@ -24,7 +32,7 @@ impl IngestService for CoordinatorGrpc {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
-        Ok(Response::new(self.0.ingest(request.into_inner()).await?))
+        Ok(Response::new(self.c()?.ingest(request.into_inner()).await?))
     }
 }
 
@@ -34,9 +42,10 @@ impl AdminService for CoordinatorGrpc {
         &self,
         _r: Request<ListTablesRequest>,
     ) -> Result<Response<ListTablesResponse>, Status> {
+        let c = self.c()?;
         let mut tables = Vec::new();
-        for t in self.0.tables() {
-            tables.push(self.0.table_info(&t).await?);
+        for t in c.tables() {
+            tables.push(c.table_info(&t).await?);
         }
         Ok(Response::new(ListTablesResponse { tables }))
     }
@@ -45,9 +54,10 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<GetTableRequest>,
     ) -> Result<Response<GetTableResponse>, Status> {
-        let t = self.0.table(&r.into_inner().name)?;
+        let c = self.c()?;
+        let t = c.table(&r.into_inner().name)?;
         Ok(Response::new(GetTableResponse {
-            table: Some(self.0.table_info(&t).await?),
+            table: Some(c.table_info(&t).await?),
         }))
     }
 
@@ -55,6 +65,7 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<CreateTableRequest>,
     ) -> Result<Response<CreateTableResponse>, Status> {
+        let c = self.c()?;
         let r = r.into_inner();
         let bad = |m: String| Error::InvalidTable {
             table: r.name.clone(),
@@ -75,7 +86,7 @@ impl AdminService for CoordinatorGrpc {
                 r.target_file_size
             },
         )?;
-        let (table, adopted) = self.0.create_table(def).await?;
+        let (table, adopted) = c.create_table(def).await?;
         Ok(Response::new(CreateTableResponse {
             table: Some(table),
             adopted,
@@ -86,14 +97,15 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<ListCyclesRequest>,
     ) -> Result<Response<ListCyclesResponse>, Status> {
+        let c = self.c()?;
         let r = r.into_inner();
         let limit = if r.limit == 0 { 20 } else { r.limit as usize };
         let table = (!r.table.is_empty()).then_some(r.table.as_str());
         if let Some(t) = table {
-            self.0.table(t)?;
+            c.table(t)?;
         }
         Ok(Response::new(ListCyclesResponse {
-            cycles: self.0.cycles(table, limit),
+            cycles: c.cycles(table, limit),
         }))
     }
 
@@ -102,7 +114,7 @@ impl AdminService for CoordinatorGrpc {
         r: Request<GetCycleRequest>,
     ) -> Result<Response<GetCycleResponse>, Status> {
         Ok(Response::new(GetCycleResponse {
-            cycle: Some(self.0.cycle(&r.into_inner().id)?),
+            cycle: Some(self.c()?.cycle(&r.into_inner().id)?),
         }))
     }
 
@@ -111,18 +123,111 @@ impl AdminService for CoordinatorGrpc {
         r: Request<TriggerCycleRequest>,
     ) -> Result<Response<TriggerCycleResponse>, Status> {
         Ok(Response::new(TriggerCycleResponse {
-            cycle: Some(self.0.trigger(&r.into_inner().table).await?),
+            cycle: Some(self.c()?.trigger(&r.into_inner().table).await?),
         }))
+    }
+
+    async fn list_workers(
+        &self,
+        _r: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse {
+            workers: self.0.workers()?,
+        }))
+    }
+
+    async fn get_leader(
+        &self,
+        _r: Request<GetLeaderRequest>,
+    ) -> Result<Response<GetLeaderResponse>, Status> {
+        Ok(Response::new(self.0.leader()))
+    }
+
+    async fn pause_table(
+        &self,
+        r: Request<PauseTableRequest>,
+    ) -> Result<Response<PauseTableResponse>, Status> {
+        let table = self.c()?.set_paused(&r.into_inner().table, true).await?;
+        Ok(Response::new(PauseTableResponse { table: Some(table) }))
+    }
+
+    async fn resume_table(
+        &self,
+        r: Request<ResumeTableRequest>,
+    ) -> Result<Response<ResumeTableResponse>, Status> {
+        let table = self.c()?.set_paused(&r.into_inner().table, false).await?;
+        Ok(Response::new(ResumeTableResponse { table: Some(table) }))
+    }
+
+    type WatchCyclesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<CycleRecord, Status>> + Send>>;
+
+    async fn watch_cycles(
+        &self,
+        r: Request<WatchCyclesRequest>,
+    ) -> Result<Response<Self::WatchCyclesStream>, Status> {
+        let c = self.c()?;
+        let table = r.into_inner().table;
+        if !table.is_empty() {
+            c.table(&table)?;
+        }
+        let rx = c.subscribe();
+        Ok(Response::new(record_stream(c, table, rx)))
     }
 }
 
-/// Serves ingest, admin, health and reflection on `listener` until `shutdown` resolves.
+/// A stream of cycle records that ends (UNAVAILABLE) when the coordinator's term ends.
+fn record_stream(
+    c: Arc<Coordinator>,
+    table: String,
+    rx: tokio::sync::broadcast::Receiver<CycleRecord>,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<CycleRecord, Status>> + Send>> {
+    use tokio::sync::broadcast::error::RecvError;
+    let state = (c, table, rx, false);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(c, table, mut rx, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(rec) if table.is_empty() || rec.table == table => return Some((Ok(rec), (c, table, rx, false))),
+                        Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = c.stopped() => {
+                        let s = Status::unavailable("this coordinator stopped leading; watch the new leader");
+                        return Some((Err(s), (c, table, rx, true)));
+                    }
+                }
+            }
+        },
+    ))
+}
+
+/// Serves a single always-leading coordinator on `listener` until `shutdown` resolves.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map(|a| format!("http://{a}"))
+        .unwrap_or_default();
     let max = coordinator.inner().config.server.max_message_bytes;
+    serve_node(Node::standalone(coordinator, addr), max, listener, shutdown).await
+}
+
+/// Serves ingest, admin, health and reflection for `node` until `shutdown` resolves.
+pub async fn serve_node(
+    node: Arc<Node>,
+    max: usize,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let (reporter, health) = freshet_common::server::health();
     reporter
         .set_serving::<IngestServiceServer<CoordinatorGrpc>>()
@@ -131,7 +236,7 @@ pub async fn serve(
         .set_serving::<AdminServiceServer<CoordinatorGrpc>>()
         .await;
     let (refl_v1, refl_v1alpha) = freshet_common::server::reflection();
-    let grpc = CoordinatorGrpc(coordinator);
+    let grpc = CoordinatorGrpc(node);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(refl_v1)

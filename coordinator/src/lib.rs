@@ -4,9 +4,16 @@
 pub mod catalog;
 pub mod commit;
 pub mod cycle;
+pub mod election;
+pub mod fence;
 pub mod grpc;
+pub mod history;
+pub mod membership;
+pub mod metrics;
+pub mod node;
 pub mod orphans;
 pub mod planner;
+pub mod process;
 pub mod recovery;
 pub mod router;
 pub mod stage;
@@ -26,9 +33,13 @@ use freshet_common::storage::{table_store, table_url};
 use freshet_common::table::TableDef;
 use freshet_proto::admin::v1::{CycleRecord, TableInfo};
 use freshet_proto::ingest::v1::{IngestRequest, IngestResponse};
-use tokio::sync::{mpsc, oneshot, watch};
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
+use crate::fence::Fence;
+use crate::metrics::{CoordinatorMetrics, CycleLabel, TableLabel};
 use crate::router::Router;
 use crate::stage::{StageRequest, run_stager};
 use crate::tables::TableRuntime;
@@ -55,6 +66,32 @@ impl std::str::FromStr for CrashPoint {
     }
 }
 
+/// How a coordinator term starts: its epoch, its fence, and what outlives the term.
+pub struct StartOptions {
+    /// The leader epoch sent with every task and recorded in every commit.
+    pub epoch: u64,
+    /// The leadership proof checked before acknowledging and committing.
+    pub fence: Arc<Fence>,
+    /// This coordinator's id (recorded in cycle records).
+    pub node_id: String,
+    /// Metrics shared by every term of the process.
+    pub metrics: Arc<CoordinatorMetrics>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            epoch: 1,
+            fence: Arc::new(Fence::none()),
+            node_id: "coordinator".into(),
+            metrics: Arc::new(CoordinatorMetrics::default()),
+        }
+    }
+}
+
+/// Marker object whose presence pauses a table (so pauses survive leader changes).
+const PAUSED_MARKER: &str = "_freshet/paused";
+
 /// State shared by the coordinator's tasks.
 pub struct Inner {
     /// The configuration.
@@ -63,6 +100,13 @@ pub struct Inner {
     pub router: Router,
     /// The leader epoch sent with every task (1 in embedded mode).
     pub epoch: u64,
+    /// The leadership proof.
+    pub fence: Arc<Fence>,
+    /// This coordinator's id.
+    pub node_id: String,
+    /// Metrics.
+    pub metrics: Arc<CoordinatorMetrics>,
+    events: broadcast::Sender<CycleRecord>,
     tables: RwLock<BTreeMap<String, Arc<TableRuntime>>>,
     history: Mutex<VecDeque<CycleRecord>>,
     catalog: Option<Catalog>,
@@ -88,14 +132,65 @@ impl Inner {
         Ok(())
     }
 
-    fn record(&self, t: &TableRuntime, rec: &CycleRecord) {
+    fn record(&self, t: &Arc<TableRuntime>, rec: &CycleRecord) {
         if rec.state == "noop" {
             return;
         }
         *t.last_cycle.lock().expect("lock") = Some(rec.clone());
-        let mut h = self.history.lock().expect("lock");
-        h.push_front(rec.clone());
-        h.truncate(self.config.cycle.history.max(1));
+        let keep = self.config.cycle.history.max(1);
+        {
+            let mut h = self.history.lock().expect("lock");
+            h.push_front(rec.clone());
+            h.truncate(keep);
+        }
+        let _ = self.events.send(rec.clone());
+        let table = TableLabel {
+            table: rec.table.clone(),
+        };
+        let m = &self.metrics;
+        m.cycle_seconds
+            .get_or_create(&CycleLabel {
+                table: rec.table.clone(),
+                state: rec.state.clone(),
+            })
+            .observe(rec.duration_ms as f64 / 1000.0);
+        if rec.state == "committed" {
+            let lag = rec.freshness_lag_ms as f64 / 1000.0;
+            m.freshness_seconds.get_or_create(&table).observe(lag);
+            m.freshness_lag.get_or_create(&table).set(lag);
+            m.files_rewritten
+                .get_or_create(&table)
+                .inc_by(rec.files_rewritten);
+            m.bytes_written
+                .get_or_create(&table)
+                .inc_by(rec.bytes_written);
+        }
+        let retries: u64 = rec
+            .tasks
+            .iter()
+            .map(|x| x.attempts.saturating_sub(1) as u64)
+            .sum();
+        m.task_retries.get_or_create(&table).inc_by(retries);
+        {
+            let p = t.pending.lock().expect("lock");
+            m.pending(&rec.table, p.rows(), p.bytes());
+        }
+        // Persist, and forget records beyond the bound.
+        let drop_ids: Vec<String> = {
+            let mut ids = t.history_ids.lock().expect("lock");
+            ids.push_front(rec.id.clone());
+            let n = ids.len().saturating_sub(keep);
+            (0..n).filter_map(|_| ids.pop_back()).collect()
+        };
+        let (store, rec) = (t.store.clone(), rec.clone());
+        tokio::spawn(async move {
+            if let Err(e) = history::save(&store, &rec).await {
+                tracing::warn!(error = %e, cycle_id = %rec.id, "cycle record not persisted");
+            }
+            for id in drop_ids {
+                history::delete(&store, &id).await;
+            }
+        });
     }
 }
 
@@ -108,6 +203,11 @@ impl Coordinator {
     /// Starts a coordinator: opens (creating or adopting) and recovers every configured and
     /// catalogued table, and starts their cycle loops.
     pub async fn start(config: Config) -> Result<Arc<Coordinator>> {
+        Self::start_with(config, StartOptions::default()).await
+    }
+
+    /// Starts a coordinator term with the given epoch and fence.
+    pub async fn start_with(config: Config, options: StartOptions) -> Result<Arc<Coordinator>> {
         let crash = match std::env::var("FRESHET_CRASH_AT") {
             Ok(s) if !s.is_empty() => Some((s.parse::<CrashPoint>()?, true)),
             _ => None,
@@ -122,7 +222,11 @@ impl Coordinator {
                 config.cycle.workers.clone(),
                 config.server.max_message_bytes,
             ),
-            epoch: 1,
+            epoch: options.epoch,
+            fence: options.fence,
+            node_id: options.node_id,
+            metrics: options.metrics,
+            events: broadcast::channel(256).0,
             tables: RwLock::new(BTreeMap::new()),
             history: Mutex::new(VecDeque::new()),
             catalog,
@@ -170,6 +274,44 @@ impl Coordinator {
         let _ = self.inner.stop.send(true);
     }
 
+    /// Resolves once [`Coordinator::shutdown`] was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Cycle records as cycles end.
+    pub fn subscribe(&self) -> broadcast::Receiver<CycleRecord> {
+        self.inner.events.subscribe()
+    }
+
+    /// Pauses (or resumes) a table's cycles; recorded in the table's storage so a new
+    /// leader keeps it paused.
+    pub async fn set_paused(&self, table: &str, paused: bool) -> Result<TableInfo> {
+        let t = self.table(table)?;
+        let marker = Path::from(PAUSED_MARKER);
+        if paused {
+            t.store
+                .put(
+                    &marker,
+                    PutPayload::from_static(b"paused by the admin API\n"),
+                )
+                .await
+                .map_err(|e| Error::store(&marker, e))?;
+        } else {
+            match t.store.delete(&marker).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::store(&marker, e)),
+            }
+        }
+        t.paused.store(paused, Ordering::SeqCst);
+        tracing::info!(table = %table, paused, "table pause state changed");
+        if !paused {
+            t.wake.notify_one();
+        }
+        self.table_info(&t).await
+    }
+
     async fn open_table(&self, def: TableDef) -> Result<(Arc<TableRuntime>, bool)> {
         let opts = &self.inner.config.storage.options;
         let (delta, adopted) = open_or_create(&def, opts).await?;
@@ -179,6 +321,12 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(1024);
         let t = TableRuntime::new(def, store, delta, tx);
         t.pending.lock().expect("lock").segments = rec.pending;
+        let paused = t.store.head(&Path::from(PAUSED_MARKER)).await.is_ok();
+        t.paused.store(paused, Ordering::SeqCst);
+        {
+            let p = t.pending.lock().expect("lock");
+            self.inner.metrics.pending(&t.def.name, p.rows(), p.bytes());
+        }
         {
             let mut tables = self.inner.tables.write().expect("lock");
             if tables.contains_key(&t.def.name) {
@@ -186,14 +334,9 @@ impl Coordinator {
             }
             tables.insert(t.def.name.clone(), t.clone());
         }
-        tokio::spawn(run_stager(
-            t.clone(),
-            rx,
-            rec.next_seq,
-            self.inner.config.cycle.trigger_changes,
-            self.inner.stop.subscribe(),
-        ));
+        tokio::spawn(run_stager(t.clone(), rx, rec.next_seq, self.inner.clone()));
         tokio::spawn(table_loop(self.inner.clone(), t.clone()));
+        tokio::spawn(load_history(self.inner.clone(), t.clone()));
         tracing::info!(table = %t.def.name, uri = %t.def.uri, adopted, applied = rec.applied, "serving table");
         Ok((t, adopted))
     }
@@ -344,6 +487,38 @@ impl Coordinator {
     }
 }
 
+async fn load_history(inner: Arc<Inner>, t: Arc<TableRuntime>) {
+    let keep = inner.config.cycle.history.max(1);
+    match history::load(&t.store, keep).await {
+        Ok(records) => {
+            {
+                let mut ids = t.history_ids.lock().expect("lock");
+                for r in &records {
+                    if !ids.contains(&r.id) {
+                        ids.push_back(r.id.clone());
+                    }
+                }
+            }
+            let mut last = t.last_cycle.lock().expect("lock");
+            if last.is_none() {
+                *last = records.first().cloned();
+            }
+            drop(last);
+            let mut h = inner.history.lock().expect("lock");
+            let mut all: Vec<CycleRecord> = h.drain(..).collect();
+            for r in records {
+                if !all.iter().any(|x| x.id == r.id) {
+                    all.push(r);
+                }
+            }
+            all.sort_by(|a, b| b.id.cmp(&a.id));
+            all.truncate(keep);
+            h.extend(all);
+        }
+        Err(e) => tracing::warn!(table = %t.def.name, error = %e, "cycle history not loaded"),
+    }
+}
+
 async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
     let interval = Duration::from_millis(inner.config.cycle.interval_ms.max(1));
     let mut stop = inner.stop.subscribe();
@@ -356,7 +531,7 @@ async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
         if t.paused.load(Ordering::SeqCst) || t.pending.lock().expect("lock").segments.is_empty() {
             continue;
         }
-        if inner.dead.load(Ordering::SeqCst) {
+        if inner.dead.load(Ordering::SeqCst) || *stop.borrow() {
             return;
         }
         match cycle::run_cycle(&inner, &t).await {

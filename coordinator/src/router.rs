@@ -24,31 +24,103 @@ pub struct TaskOutcome {
     pub duration: Duration,
 }
 
+/// A worker the router may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The URL to dial.
+    pub address: String,
+    /// Tasks it runs at once (weights the balancing).
+    pub capacity: u32,
+}
+
+/// Tasks sent to a worker and how many failed, since this router started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerStats {
+    /// Attempts sent.
+    pub sent: u64,
+    /// Attempts that failed.
+    pub failed: u64,
+    /// Attempts running now.
+    pub in_flight: u64,
+}
+
 /// The set of workers and their connections.
 pub struct Router {
-    endpoints: RwLock<Vec<String>>,
+    members: RwLock<Vec<Member>>,
     clients: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
+    stats: Mutex<HashMap<String, WorkerStats>>,
     max_message_bytes: usize,
 }
 
 impl Router {
-    /// A router over static endpoints.
+    /// A router over static endpoints (capacity 1 each).
     pub fn new(endpoints: Vec<String>, max_message_bytes: usize) -> Self {
         Router {
-            endpoints: RwLock::new(endpoints),
+            members: RwLock::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
             max_message_bytes,
         }
+        .with_endpoints(endpoints)
     }
 
-    /// Replaces the worker set; used from the next cycle on.
+    fn with_endpoints(self, endpoints: Vec<String>) -> Self {
+        self.set_workers(endpoints);
+        self
+    }
+
+    /// Replaces the worker set (capacity 1 each); used from the next cycle on.
     pub fn set_workers(&self, endpoints: Vec<String>) {
-        *self.endpoints.write().expect("lock") = endpoints;
+        self.set_members(
+            endpoints
+                .into_iter()
+                .map(|address| Member {
+                    address,
+                    capacity: 1,
+                })
+                .collect(),
+        );
+    }
+
+    /// Replaces the worker set; used from the next cycle (and the next retry) on.
+    pub fn set_members(&self, members: Vec<Member>) {
+        let mut m = members;
+        m.sort_by(|a, b| a.address.cmp(&b.address));
+        m.dedup_by(|a, b| a.address == b.address);
+        self.clients
+            .lock()
+            .expect("lock")
+            .retain(|addr, _| m.iter().any(|x| &x.address == addr));
+        *self.members.write().expect("lock") = m;
     }
 
     /// The current worker endpoints.
     pub fn workers(&self) -> Vec<String> {
-        self.endpoints.read().expect("lock").clone()
+        self.members().into_iter().map(|m| m.address).collect()
+    }
+
+    /// The current workers.
+    pub fn members(&self) -> Vec<Member> {
+        self.members.read().expect("lock").clone()
+    }
+
+    /// Per-worker task counts.
+    pub fn stats(&self, address: &str) -> WorkerStats {
+        self.stats
+            .lock()
+            .expect("lock")
+            .get(address)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn count(&self, address: &str, f: impl FnOnce(&mut WorkerStats)) {
+        f(self
+            .stats
+            .lock()
+            .expect("lock")
+            .entry(address.to_string())
+            .or_default());
     }
 
     fn client(&self, endpoint: &str) -> Result<WorkerServiceClient<Channel>, String> {
@@ -67,9 +139,10 @@ impl Router {
         Ok(c)
     }
 
-    /// Runs every task; a failed attempt is retried on the next worker, up to `max_attempts`.
-    /// `weights` (bytes per task) balance the first assignment: largest first, to the least
-    /// loaded worker.
+    /// Runs every task; a failed attempt is retried on another worker, up to `max_attempts`.
+    /// `weights` (bytes per task) balance the first assignment: largest first, to the worker
+    /// whose load per unit of capacity stays lowest. Retries use the membership as it is at
+    /// the time of the retry (a worker that joined mid-cycle can take over a task).
     pub async fn run(
         &self,
         requests: Vec<RewriteRequest>,
@@ -77,8 +150,8 @@ impl Router {
         max_attempts: u32,
         timeout: Duration,
     ) -> Vec<TaskOutcome> {
-        let workers = self.workers();
-        if workers.is_empty() {
+        let members = self.members();
+        if members.is_empty() {
             return requests
                 .iter()
                 .map(|_| TaskOutcome {
@@ -92,27 +165,20 @@ impl Router {
         }
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by_key(|i| std::cmp::Reverse(weights[*i]));
-        let mut load = vec![0u64; workers.len()];
-        let mut first_worker = vec![0usize; requests.len()];
-        for i in order {
-            let w = (0..workers.len())
-                .min_by_key(|w| load[*w])
-                .expect("workers");
-            load[w] += weights[i].max(1);
-            first_worker[i] = w;
-        }
+        let first_worker = assign(&members, weights, &order);
         let futures = requests.into_iter().enumerate().map(|(i, req)| {
-            let workers = &workers;
-            let start = first_worker[i];
+            let first = members[first_worker[i]].address.clone();
             let span = tracing::info_span!("task", cycle_id = %req.cycle_id, task = req.task_id);
             async move {
                 let began = Instant::now();
                 let mut errors = Vec::new();
                 let mut worker = String::new();
+                let mut failed: Vec<String> = Vec::new();
                 for attempt in 1..=max_attempts.max(1) {
-                    worker = workers[(start + attempt as usize - 1) % workers.len()].clone();
+                    worker = if attempt == 1 { first.clone() } else { self.next_worker(&failed).unwrap_or_else(|| worker.clone()) };
                     let mut req = req.clone();
                     req.attempt = attempt;
+                    self.count(&worker, |s| { s.sent += 1; s.in_flight += 1; });
                     let result = match self.client(&worker) {
                         Err(e) => Err(e),
                         Ok(mut client) => match tokio::time::timeout(timeout, client.rewrite(req)).await {
@@ -121,6 +187,7 @@ impl Router {
                             Ok(Ok(resp)) => Ok(resp.into_inner()),
                         },
                     };
+                    self.count(&worker, |s| { s.in_flight -= 1; if result.is_err() { s.failed += 1; } });
                     match result {
                         Ok(resp) => {
                             return TaskOutcome { response: Some(resp), worker, attempts: attempt, errors, duration: began.elapsed() };
@@ -128,6 +195,7 @@ impl Router {
                         Err(e) => {
                             tracing::warn!(worker = %worker, attempt, error = %e, "task attempt failed");
                             errors.push(format!("attempt {attempt} on {worker}: {e}"));
+                            failed.push(worker.clone());
                         }
                     }
                 }
@@ -136,5 +204,89 @@ impl Router {
             .instrument(span)
         });
         futures::future::join_all(futures).await
+    }
+}
+
+impl Router {
+    /// The worker for a retry: the least-used current worker that has not failed this task,
+    /// else any current worker.
+    fn next_worker(&self, failed: &[String]) -> Option<String> {
+        let members = self.members();
+        let stats = self.stats.lock().expect("lock");
+        let load = |m: &Member| {
+            let s = stats.get(&m.address).copied().unwrap_or_default();
+            (s.in_flight * 1000) / m.capacity.max(1) as u64
+        };
+        members
+            .iter()
+            .filter(|m| !failed.contains(&m.address))
+            .min_by_key(|m| load(m))
+            .or_else(|| {
+                // Every worker failed this task once: go round again, oldest failure first.
+                failed
+                    .first()
+                    .and_then(|f| members.iter().find(|m| &m.address == f))
+            })
+            .map(|m| m.address.clone())
+    }
+}
+
+/// Longest-processing-time assignment weighted by capacity: tasks in `order` (heaviest
+/// first) each go to the worker whose load per unit of capacity after taking it is lowest.
+fn assign(members: &[Member], weights: &[u64], order: &[usize]) -> Vec<usize> {
+    let mut load = vec![0u64; members.len()];
+    let mut out = vec![0usize; weights.len()];
+    for &i in order {
+        let w = weights[i].max(1);
+        let best = (0..members.len())
+            .min_by(|a, b| {
+                let la = (load[*a] + w) as f64 / members[*a].capacity.max(1) as f64;
+                let lb = (load[*b] + w) as f64 / members[*b].capacity.max(1) as f64;
+                la.total_cmp(&lb)
+            })
+            .expect("members");
+        load[best] += w;
+        out[i] = best;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(a: &str, c: u32) -> Member {
+        Member {
+            address: a.into(),
+            capacity: c,
+        }
+    }
+
+    #[test]
+    fn assignment_balances_bytes_by_capacity() {
+        // Six equal tasks over workers of capacity 1 and 2: the bigger one gets twice as many.
+        let members = vec![m("a", 1), m("b", 2)];
+        let weights = vec![10; 6];
+        let order: Vec<usize> = (0..6).collect();
+        let a = assign(&members, &weights, &order);
+        assert_eq!(a.iter().filter(|w| **w == 0).count(), 2);
+        assert_eq!(a.iter().filter(|w| **w == 1).count(), 4);
+        // One heavy task and many light ones: the light ones avoid the heavy one's worker.
+        let members = vec![m("a", 1), m("b", 1), m("c", 1)];
+        let weights = vec![100, 10, 10, 10, 10, 10];
+        let a = assign(&members, &weights, &(0..6).collect::<Vec<_>>());
+        assert!(a[1..].iter().all(|w| *w != a[0]), "{a:?}");
+    }
+
+    #[test]
+    fn retries_prefer_workers_that_did_not_fail() {
+        let r = Router::new(vec![], 1 << 20);
+        r.set_members(vec![m("http://a", 1), m("http://b", 1), m("http://c", 1)]);
+        let next = r.next_worker(&["http://a".into()]).unwrap();
+        assert_ne!(next, "http://a");
+        let all: Vec<String> = vec!["http://a".into(), "http://b".into(), "http://c".into()];
+        assert_eq!(r.next_worker(&all).unwrap(), "http://a");
+        r.set_members(vec![]);
+        assert!(r.next_worker(&[]).is_none());
     }
 }

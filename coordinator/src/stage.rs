@@ -11,6 +11,7 @@ use freshet_common::error::{Error, Result};
 use freshet_common::staging::write_segment;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::Inner;
 use crate::tables::{PendingSegment, TableRuntime};
 
 /// Most bytes (estimated in memory) grouped into one segment.
@@ -29,9 +30,10 @@ pub async fn run_stager(
     table: Arc<TableRuntime>,
     mut rx: mpsc::Receiver<StageRequest>,
     mut next_seq: u64,
-    trigger_rows: u64,
-    mut stop: watch::Receiver<bool>,
+    inner: Arc<Inner>,
 ) {
+    let trigger_rows = inner.config.cycle.trigger_changes;
+    let mut stop: watch::Receiver<bool> = inner.stop.subscribe();
     let schema = staging_schema(&table.def);
     loop {
         let first = tokio::select! {
@@ -67,10 +69,14 @@ pub async fn run_stager(
             })
             .collect();
         let result = async {
+            // A coordinator whose term may have ended must not stage (it could race the new
+            // leader's sequence numbers) nor acknowledge.
+            inner.fence.check_local()?;
             let staged = staged?;
             let encoded = freshet_common::ipc::encode(&schema, &staged)?;
             let size = encoded.len() as u64;
             let path = write_segment(&table.store, first_seq, last_seq, encoded).await?;
+            inner.fence.check_local()?;
             Ok::<_, Error>((staged, path, size))
         }
         .await;
@@ -79,6 +85,9 @@ pub async fn run_stager(
                 let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
                 let pending_rows = {
                     let mut p = table.pending.lock().expect("lock");
+                    inner
+                        .metrics
+                        .pending(&table.def.name, p.rows() + rows, p.bytes() + size);
                     p.segments.push(PendingSegment {
                         first: first_seq,
                         last: last_seq,
@@ -103,7 +112,7 @@ pub async fn run_stager(
                 let msg = e.to_string();
                 for r in group {
                     let _ = r.reply.send(Err(Error::Unavailable(format!(
-                        "staging write failed: {msg}"
+                        "staging write failed, batch not acknowledged: {msg}"
                     ))));
                 }
             }

@@ -1,5 +1,6 @@
 //! A served table at run time: its definition, stores, Delta handle and pending changes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -69,6 +70,8 @@ pub struct TableRuntime {
     pub paused: AtomicBool,
     /// The most recent cycle.
     pub last_cycle: Mutex<Option<CycleRecord>>,
+    /// Ids of persisted cycle records, newest first (to bound them).
+    pub history_ids: Mutex<VecDeque<String>>,
 }
 
 impl TableRuntime {
@@ -88,6 +91,7 @@ impl TableRuntime {
             wake: Notify::new(),
             paused: AtomicBool::new(false),
             last_cycle: Mutex::new(None),
+            history_ids: Mutex::new(VecDeque::new()),
         })
     }
 }

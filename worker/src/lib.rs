@@ -1,11 +1,14 @@
 //! The stateless Freshet worker: serves `freshet.worker.v1.WorkerService`, rewriting files
 //! with their changes directly against object storage.
 
+pub mod metrics;
+pub mod process;
+pub mod registration;
 pub mod rewrite;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use freshet_common::error::{Error, Result};
@@ -23,6 +26,8 @@ use tracing::Instrument;
 pub struct Faults {
     /// Fail this many upcoming rewrites (before doing any work).
     pub fail_next: AtomicU32,
+    /// Sleep this long before each rewrite (makes "kill a worker mid-task" testable).
+    pub delay_ms: AtomicU64,
 }
 
 /// A worker: its identity, capacity and caches. Holds no task state.
@@ -33,9 +38,12 @@ pub struct Worker {
     permits: Semaphore,
     in_flight: AtomicU64,
     newest_epoch: AtomicU64,
+    draining: AtomicBool,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     /// Test fault injection.
     pub faults: Faults,
+    /// The worker's Prometheus metrics.
+    pub metrics: metrics::WorkerMetrics,
 }
 
 impl Worker {
@@ -48,9 +56,27 @@ impl Worker {
             permits: Semaphore::new(capacity.max(1) as usize),
             in_flight: AtomicU64::new(0),
             newest_epoch: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             stores: Mutex::new(HashMap::new()),
             faults: Faults::default(),
+            metrics: metrics::WorkerMetrics::default(),
         })
+    }
+
+    /// Tasks the worker runs at once.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Tasks running now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking new tasks (they are refused as UNAVAILABLE, so the coordinator retries
+    /// them elsewhere); running tasks finish.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// The worker's id.
@@ -80,6 +106,12 @@ impl Worker {
                 req.epoch
             )));
         }
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable(format!(
+                "worker {} is shutting down",
+                self.id
+            )));
+        }
         if self
             .faults
             .fail_next
@@ -94,6 +126,11 @@ impl Worker {
             .await
             .map_err(|_| Error::Unavailable("worker stopping".into()))?;
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.metrics.in_flight.set(self.in_flight() as i64);
+        let delay = self.faults.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let table = req
             .table
             .as_ref()
@@ -105,6 +142,8 @@ impl Worker {
         }
         .await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.in_flight.set(self.in_flight() as i64);
+        self.metrics.observe(&result);
         result
     }
 }
