@@ -31,6 +31,31 @@ pub struct IngestArgs {
     files: Vec<PathBuf>,
 }
 
+/// The table's columns in the order (and subset) the CSV header names them.
+fn csv_schema(path: &PathBuf, schema: &Schema) -> anyhow::Result<Arc<Schema>> {
+    use std::io::BufRead;
+    let mut header = String::new();
+    std::io::BufReader::new(std::fs::File::open(path)?).read_line(&mut header)?;
+    let mut fields = Vec::new();
+    for name in header.trim_end_matches(['\r', '\n']).split(',') {
+        let name = name.trim().trim_matches('"');
+        match schema.field_with_name(name) {
+            Ok(f) => fields.push(f.clone()),
+            Err(_) => bail!(
+                "{}: CSV column '{name}' is not a column of the table (columns: {})",
+                path.display(),
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
 fn read_file(
     path: &PathBuf,
     schema: Arc<Schema>,
@@ -47,7 +72,7 @@ fn read_file(
             .with_batch_size(batch_rows)
             .build()?
             .collect::<Result<_, _>>()?,
-        "csv" => arrow::csv::ReaderBuilder::new(schema)
+        "csv" => arrow::csv::ReaderBuilder::new(csv_schema(path, &schema)?)
             .with_header(true)
             .with_batch_size(batch_rows)
             .build(f)?

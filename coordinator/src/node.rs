@@ -222,8 +222,10 @@ pub async fn check_store(
     options: &freshet_common::storage::StorageOptions,
 ) -> Result<()> {
     use futures::StreamExt;
-    let url = freshet_common::storage::table_url("catalog", uri)
-        .map_err(|e| Error::Config(format!("catalog.uri: {e}")))?;
+    let url = freshet_common::storage::table_url("catalog", uri).map_err(|e| match e {
+        Error::InvalidTable { message, .. } => Error::Config(format!("catalog.uri: {message}")),
+        other => Error::Config(format!("catalog.uri: {other}")),
+    })?;
     let store = freshet_common::storage::table_store("catalog", &url, options)?;
     let prefix = object_store::path::Path::from("tables");
     let first = tokio::time::timeout(Duration::from_secs(5), async {

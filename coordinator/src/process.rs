@@ -32,7 +32,10 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(uri) = &config.catalog.uri {
         check_store(uri, &config.storage.options)
             .await
-            .map_err(|e| Error::Config(format!("catalog.uri '{uri}' is not usable: {e}")))?;
+            .map_err(|e| match e {
+                Error::Config(_) => e,
+                other => Error::Config(format!("catalog.uri '{uri}' does not answer: {other}")),
+            })?;
     }
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await

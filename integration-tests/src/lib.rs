@@ -2,6 +2,8 @@
 //! free loopback ports, local object storage in a temp dir) in one process, plus helpers to
 //! read tables back and compare them with an in-memory model.
 
+pub mod procs;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,433 @@
+//! The process harness: a real etcd (Debian's `etcd-server`, temporary data dir, free
+//! loopback ports) and coordinators and workers as processes of the built `freshet`
+//! binary, each logging to its own file. Processes are killed by pid; on a failing test
+//! the last lines of every log are printed and the directory is kept.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use freshet_common::schema::SchemaSpec;
+use freshet_common::table::TableConfig;
+use freshet_proto::admin::v1::admin_service_client::AdminServiceClient;
+use freshet_proto::admin::v1::{CreateTableRequest, GetLeaderRequest, ListWorkersRequest};
+use freshet_proto::ingest::v1::IngestRequest;
+use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
+use tonic::transport::Channel;
+
+use crate::freshet_bin;
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process with its log.
+pub struct Proc {
+    /// A name for messages.
+    pub name: String,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.into(),
+            log,
+            child,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {} ({}) failed", self.pid(), self.name);
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGSTOP: the process freezes (a long GC pause, a stalled VM).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// SIGTERM (graceful stop).
+    pub fn term(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running etcd.
+pub struct Etcd {
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    proc: Proc,
+}
+
+impl Etcd {
+    /// Starts etcd with its data under `dir`; waits until it reports healthy.
+    pub fn start(dir: &Path) -> Etcd {
+        let bin = which("etcd")
+            .expect("etcd is not installed: `apt-get install -y etcd-server` (.ci/run does this)");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--name",
+            "test",
+            "--data-dir",
+            &dir.join("etcd-data").display().to_string(),
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster",
+            &format!("test=http://127.0.0.1:{peer}"),
+        ]);
+        let proc = Proc::spawn("etcd", &mut cmd, dir.join("etcd.log"));
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(client, "/health").is_some_and(|b| b.contains("true")) {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "etcd did not become healthy:\n{}",
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Etcd { endpoint, proc }
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+/// A plain HTTP/1.0 GET on loopback; the body when the status is 200.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(1),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// One coordinator or worker process and its addresses.
+pub struct Node {
+    /// The process.
+    pub proc: Proc,
+    /// gRPC URL.
+    pub endpoint: String,
+    /// HTTP port of `/metrics`, `/readyz`.
+    pub http_port: u16,
+}
+
+/// Etcd, coordinators and workers as processes, sharing one config file.
+pub struct ProcCluster {
+    /// The temporary directory (data, catalog, logs).
+    pub dir: PathBuf,
+    /// etcd.
+    pub etcd: Etcd,
+    /// The shared configuration file.
+    pub config: PathBuf,
+    /// Coordinators (killed ones stay in place).
+    pub coordinators: Vec<Node>,
+    /// Workers (killed ones stay in place).
+    pub workers: Vec<Node>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl ProcCluster {
+    /// Starts etcd; writes the config (cluster, catalog, plus `extra` TOML). No processes yet.
+    pub fn new(extra: &str) -> ProcCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let etcd = Etcd::start(&dir);
+        let config = dir.join("freshet.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nname = \"test\"\netcd_endpoints = [\"{}\"]\nlease_ttl_s = 3\n\n[catalog]\nuri = \"{}\"\n\n{extra}\n",
+                etcd.endpoint,
+                dir.join("catalog").display()
+            ),
+        )
+        .unwrap();
+        ProcCluster {
+            dir,
+            etcd,
+            config,
+            coordinators: Vec::new(),
+            workers: Vec::new(),
+            _tmp: Some(tmp),
+        }
+    }
+
+    fn spawn(&self, role: &str, name: &str, env: &[(&str, &str)]) -> Node {
+        let (grpc, http) = (free_port(), free_port());
+        let mut cmd = Command::new(freshet_bin());
+        cmd.args([
+            role,
+            "--config",
+            &self.config.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .env("RUST_LOG", "info")
+        .env("FRESHET_NODE_ID", name)
+        .env_remove("RUST_BACKTRACE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if role == "worker" {
+            cmd.env("FRESHET__WORKER__ID", name);
+        }
+        let proc = Proc::spawn(name, &mut cmd, self.dir.join(format!("{name}.log")));
+        Node {
+            proc,
+            endpoint: format!("http://127.0.0.1:{grpc}"),
+            http_port: http,
+        }
+    }
+
+    /// Starts a coordinator; returns its index.
+    pub fn add_coordinator(&mut self) -> usize {
+        let name = format!("coordinator-{}", self.coordinators.len());
+        let n = self.spawn("coordinator", &name, &[]);
+        self.coordinators.push(n);
+        self.coordinators.len() - 1
+    }
+
+    /// Starts a worker with extra environment; returns its index.
+    pub fn add_worker(&mut self, env: &[(&str, &str)]) -> usize {
+        let name = format!("worker-{}", self.workers.len());
+        let n = self.spawn("worker", &name, env);
+        self.workers.push(n);
+        self.workers.len() - 1
+    }
+
+    /// Waits until a process's `/readyz` answers 200.
+    pub fn wait_ready(&self, node: &Node, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while http_get(node.http_port, "/readyz").is_none() {
+            assert!(
+                Instant::now() < end,
+                "{} not ready within {timeout:?}:\n{}",
+                node.proc.name,
+                node.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An admin client of coordinator `i`.
+    pub async fn admin(&self, i: usize) -> AdminServiceClient<Channel> {
+        AdminServiceClient::connect(self.coordinators[i].endpoint.clone())
+            .await
+            .unwrap()
+    }
+
+    /// Waits until one of the live coordinators (not in `exclude`) says it leads.
+    pub async fn wait_leader(&self, exclude: &[usize], timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            for (i, c) in self.coordinators.iter().enumerate() {
+                if exclude.contains(&i) {
+                    continue;
+                }
+                if let Ok(mut a) = AdminServiceClient::connect(c.endpoint.clone()).await {
+                    if let Ok(r) = a.get_leader(GetLeaderRequest {}).await {
+                        let r = r.into_inner();
+                        if r.is_leader {
+                            // Elected and done recovering: admin calls answer.
+                            if a.list_tables(freshet_proto::admin::v1::ListTablesRequest {})
+                                .await
+                                .is_ok()
+                            {
+                                return i;
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < end, "no leader within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the leader lists exactly `n` workers; returns their addresses.
+    pub async fn wait_workers(&self, leader: usize, n: usize, timeout: Duration) -> Vec<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self
+                .admin(leader)
+                .await
+                .list_workers(ListWorkersRequest {})
+                .await
+            {
+                let w: Vec<String> = r
+                    .into_inner()
+                    .workers
+                    .into_iter()
+                    .map(|w| w.address)
+                    .collect();
+                if w.len() == n {
+                    return w;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "the leader did not list {n} workers within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Creates a test table through the leader.
+    pub async fn create_table(&self, leader: usize, cfg: &TableConfig) {
+        let def = cfg.to_def().unwrap();
+        self.admin(leader)
+            .await
+            .create_table(CreateTableRequest {
+                name: cfg.name.clone(),
+                uri: cfg.uri.clone(),
+                schema_json: SchemaSpec::from_arrow(&def.schema).to_json(),
+                primary_key: cfg.primary_key.clone(),
+                partition_by: cfg.partition_by.clone(),
+                target_file_size: cfg.target_file_size.unwrap_or(0),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Sends a batch until some coordinator acknowledges it, following leader hints and
+    /// trying every coordinator in turn; returns the acknowledged sequence.
+    pub async fn ingest_acked(&self, req: &IngestRequest, timeout: Duration) -> u64 {
+        let end = Instant::now() + timeout;
+        let mut i = 0usize;
+        loop {
+            let ep = self.coordinators[i % self.coordinators.len()]
+                .endpoint
+                .clone();
+            let r = async {
+                let mut c = IngestServiceClient::connect(ep)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.ingest(req.clone())
+                    .await
+                    .map_err(|s| s.message().to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(10), r).await {
+                Ok(Ok(resp)) => return resp.into_inner().sequence,
+                _ => i += 1,
+            }
+            assert!(
+                Instant::now() < end,
+                "batch not acknowledged within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Keeps the directory and logs for inspection.
+    pub fn keep(&mut self) -> PathBuf {
+        if let Some(t) = self._tmp.take() {
+            let _ = t.keep();
+        }
+        self.dir.clone()
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let dir = self.keep();
+            eprintln!("==== test failed; logs kept in {}", dir.display());
+            for n in self.coordinators.iter().chain(&self.workers) {
+                let log = n.proc.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {} (last {} lines)", n.proc.name, tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        let _ = &self.etcd.proc;
+    }
+}
