@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: sets up the Python tools the tests use (an independent Delta
-# reader), builds the binaries the process tests spawn, and runs every test.
+# reader; the Helm engine and Kubernetes schemas for the chart tests), checks etcd is
+# installed (cluster tests start their own), builds the binaries the process tests spawn,
+# and runs every test: the Rust workspace, then the Helm chart's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -10,12 +12,22 @@ if ! .venv/bin/python -c "import deltalake, pyarrow" 2>/dev/null; then
   echo "installing Python deltalake + pyarrow into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check deltalake pyarrow
 fi
+if ! .venv/bin/python -c "import pytest, yaml, helm_python, kubernetes_validate" 2>/dev/null; then
+  echo "installing pytest, pyyaml, helm-python-sdk, kubernetes-validate into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check pytest pyyaml helm-python-sdk kubernetes-validate
+fi
+if ! command -v etcd >/dev/null; then
+  echo "etcd is missing: install Debian's etcd-server (.ci/run does)" >&2
+  exit 1
+fi
 export FRESHET_PYTHON="$PWD/.venv/bin/python"
+export FRESHET_BOOT_REQUIRED=1
 cargo build --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
+helm/tests/run.sh "$PWD/.venv" 2>&1 | tee -a "$log" || status=$?
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"
