@@ -1,5 +1,6 @@
-//! Object-store access for a table URI: `file://`, a local path, or `s3://` (with the
-//! standard `AWS_*` settings, from the environment or from storage options).
+//! Object-store access for a table URI: `file://`, a local path, `s3://`, `gs://` or
+//! `az://` / `abfss://` (with the standard `AWS_*`, `GOOGLE_*` or `AZURE_*` settings, from
+//! the environment or from storage options).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,11 +21,11 @@ pub fn table_url(table: &str, uri: &str) -> Result<Url> {
         message: format!("bad uri '{uri}': {e}"),
     })?;
     match url.scheme() {
-        "file" | "s3" | "s3a" | "memory" => Ok(url),
+        "file" | "s3" | "s3a" | "memory" | "gs" | "az" | "abfs" | "abfss" | "azure" => Ok(url),
         other => Err(Error::InvalidTable {
             table: table.to_string(),
             message: format!(
-                "unsupported uri scheme '{other}' in '{uri}' (supported: file://, s3://, local paths)"
+                "unsupported uri scheme '{other}' in '{uri}' (supported: file://, s3://, gs://, az://, abfss://, local paths)"
             ),
         }),
     }

@@ -232,3 +232,35 @@ pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
     let a = l.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
     Ok((l, a))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(epoch: u64) -> RewriteRequest {
+        RewriteRequest {
+            epoch,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn stale_epochs_and_draining_are_refused_before_any_work() {
+        let w = Worker::new("w", 1, Default::default());
+        // Epoch 5 is accepted (the empty request then fails validation, not the epoch).
+        let e = w.rewrite(request(5)).await.unwrap_err().to_string();
+        assert!(!e.contains("stale"), "{e}");
+        let e = w.rewrite(request(3)).await.unwrap_err();
+        assert!(
+            e.to_string().contains("stale epoch 3 (newest seen 5)"),
+            "{e}"
+        );
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        let e = w.rewrite(request(5)).await.unwrap_err().to_string();
+        assert!(!e.contains("stale"), "{e}");
+        w.drain();
+        let e = w.rewrite(request(6)).await.unwrap_err();
+        assert!(e.to_string().contains("shutting down"), "{e}");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+}
