@@ -12,6 +12,10 @@ if ! .venv/bin/python -c "import deltalake, pyarrow" 2>/dev/null; then
   echo "installing Python deltalake + pyarrow into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check deltalake pyarrow
 fi
+if [ ! -x .venv/bin/moto_server ]; then
+  echo "installing moto[server] (the S3-compatible server of the S3 tests) into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "moto[server]"
+fi
 if ! .venv/bin/python -c "import pytest, yaml, helm_python, kubernetes_validate" 2>/dev/null; then
   echo "installing pytest, pyyaml, helm-python-sdk, kubernetes-validate into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check pytest pyyaml helm-python-sdk kubernetes-validate

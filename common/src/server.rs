@@ -5,8 +5,12 @@ use tonic_health::server::HealthReporter;
 /// Initialises tracing: `RUST_LOG` filter (default `info`), text or JSON lines.
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
+    // deltalake logs expected probes (opening a table that does not exist yet) as ERROR;
+    // Freshet's own errors carry deltalake's cause, so its logs are off unless RUST_LOG asks.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("warn,freshet_coordinator=info,freshet_worker=info,freshet_common=info")
+        EnvFilter::new(
+            "warn,deltalake_core=off,freshet_coordinator=info,freshet_worker=info,freshet_common=info",
+        )
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -240,7 +240,15 @@ pub fn apply(model: &mut BTreeMap<i64, (String, i64)>, changes: &[Change]) {
 
 /// Reads a test table back with DataFusion (latest version) as the model's shape.
 pub async fn read_table(uri: &str) -> BTreeMap<i64, (String, i64)> {
-    let batches = query(uri, "select id, v, n from t order by id").await;
+    read_table_with(uri, &Default::default()).await
+}
+
+/// [`read_table`] with object-store options.
+pub async fn read_table_with(
+    uri: &str,
+    options: &freshet_common::storage::StorageOptions,
+) -> BTreeMap<i64, (String, i64)> {
+    let batches = query_with(uri, options, "select id, v, n from t order by id").await;
     let mut out = BTreeMap::new();
     for b in batches {
         let ids = b.column(0).as_primitive::<Int64Type>();
@@ -261,8 +269,22 @@ pub async fn read_table(uri: &str) -> BTreeMap<i64, (String, i64)> {
 
 /// Runs SQL over the table at `uri`, registered as `t`.
 pub async fn query(uri: &str, sql: &str) -> Vec<RecordBatch> {
+    query_with(uri, &Default::default(), sql).await
+}
+
+/// Runs SQL over the table at `uri` (with object-store options), registered as `t`.
+pub async fn query_with(
+    uri: &str,
+    options: &freshet_common::storage::StorageOptions,
+    sql: &str,
+) -> Vec<RecordBatch> {
     let url = deltalake::ensure_table_uri(uri).unwrap();
-    let table = deltalake::DeltaTable::try_from_url(url).await.unwrap();
+    let table = deltalake::DeltaTableBuilder::from_url(url)
+        .unwrap()
+        .with_storage_options(options.clone())
+        .load()
+        .await
+        .unwrap();
     let ctx = SessionContext::new();
     table.update_datafusion_session(&ctx.state()).unwrap();
     ctx.register_table("t", table.table_provider().await.unwrap())

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use freshet_integration_tests::procs::ProcCluster;
+use freshet_integration_tests::procs::{ProcCluster, http_get};
 use freshet_integration_tests::{Change, apply, freshet_bin, read_table, request, table_config};
 use freshet_proto::admin::v1::{
     GetLeaderRequest, GetTableRequest, ListCyclesRequest, PauseTableRequest, ResumeTableRequest,
@@ -182,6 +182,26 @@ async fn scale_out_spreads_tasks_and_graceful_stop_deregisters_at_once() {
             .map(|c| c.tasks.iter().map(|t| t.worker.clone()).collect::<Vec<_>>())
             .collect::<Vec<_>>()
     );
+    // Prometheus metrics on both sides.
+    let m = http_get(c.coordinators[leader].http_port, "/metrics").expect("coordinator /metrics");
+    for needle in [
+        "freshet_cycle_duration_seconds_bucket{",
+        "freshet_workers 3",
+        "freshet_is_leader 1",
+        "freshet_pending_bytes{table=\"orders\"}",
+        "freshet_files_rewritten_total{table=\"orders\"}",
+    ] {
+        assert!(
+            m.contains(needle),
+            "coordinator metrics lack {needle}:\n{m}"
+        );
+    }
+    let m = http_get(c.workers[1].http_port, "/metrics").expect("worker /metrics");
+    assert!(
+        m.contains("freshet_worker_tasks_total{outcome=\"ok\"}"),
+        "{m}"
+    );
+    assert!(http_get(c.workers[1].http_port, "/livez").is_some());
     // The live tail saw the committed cycles.
     let rec = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
