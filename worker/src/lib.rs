@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod process;
 pub mod registration;
 pub mod rewrite;
+pub mod rowgroup;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -17,10 +17,47 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
+use parquet::file::metadata::{KeyValue, SortingColumn};
 use parquet::file::properties::WriterProperties;
 
 /// Rows per Parquet row group.
-const ROW_GROUP_ROWS: usize = 64 * 1024;
+pub const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+static ROW_GROUP_ROWS_NOW: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(ROW_GROUP_ROWS);
+
+/// Rows per row group in files written now ([`ROW_GROUP_ROWS`]; tests make it small).
+pub fn row_group_rows() -> usize {
+    ROW_GROUP_ROWS_NOW.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the rows per row group (tests: several row groups from a few rows).
+pub fn set_row_group_rows(n: usize) {
+    ROW_GROUP_ROWS_NOW.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Writer settings of every file Freshet writes: SNAPPY, 64k-row row groups, exact
+/// (untruncated) statistics, and `sorting_columns` naming the key, which is what lets a
+/// later rewrite copy untouched row groups (see `rowgroup`).
+pub fn writer_props(def: &TableDef) -> WriterProperties {
+    let schema = def.file_schema();
+    let sorting = def
+        .local_key()
+        .iter()
+        .filter_map(|k| schema.index_of(k).ok())
+        .map(|i| SortingColumn {
+            column_idx: i as i32,
+            descending: false,
+            nulls_first: false,
+        })
+        .collect();
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(row_group_rows()))
+        .set_statistics_truncate_length(None)
+        .set_sorting_columns(Some(sorting))
+        .build()
+}
 
 /// Decodes the table spec of a request into a definition.
 pub fn table_def(req: &RewriteRequest) -> Result<TableDef> {
@@ -66,16 +103,18 @@ async fn read_file(
     Ok((batches, size))
 }
 
-fn encode_parquet(batch: &RecordBatch) -> Result<Vec<u8>> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .build();
+fn encode_parquet(def: &TableDef, batch: &RecordBatch) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(writer_props(def)))
         .map_err(|e| Error::data("parquet writer", e))?;
     w.write(batch)
         .map_err(|e| Error::data("parquet write", e))?;
+    if !crate::rowgroup::has_nan(batch) {
+        w.append_key_value_metadata(KeyValue::new(
+            crate::rowgroup::NAN_FREE_KEY.to_string(),
+            "1".to_string(),
+        ));
+    }
     w.close().map_err(|e| Error::data("parquet close", e))?;
     Ok(buf)
 }
@@ -86,18 +125,21 @@ pub async fn rewrite(
     req: &RewriteRequest,
     worker_id: &str,
 ) -> Result<RewriteResponse> {
+    rewrite_with(store, req, worker_id, true).await
+}
+
+/// [`rewrite`], with the row-group path allowed or not (tests compare both).
+pub async fn rewrite_with(
+    store: &Arc<dyn ObjectStore>,
+    req: &RewriteRequest,
+    worker_id: &str,
+    row_groups: bool,
+) -> Result<RewriteResponse> {
     let started = Instant::now();
     let def = table_def(req)?;
     let file_schema = def.file_schema();
     let local_key = def.local_key();
 
-    let mut existing = Vec::new();
-    let mut bytes_read = 0;
-    for input in &req.inputs {
-        let (batches, size) = read_file(store, &def, &input.path).await?;
-        existing.extend(batches);
-        bytes_read += size;
-    }
     let (_, change_batches) = freshet_common::ipc::decode(&req.changes_ipc)
         .map_err(|e| Error::data(format!("table '{}': task changes", def.name), e))?;
     let changes = arrow::compute::concat_batches(
@@ -115,6 +157,33 @@ pub async fn rewrite(
     )
     .map_err(|e| Error::data("task changes", e))?;
 
+    let fast = if row_groups {
+        crate::rowgroup::try_rewrite(store, &def, req, &changes).await?
+    } else {
+        None
+    };
+    if let Some(done) = fast {
+        return Ok(RewriteResponse {
+            files: done.files,
+            rows_read: done.counts.rows_read,
+            rows_written: done.rows_written,
+            rows_inserted: done.counts.inserted,
+            rows_updated: done.counts.updated,
+            rows_deleted: done.counts.deleted,
+            bytes_read: done.bytes_read,
+            bytes_written: done.bytes_written,
+            duration_ms: started.elapsed().as_millis() as u64,
+            worker_id: worker_id.to_string(),
+        });
+    }
+
+    let mut existing = Vec::new();
+    let mut bytes_read = 0;
+    for input in &req.inputs {
+        let (batches, size) = read_file(store, &def, &input.path).await?;
+        existing.extend(batches);
+        bytes_read += size;
+    }
     let (merged, counts): (RecordBatch, MergeCounts) =
         apply_changes(&file_schema, &local_key, &existing, &changes)?;
     drop(existing);
@@ -125,7 +194,7 @@ pub async fn rewrite(
         (bytes_read as f64 / counts.rows_read as f64).max(1.0)
     } else if n > 0 {
         let sample = merged.slice(0, n.min(8192));
-        (encode_parquet(&sample)?.len() as f64 / sample.num_rows() as f64).max(1.0)
+        (encode_parquet(&def, &sample)?.len() as f64 / sample.num_rows() as f64).max(1.0)
     } else {
         1.0
     };
@@ -139,7 +208,7 @@ pub async fn rewrite(
     let mut bytes_written = 0;
     for (start, len) in split_points(n, per_file) {
         let chunk = merged.slice(start, len);
-        let bytes = encode_parquet(&chunk)?;
+        let bytes = encode_parquet(&def, &chunk)?;
         let size = bytes.len() as u64;
         let name = format!(
             "{dir}fr-{}-{}-{}-{}.parquet",
@@ -166,7 +235,7 @@ pub async fn rewrite(
             stats_json: file_stats(&chunk).to_string(),
             min_key_json: key_to_json(&key_at(&key_cols, 0)),
             max_key_json: key_to_json(&key_at(&key_cols, len - 1)),
-            modification_time: chrono_now_ms(),
+            modification_time: now_ms(),
         });
     }
     Ok(RewriteResponse {
@@ -183,7 +252,7 @@ pub async fn rewrite(
     })
 }
 
-fn chrono_now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
