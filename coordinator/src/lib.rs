@@ -408,6 +408,7 @@ impl Coordinator {
             .send(StageRequest {
                 batch: valid.batch,
                 reply,
+                sequence: None,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
@@ -420,6 +421,89 @@ impl Coordinator {
             upserts: valid.upserts,
             deletes: valid.deletes,
         })
+    }
+
+    /// Stages changes that are already in the table's change schema (from a trusted source
+    /// such as CDC) under the source's own `sequence`; a sequence below the table's next one
+    /// was staged before and is acknowledged without staging again. Returns once durable.
+    pub async fn stage_changes(
+        &self,
+        table: &str,
+        batch: arrow::record_batch::RecordBatch,
+        sequence: u64,
+    ) -> Result<u64> {
+        if self.inner.dead.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("coordinator stopped".into()));
+        }
+        let t = self.table(table)?;
+        let expected = freshet_common::changes::change_schema(&t.def);
+        if batch.schema().fields() != expected.fields() {
+            return Err(Error::invalid(
+                table,
+                format!(
+                    "staged changes have schema {:?}, expected {:?}",
+                    batch.schema(),
+                    expected
+                ),
+            ));
+        }
+        let (reply, rx) = oneshot::channel();
+        t.stager
+            .send(StageRequest {
+                batch,
+                reply,
+                sequence: Some(sequence),
+            })
+            .await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))?
+    }
+
+    /// Empties the table in one commit at `sequence` (a source's TRUNCATE): changes staged
+    /// before it are applied first; a truncate already applied (txn at or above `sequence`)
+    /// is not repeated.
+    pub async fn truncate(&self, table: &str, sequence: u64) -> Result<i64> {
+        let t = self.table(table)?;
+        loop {
+            let pending_before = t
+                .pending
+                .lock()
+                .expect("lock")
+                .segments
+                .iter()
+                .any(|s| s.first < sequence);
+            if !pending_before {
+                break;
+            }
+            let rec = cycle::run_cycle(&self.inner, &t).await?;
+            self.inner.record(&t, &rec);
+            if rec.state == "failed" {
+                return Err(Error::Internal(format!(
+                    "table '{table}': cycle before truncate failed: {}",
+                    rec.error
+                )));
+            }
+        }
+        let mut delta = t.delta.lock().await;
+        delta
+            .update_state()
+            .await
+            .map_err(|e| Error::delta(table, e))?;
+        if applied_sequence(&t.def, &delta).await? >= sequence {
+            return Ok(delta.version().map(|v| v as i64).unwrap_or(-1));
+        }
+        self.inner.fence.check().await?;
+        let removed = files(&t.def, &delta)?;
+        let actions = commit::actions(&removed, &[]);
+        let id = uuid::Uuid::now_v7().to_string();
+        let metrics = serde_json::json!({
+            "truncate": true, "filesRemoved": removed.len(), "lastSequence": sequence,
+            "epoch": self.inner.epoch, "coordinator": self.inner.node_id,
+        });
+        let v = commit::commit(&t.def, &mut delta, actions, sequence, &id, metrics).await?;
+        tracing::info!(table = %table, version = v, files = removed.len(), "table truncated");
+        Ok(v)
     }
 
     /// Runs a cycle of the table now.

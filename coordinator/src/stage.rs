@@ -23,6 +23,9 @@ pub struct StageRequest {
     pub batch: RecordBatch,
     /// Gets the batch's sequence number once durable.
     pub reply: oneshot::Sender<Result<u64>>,
+    /// A sequence chosen by the source (a CDC source's commit LSN); a batch whose sequence
+    /// is below the next one was staged before and is acknowledged without staging again.
+    pub sequence: Option<u64>,
 }
 
 /// Runs the stager of one table until `stop` turns true or the queue closes.
@@ -40,28 +43,51 @@ pub async fn run_stager(
             r = rx.recv() => match r { Some(r) => r, None => return },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let mut group = vec![first];
-        let mut bytes = group[0].batch.get_array_memory_size();
+        let mut queued = vec![first];
+        let mut bytes = queued[0].batch.get_array_memory_size();
         while bytes < MAX_GROUP_BYTES {
             match rx.try_recv() {
                 Ok(r) => {
                     bytes += r.batch.get_array_memory_size();
-                    group.push(r);
+                    queued.push(r);
                 }
                 Err(_) => break,
             }
         }
-        let first_seq = next_seq;
-        let last_seq = next_seq + group.len() as u64 - 1;
+        // Assign sequences: the source's own (skipping what was staged before) or the next.
+        let mut group = Vec::with_capacity(queued.len());
+        let mut seqs = Vec::with_capacity(queued.len());
+        for r in queued {
+            match r.sequence {
+                Some(s) if s < next_seq => {
+                    tracing::debug!(table = %table.def.name, sequence = s, "already staged; skipped");
+                    let _ = r.reply.send(Ok(s));
+                }
+                Some(s) => {
+                    seqs.push(s);
+                    next_seq = s + 1;
+                    group.push(r);
+                }
+                None => {
+                    seqs.push(next_seq);
+                    next_seq += 1;
+                    group.push(r);
+                }
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
         // Sequences are never reused, even when the write fails.
-        next_seq = last_seq + 1;
+        let first_seq = seqs[0];
+        let last_seq = *seqs.last().expect("non-empty");
         let staged: Result<Vec<RecordBatch>> = group
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let mut cols = r.batch.columns().to_vec();
                 cols.push(Arc::new(UInt64Array::from(vec![
-                    first_seq + i as u64;
+                    seqs[i];
                     r.batch.num_rows()
                 ])));
                 RecordBatch::try_new(schema.clone(), cols)
@@ -101,7 +127,7 @@ pub async fn run_stager(
                 };
                 tracing::debug!(table = %table.def.name, first_seq, last_seq, rows, bytes = size, "staged");
                 for (i, r) in group.into_iter().enumerate() {
-                    let _ = r.reply.send(Ok(first_seq + i as u64));
+                    let _ = r.reply.send(Ok(seqs[i]));
                 }
                 if pending_rows >= trigger_rows {
                     table.wake.notify_one();
