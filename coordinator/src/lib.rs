@@ -89,6 +89,22 @@ impl Default for StartOptions {
     }
 }
 
+/// A change-data-capture source run by a coordinator term.
+pub trait Source: Send + Sync {
+    /// Its state for the admin API.
+    fn info(&self) -> freshet_proto::admin::v1::SourceInfo;
+    /// Stops it (the term ended).
+    fn stop(&self);
+}
+
+/// Starts the configured sources on a new term's coordinator (set by the binary, which
+/// knows the source implementations).
+pub type SourceStarter = Arc<
+    dyn Fn(Arc<Coordinator>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Marker object whose presence pauses a table (so pauses survive leader changes).
 const PAUSED_MARKER: &str = "_freshet/paused";
 
@@ -107,6 +123,7 @@ pub struct Inner {
     /// Metrics.
     pub metrics: Arc<CoordinatorMetrics>,
     events: broadcast::Sender<CycleRecord>,
+    sources: Mutex<Vec<Arc<dyn Source>>>,
     tables: RwLock<BTreeMap<String, Arc<TableRuntime>>>,
     history: Mutex<VecDeque<CycleRecord>>,
     catalog: Option<Catalog>,
@@ -227,6 +244,7 @@ impl Coordinator {
             node_id: options.node_id,
             metrics: options.metrics,
             events: broadcast::channel(256).0,
+            sources: Mutex::new(Vec::new()),
             tables: RwLock::new(BTreeMap::new()),
             history: Mutex::new(VecDeque::new()),
             catalog,
@@ -269,9 +287,28 @@ impl Coordinator {
         *self.inner.crash_at.lock().expect("lock") = p.map(|p| (p, false));
     }
 
-    /// Stops cycle loops and stagers.
+    /// Stops sources, cycle loops and stagers.
     pub fn shutdown(&self) {
+        for s in self.inner.sources.lock().expect("lock").iter() {
+            s.stop();
+        }
         let _ = self.inner.stop.send(true);
+    }
+
+    /// Registers a running source (stopped with the term).
+    pub fn add_source(&self, source: Arc<dyn Source>) {
+        self.inner.sources.lock().expect("lock").push(source);
+    }
+
+    /// The running sources.
+    pub fn sources(&self) -> Vec<freshet_proto::admin::v1::SourceInfo> {
+        self.inner
+            .sources
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|s| s.info())
+            .collect()
     }
 
     /// Resolves once [`Coordinator::shutdown`] was called.

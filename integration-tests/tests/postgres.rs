@@ -16,6 +16,7 @@ use freshet_source_postgres::{SourceConfig, SourceTable};
 fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig {
     SourceConfig {
         name: "pg".into(),
+        kind: "postgres".into(),
         connection: pg.conninfo(),
         password_env: None,
         password_file: None,
@@ -276,4 +277,179 @@ async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
     assert_eq!(truncates.len(), 1, "one truncate commit");
     src.stop();
     c.stop();
+}
+
+/// The highest staging sequence that is durable for the table: staged segments and the
+/// Delta log's txn version.
+fn durable_sequence(table_dir: &std::path::Path) -> u64 {
+    let mut best = 0u64;
+    if let Ok(rd) = std::fs::read_dir(table_dir.join("_freshet/staging")) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if let Some((_, last)) = n.trim_end_matches(".arrow").split_once('-') {
+                best = best.max(last.parse().unwrap_or(0));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(table_dir.join("_delta_log")) {
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().ends_with(".json") {
+                continue;
+            }
+            for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                let a: serde_json::Value = serde_json::from_str(l).unwrap();
+                if let Some(v) = a["txn"]["version"].as_u64() {
+                    best = best.max(v);
+                }
+            }
+        }
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead() {
+    use freshet_integration_tests::procs::ProcCluster;
+    use freshet_proto::admin::v1::{GetTableRequest, ListSourcesRequest};
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount numeric(12,2), note text, qty int);
+         INSERT INTO orders SELECT g, 'eu', 1.00, 'n' || g, g FROM generate_series(1, 20000) g;",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let uri = tmp.path().join("orders").display().to_string();
+    let mut c = ProcCluster::new(&format!(
+        "[cycle]\ninterval_ms = 200\n\n[[sources]]\nname = \"pg\"\nconnection = \"{}\"\npublication = \"freshet_pub\"\nslot = \"freshet_slot\"\npoll_ms = 100\n\n[[sources.tables]]\nsource = \"public.orders\"\nname = \"orders\"\nuri = \"{uri}\"\ntarget_file_size = 1048576\n",
+        pg.conninfo()
+    ));
+    c.add_worker(&[]);
+    c.add_coordinator();
+    let leader = c.wait_leader(&[], Duration::from_secs(60)).await;
+
+    // A workload of small transactions; the coordinator is killed while it streams.
+    let running = Arc::new(AtomicBool::new(true));
+    let r = running.clone();
+    let port = pg.port;
+    let load = std::thread::spawn(move || {
+        let mut i = 0i64;
+        while r.load(Ordering::SeqCst) {
+            let sql = format!(
+                "BEGIN; UPDATE orders SET qty = qty + 1, note = 'w{i}' WHERE id % 50 = {m}; DELETE FROM orders WHERE id = {d}; INSERT INTO orders VALUES ({n}, 'us', 2.50, 'ins{i}', {i}); COMMIT;",
+                m = i % 50,
+                d = 1 + i * 3,
+                n = 100_000 + i
+            );
+            let ok = std::process::Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-qAt",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    &sql,
+                ])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // Let the snapshot finish and streaming run for a while.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = c
+            .admin(leader)
+            .await
+            .list_sources(ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
+        if s.first()
+            .is_some_and(|s| s.state == "streaming" && s.transactions >= 20)
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "source not streaming: {s:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.coordinators[leader].proc.kill9();
+    // The slot's confirmed position is never past a transaction that is not durably staged.
+    let confirmed = pg.psql(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'freshet_slot'",
+    );
+    let confirmed = freshet_source_postgres::pgoutput::parse_lsn(confirmed.trim()).unwrap();
+    let durable_commit = durable_sequence(std::path::Path::new(&uri)) >> 16;
+    assert!(
+        confirmed <= durable_commit + 256,
+        "slot confirmed {confirmed:X} but the last durable commit is {durable_commit:X}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = c.add_coordinator();
+    let leader = c.wait_leader(&[leader], Duration::from_secs(60)).await;
+    assert_eq!(leader, again);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.store(false, Ordering::SeqCst);
+    load.join().unwrap();
+
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = c
+            .admin(leader)
+            .await
+            .list_sources(ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
+        let t = c
+            .admin(leader)
+            .await
+            .get_table(GetTableRequest {
+                name: "orders".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .table
+            .unwrap();
+        let s = s.first().cloned().unwrap_or_default();
+        assert_ne!(s.state, "error", "{s:?}");
+        if s.state == "streaming" && s.lag_bytes == 0 && t.pending_changes == 0 {
+            let want = pg_rows(&pg, ORDERS_PG);
+            let got = delta_rows(&uri, ORDERS_DELTA).await;
+            if got == want {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "did not converge: {s:?}, pending {}",
+            t.pending_changes
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The CLI shows the source.
+    let out = std::process::Command::new(freshet_bin())
+        .args([
+            "--endpoint",
+            &c.coordinators[leader].endpoint,
+            "source",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("freshet_slot") && text.contains("streaming"),
+        "{text}"
+    );
 }

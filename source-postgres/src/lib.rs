@@ -12,4 +12,4 @@ pub mod types;
 
 pub use config::{SourceConfig, SourceTable};
 pub use error::{Result, SourceError};
-pub use source::{PostgresSource, SourceStatus, start};
+pub use source::{FailedSource, PostgresSource, SourceStatus, start, starter};

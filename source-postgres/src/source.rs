@@ -73,6 +73,78 @@ impl PostgresSource {
     }
 }
 
+impl freshet_coordinator::Source for PostgresSource {
+    fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
+        let s = self.status();
+        freshet_proto::admin::v1::SourceInfo {
+            name: self.config.name.clone(),
+            kind: "postgres".into(),
+            slot: self.config.slot.clone(),
+            publication: self.config.publication.clone(),
+            state: s.state,
+            confirmed_lsn: format_lsn(s.confirmed_lsn),
+            lag_bytes: s.lag_bytes,
+            snapshot_rows: s.snapshot_rows,
+            transactions: s.transactions,
+            error: s.error,
+            tables: self.config.tables.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+
+    fn stop(&self) {
+        PostgresSource::stop(self);
+    }
+}
+
+/// A source that could not start: shown in the admin API with its error.
+pub struct FailedSource {
+    /// Its configuration.
+    pub config: SourceConfig,
+    /// Why it failed.
+    pub error: String,
+}
+
+impl freshet_coordinator::Source for FailedSource {
+    fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
+        freshet_proto::admin::v1::SourceInfo {
+            name: self.config.name.clone(),
+            kind: self.config.kind.clone(),
+            slot: self.config.slot.clone(),
+            publication: self.config.publication.clone(),
+            state: "error".into(),
+            error: self.error.clone(),
+            tables: self.config.tables.iter().map(|t| t.name.clone()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn stop(&self) {}
+}
+
+/// The coordinator hook that starts every configured source on a new term.
+pub fn starter() -> freshet_coordinator::SourceStarter {
+    Arc::new(|c: Arc<Coordinator>| {
+        Box::pin(async move {
+            let configs = c.inner().config.sources.clone();
+            for cfg in configs {
+                match start(cfg.clone(), c.clone()).await {
+                    Ok(s) => {
+                        tracing::info!(source = %cfg.name, "source started");
+                        c.add_source(Arc::new(s));
+                    }
+                    Err(e) => {
+                        tracing::error!(source = %cfg.name, error = %e, "source could not start");
+                        c.add_source(Arc::new(FailedSource {
+                            config: cfg,
+                            error: e.to_string(),
+                        }));
+                    }
+                }
+            }
+        })
+    })
+}
+
 /// What is recorded beside a table once its snapshot is staged.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct SnapshotMarker {
@@ -146,7 +218,7 @@ impl Mirror {
 }
 
 async fn connect(config: &SourceConfig) -> Result<Client> {
-    let pg = config.pg_config()?;
+    let pg = crate::config::pg_config(config)?;
     let (client, conn) = pg.connect(NoTls).await.map_err(SourceError::pg(format!(
         "connecting source '{}'",
         config.name
