@@ -453,3 +453,138 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_with_nulls_and_extremes() {
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE types (id bigint PRIMARY KEY, i2 int2, i4 int4, i8 int8, dec numeric(38,10), num numeric,
+           r real, d double precision, b bool, t text, vc varchar(10), ch char(3), u uuid, dt date, tm time,
+           ts timestamp, tz timestamptz, by bytea, j json, jb jsonb, e mood, arr int[]);
+         INSERT INTO types VALUES
+           (1, -32768, -2147483648, -9223372036854775808, -9999999999999999999999999999.9999999999, 123456789012345678901234567890.123456789,
+            -3.4e38, -1.7976931348623157e308, false, 'tab\there ünïcødé \"q\" \\', 'ten chars!', 'ab', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '0001-01-01', '00:00:00', '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', '\\x00ff10', '{\"a\": [1, 2]}', '{\"b\": null}', 'sad', '{1,NULL,3}'),
+           (2, 32767, 2147483647, 9223372036854775807, 9999999999999999999999999999.9999999999, 0.000000000000000001,
+            3.4e38, 1.7976931348623157e308, true, '', 'x', 'xyz', '00000000-0000-0000-0000-000000000000',
+            '9999-12-31', '23:59:59.999999', '2262-04-11 23:47:16.854775', '2024-06-30 12:34:56.789012+02', '\\x', '[]', '{}', 'happy', '{}'),
+           (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["types"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&c, &src, &["types"]).await;
+    // One more row through streaming (not the snapshot), same values as row 2.
+    pg.psql("INSERT INTO types SELECT 4, i2, i4, i8, dec, num, r, d, b, t, vc, ch, u, dt, tm, ts, tz, by, j, jb, e, arr FROM types WHERE id = 2;");
+    caught_up(&c, &src, &["types"]).await;
+    let uri = dir.path().join("types").display().to_string();
+
+    // The Delta types.
+    let url = deltalake::ensure_table_uri(&uri).unwrap();
+    let table = deltalake::DeltaTable::try_from_url(url).await.unwrap();
+    let schema = table.snapshot().unwrap().snapshot().arrow_schema();
+    let ty = |n: &str| schema.field_with_name(n).unwrap().data_type().to_string();
+    assert_eq!(ty("i2"), "Int16");
+    assert_eq!(ty("i4"), "Int32");
+    assert_eq!(ty("i8"), "Int64");
+    assert_eq!(ty("dec"), "Decimal128(38, 10)");
+    assert_eq!(ty("num"), "Utf8");
+    assert_eq!(ty("r"), "Float32");
+    assert_eq!(ty("d"), "Float64");
+    assert_eq!(ty("b"), "Boolean");
+    assert_eq!(ty("dt"), "Date32");
+    assert!(
+        ty("ts").starts_with("Timestamp(µs") || ty("ts").starts_with("Timestamp(Microsecond"),
+        "{}",
+        ty("ts")
+    );
+    assert!(ty("tz").contains("UTC"), "{}", ty("tz"));
+    assert_eq!(ty("by"), "Binary");
+
+    // Values: every column compared as PostgreSQL's text form (times in UTC) with Delta's.
+    let pg_text = |col: &str, expr: &str| -> BTreeMap<i64, String> {
+        pg_rows(
+            &pg,
+            &format!(
+                "SET TIME ZONE 'UTC'; SELECT id, coalesce({expr}, 'NULL') FROM types ORDER BY id"
+            ),
+        )
+        .into_iter()
+        .map(|(k, v)| (k, v))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .map(|(k, v)| (k, format!("{col}={v}")))
+        .collect()
+    };
+    let delta_text = |col: &'static str, expr: &'static str| {
+        let uri = uri.clone();
+        async move {
+            delta_rows(
+                &uri,
+                &format!("SELECT id, coalesce({expr}, 'NULL') FROM t ORDER BY id"),
+            )
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, format!("{col}={v}")))
+            .collect::<BTreeMap<_, _>>()
+        }
+    };
+    let checks: Vec<(&str, &str, &'static str)> = vec![
+        ("i2", "i2::text", "CAST(i2 AS VARCHAR)"),
+        ("i4", "i4::text", "CAST(i4 AS VARCHAR)"),
+        ("i8", "i8::text", "CAST(i8 AS VARCHAR)"),
+        ("dec", "dec::text", "CAST(dec AS VARCHAR)"),
+        ("num", "num::text", "num"),
+        ("b", "b::text", "CAST(b AS VARCHAR)"),
+        ("t", "t", "t"),
+        ("vc", "vc", "vc"),
+        ("ch", "ch::text", "ch"),
+        ("u", "u::text", "u"),
+        ("dt", "dt::text", "CAST(dt AS VARCHAR)"),
+        ("tm", "tm::text", "tm"),
+        (
+            "ts",
+            "to_char(ts, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')",
+            "to_char(ts, '%Y-%m-%dT%H:%M:%S%.6f')",
+        ),
+        (
+            "tz",
+            "to_char(tz, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')",
+            "to_char(tz, '%Y-%m-%dT%H:%M:%S%.6f')",
+        ),
+        ("by", "encode(by, 'hex')", "encode(by, 'hex')"),
+        ("j", "j::text", "j"),
+        ("jb", "jb::text", "jb"),
+        ("e", "e::text", "e"),
+        ("arr", "arr::text", "arr"),
+    ];
+    for (col, pg_expr, delta_expr) in checks {
+        let want = pg_text(col, pg_expr);
+        let got = delta_text(col, delta_expr).await;
+        assert_eq!(got, want, "column {col}");
+    }
+    // Floats compared as numbers (text forms differ between the two).
+    let floats = pg_rows(
+        &pg,
+        "SELECT id, coalesce(r::float8::text, 'NULL') || '|' || coalesce(d::text, 'NULL') FROM types ORDER BY id",
+    );
+    let got = delta_rows(&uri, "SELECT id, coalesce(CAST(CAST(r AS DOUBLE) AS VARCHAR), 'NULL') || '|' || coalesce(CAST(d AS VARCHAR), 'NULL') FROM t ORDER BY id").await;
+    for (k, v) in floats {
+        let (a, b) = v.split_once('|').unwrap();
+        let (x, y) = got[&k].split_once('|').unwrap();
+        for (p, q) in [(a, x), (b, y)] {
+            if p == "NULL" {
+                assert_eq!(q, "NULL");
+            } else {
+                let (p, q): (f64, f64) = (p.parse().unwrap(), q.parse().unwrap());
+                assert!((p - q).abs() <= p.abs() * 1e-7, "row {k}: {p} vs {q}");
+            }
+        }
+    }
+    src.stop();
+    c.stop();
+}

@@ -96,8 +96,8 @@ pub fn array_from_text(
                 .iter()
                 .map(|v| match v {
                     None => Ok(None),
-                    Some("t") => Ok(Some(true)),
-                    Some("f") => Ok(Some(false)),
+                    Some("t" | "true") => Ok(Some(true)),
+                    Some("f" | "false") => Ok(Some(false)),
                     Some(o) => Err(bad(format!("'{o}' is not a boolean"))),
                 })
                 .collect::<Result<_>>()?;
