@@ -446,6 +446,7 @@ impl Coordinator {
                 batch: valid.batch,
                 reply,
                 sequence: None,
+                origin_ms: None,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
@@ -468,6 +469,7 @@ impl Coordinator {
         table: &str,
         batch: arrow::record_batch::RecordBatch,
         sequence: u64,
+        origin_ms: Option<i64>,
     ) -> Result<u64> {
         if self.inner.dead.load(Ordering::SeqCst) {
             return Err(Error::Unavailable("coordinator stopped".into()));
@@ -490,6 +492,7 @@ impl Coordinator {
                 batch,
                 reply,
                 sequence: Some(sequence),
+                origin_ms,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
@@ -588,6 +591,25 @@ impl Coordinator {
             let p = t.pending.lock().expect("lock");
             (p.rows(), p.bytes())
         };
+        // Freshness over the last (up to) 100 committed cycles of the table.
+        let lags = {
+            let h = self.inner.history.lock().expect("lock");
+            let mut v: Vec<u64> = h
+                .iter()
+                .filter(|c| c.table == t.def.name && c.state == "committed")
+                .take(100)
+                .map(|c| c.freshness_lag_ms)
+                .collect();
+            v.sort_unstable();
+            let pct = |p: f64| {
+                if v.is_empty() {
+                    0
+                } else {
+                    v[((v.len() - 1) as f64 * p).round() as usize]
+                }
+            };
+            (pct(0.5), pct(0.99), v.len() as u32)
+        };
         Ok(TableInfo {
             name: t.def.name.clone(),
             uri: t.def.uri.clone(),
@@ -604,6 +626,9 @@ impl Coordinator {
             applied_sequence: applied,
             last_cycle: t.last_cycle.lock().expect("lock").clone(),
             paused: t.paused.load(Ordering::SeqCst),
+            freshness_p50_ms: lags.0,
+            freshness_p99_ms: lags.1,
+            freshness_window: lags.2,
         })
     }
 }

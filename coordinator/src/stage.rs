@@ -26,6 +26,9 @@ pub struct StageRequest {
     /// A sequence chosen by the source (a CDC source's commit LSN); a batch whose sequence
     /// is below the next one was staged before and is acknowledged without staging again.
     pub sequence: Option<u64>,
+    /// When the change happened at its origin (a source transaction's commit time, ms since
+    /// the epoch): freshness is measured from here instead of from the acknowledgement.
+    pub origin_ms: Option<i64>,
 }
 
 /// Runs the stager of one table until `stop` turns true or the queue closes.
@@ -78,6 +81,7 @@ pub async fn run_stager(
         if group.is_empty() {
             continue;
         }
+        let origin_ms = group.iter().filter_map(|r| r.origin_ms).min();
         // Sequences are never reused, even when the write fails.
         let first_seq = seqs[0];
         let last_seq = *seqs.last().expect("non-empty");
@@ -121,7 +125,8 @@ pub async fn run_stager(
                         batches,
                         rows,
                         bytes: size,
-                        acked_at_ms: chrono::Utc::now().timestamp_millis(),
+                        acked_at_ms: origin_ms
+                            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
                     });
                     p.rows()
                 };

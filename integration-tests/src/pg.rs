@@ -179,6 +179,11 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// The `psql` binary beside the server.
+    pub fn psql_bin(&self) -> PathBuf {
+        self.bin.join("psql")
+    }
+
     /// The server's directory (its log is `postgres.log` there).
     pub fn dir(&self) -> &Path {
         self.dir.path()

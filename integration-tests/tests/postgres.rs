@@ -133,6 +133,7 @@ async fn snapshot_under_load_then_streaming_equals_postgres() {
     // A workload runs during and after the snapshot.
     let running = Arc::new(AtomicBool::new(true));
     let pg_port = pg.port;
+    let psql = pg.psql_bin();
     let r = running.clone();
     let load = std::thread::spawn(move || {
         let mut round = 0i64;
@@ -147,7 +148,7 @@ async fn snapshot_under_load_then_streaming_equals_postgres() {
                 d = 1000 + round * 997,
                 i = 300_000 + round * 40,
             );
-            let ok = std::process::Command::new("psql")
+            let ok = std::process::Command::new(&psql)
                 .args([
                     "-h",
                     "127.0.0.1",
@@ -185,6 +186,15 @@ async fn snapshot_under_load_then_streaming_equals_postgres() {
         assert_eq!(got.get(k), Some(v), "row {k} differs");
     }
     // The slot never confirms past what is staged: its position is at most the latest WAL.
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("orders").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        info.freshness_window > 0 && info.freshness_p50_ms <= info.freshness_p99_ms,
+        "{info:?}"
+    );
     let s = src.status();
     assert!(s.snapshot_rows >= 200_000, "{s:?}");
     assert!(s.transactions >= 1, "{s:?}");
@@ -330,6 +340,7 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
     let running = Arc::new(AtomicBool::new(true));
     let r = running.clone();
     let port = pg.port;
+    let psql = pg.psql_bin();
     let load = std::thread::spawn(move || {
         let mut i = 0i64;
         while r.load(Ordering::SeqCst) {
@@ -339,7 +350,7 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
                 d = 1 + i * 3,
                 n = 100_000 + i
             );
-            let ok = std::process::Command::new("psql")
+            let ok = std::process::Command::new(&psql)
                 .args([
                     "-h",
                     "127.0.0.1",

@@ -552,7 +552,7 @@ async fn snapshot(
                 .collect();
             chunk += 1;
             coordinator
-                .stage_changes(&m.cfg.name, m.batch(&change_rows)?, seq(l0, chunk))
+                .stage_changes(&m.cfg.name, m.batch(&change_rows)?, seq(l0, chunk), None)
                 .await?;
             copied += change_rows.len() as u64;
             status.lock().expect("lock").snapshot_rows += change_rows.len() as u64;
@@ -614,12 +614,18 @@ async fn stream(
             .map_err(SourceError::pg("reading the slot"))?;
         let mut events: Vec<Event> = Vec::new();
         let mut xid = 0u32;
+        let mut commit_ts = 0i64;
         let mut last_end = None;
         for r in &rows {
             let data: &[u8] = r.get(0);
             match decode(data)? {
-                Message::Begin { xid: x, .. } => {
+                Message::Begin {
+                    xid: x,
+                    commit_ts: ts,
+                    ..
+                } => {
                     xid = x;
+                    commit_ts = ts;
                     events.clear();
                 }
                 Message::Relation {
@@ -686,11 +692,14 @@ async fn stream(
                     ..
                 } => {
                     if !marker.sees(xid) {
+                        // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
+                        let origin_ms = Some(commit_ts / 1000 + 946_684_800_000);
                         apply(
                             coordinator,
                             mirrors,
                             std::mem::take(&mut events),
                             commit_lsn,
+                            origin_ms,
                         )
                         .await?;
                         status.lock().expect("lock").transactions += 1;
@@ -754,6 +763,7 @@ async fn apply(
     mirrors: &[Mirror],
     events: Vec<Event>,
     commit_lsn: u64,
+    origin_ms: Option<i64>,
 ) -> Result<()> {
     // Per table: rows accumulate until a TRUNCATE of that table or the end of the transaction.
     let mut pending: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
@@ -770,7 +780,7 @@ async fn apply(
                 if let Some(rows) = pending.remove(&t) {
                     let m = &mirrors[t];
                     coordinator
-                        .stage_changes(&m.cfg.name, m.batch(&rows)?, next(t))
+                        .stage_changes(&m.cfg.name, m.batch(&rows)?, next(t), origin_ms)
                         .await?;
                 }
                 coordinator.truncate(&mirrors[t].cfg.name, next(t)).await?;
@@ -780,7 +790,7 @@ async fn apply(
     for (t, rows) in pending {
         let m = &mirrors[t];
         coordinator
-            .stage_changes(&m.cfg.name, m.batch(&rows)?, next(t))
+            .stage_changes(&m.cfg.name, m.batch(&rows)?, next(t), origin_ms)
             .await?;
     }
     Ok(())
