@@ -600,18 +600,39 @@ async fn stream(
         .map(|(i, m)| (m.pg.qualified.as_str(), i))
         .collect();
     let mut relations: HashMap<u32, usize> = HashMap::new();
+    let start: Option<String> = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(SourceError::pg("reading the slot"))?
+        .get(0);
+    status.lock().expect("lock").confirmed_lsn =
+        start.and_then(|x| parse_lsn(&x).ok()).unwrap_or(0);
     loop {
         if *stop.borrow() {
             return Ok(());
         }
+        // Read up to the server's flushed position as of now; when everything up to it was
+        // returned (fewer rows than the limit), the slot can be confirmed up to it even if
+        // the tail held no change for this publication.
+        let upto: String = client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(SourceError::pg("reading the server position"))?
+            .get(0);
+        let upto = parse_lsn(&upto)?;
+        const LIMIT: i32 = 20_000;
         let rows = client
             .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, 20000, \
-                 'proto_version', '1', 'publication_names', $2)",
-                &[&config.slot, &config.publication],
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+                 'proto_version', '1', 'publication_names', $4)",
+                &[&config.slot, &format_lsn(upto), &LIMIT, &config.publication],
             )
             .await
             .map_err(SourceError::pg("reading the slot"))?;
+        let drained = rows.len() < LIMIT as usize;
         let mut events: Vec<Event> = Vec::new();
         let mut xid = 0u32;
         let mut commit_ts = 0i64;
@@ -710,31 +731,29 @@ async fn stream(
                 Message::Other(_) => {}
             }
         }
-        if let Some(end) = last_end {
-            // Only now, with everything up to `end` durably staged.
-            client
+        // Only now, with every transaction up to the target durably staged.
+        let target = match (last_end, drained) {
+            (Some(end), true) => Some(end.max(upto)),
+            (None, true) => Some(upto),
+            (end, false) => end,
+        };
+        let confirmed = status.lock().expect("lock").confirmed_lsn;
+        if let Some(target) = target.filter(|t| *t > confirmed) {
+            let at: Option<String> = client
                 .query_one(
-                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
-                    &[&config.slot, &format_lsn(end)],
+                    "SELECT (pg_replication_slot_advance($1, $2::text::pg_lsn)).end_lsn::text",
+                    &[&config.slot, &format_lsn(target)],
                 )
                 .await
-                .map_err(SourceError::pg("confirming the slot position"))?;
+                .map_err(SourceError::pg("confirming the slot position"))?
+                .get(0);
+            let at = at.and_then(|x| parse_lsn(&x).ok()).unwrap_or(target);
+            status.lock().expect("lock").confirmed_lsn = at;
         }
-        let lag = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&config.slot],
-            )
-            .await
-            .map_err(SourceError::pg("reading the slot"))?;
-        if let Some(l) = lag {
+        {
+            // Lag: how far the confirmed position is behind the server's position at this poll.
             let mut s = status.lock().expect("lock");
-            s.confirmed_lsn = l
-                .get::<_, Option<String>>(0)
-                .and_then(|x| parse_lsn(&x).ok())
-                .unwrap_or(0);
-            s.lag_bytes = l.get::<_, Option<i64>>(1).unwrap_or(0).max(0) as u64;
+            s.lag_bytes = upto.saturating_sub(s.confirmed_lsn);
         }
         if rows.is_empty() {
             tokio::select! {
