@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use freshet_common::config::Config;
 use freshet_common::delta::{applied_sequence, files, open_or_create};
 use freshet_common::error::{Error, Result};
@@ -546,6 +547,99 @@ impl Coordinator {
         Ok(v)
     }
 
+    /// Adds nullable columns to a table (a source's ALTER TABLE ADD COLUMN): applies what
+    /// is pending under the old schema, commits the new schema to the Delta log, records it
+    /// in the catalog, and serves the table under `new_def` from then on. Existing files
+    /// read the new columns as null.
+    pub async fn add_columns(&self, new_def: TableDef) -> Result<()> {
+        let name = new_def.name.clone();
+        let t = self.table(&name)?;
+        let old = &t.def;
+        let prefix_ok = new_def.schema.fields().len() > old.schema.fields().len()
+            && old
+                .schema
+                .fields()
+                .iter()
+                .zip(new_def.schema.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        let added: Vec<_> = new_def.schema.fields()
+            [old.schema.fields().len().min(new_def.schema.fields().len())..]
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        if !prefix_ok
+            || new_def.primary_key != old.primary_key
+            || new_def.partition_by != old.partition_by
+        {
+            return Err(Error::InvalidTable {
+                table: name,
+                message:
+                    "only new nullable columns at the end can be added; keys and partitioning stay"
+                        .into(),
+            });
+        }
+        // Everything staged under the old schema goes in first.
+        loop {
+            if t.pending.lock().expect("lock").segments.is_empty() {
+                break;
+            }
+            let rec = cycle::run_cycle(&self.inner, &t).await?;
+            self.inner.record(&t, &rec);
+            if rec.state == "failed" {
+                return Err(Error::Internal(format!(
+                    "table '{name}': cycle before the schema change failed: {}",
+                    rec.error
+                )));
+            }
+        }
+        {
+            let mut delta = t.delta.lock().await;
+            delta
+                .update_state()
+                .await
+                .map_err(|e| Error::delta(&name, e))?;
+            self.inner.fence.check().await?;
+            let fields: deltalake::kernel::StructType =
+                (&arrow::datatypes::Schema::new(added.clone()))
+                    .try_into_kernel()
+                    .map_err(|e| Error::InvalidTable {
+                        table: name.clone(),
+                        message: format!("new columns have no Delta equivalent: {e}"),
+                    })?;
+            let evolved = delta
+                .clone()
+                .add_columns()
+                .with_fields(fields.fields().cloned().collect::<Vec<_>>())
+                .await
+                .map_err(|e| Error::delta(&name, e))?;
+            *delta = evolved;
+        }
+        // Serve the table under the new definition.
+        let _ = t.closed.send(true);
+        self.inner.tables.write().expect("lock").remove(&name);
+        let mut def = new_def;
+        let fields: Vec<_> = def
+            .schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                if i >= t.def.schema.fields().len() {
+                    f.as_ref().clone().with_nullable(true)
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect();
+        def.schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+        let (nt, _) = self.open_table(def).await?;
+        if let Some(cat) = &self.inner.catalog {
+            cat.save(&nt.def).await?;
+        }
+        tracing::info!(table = %name, columns = ?added.iter().map(|f| f.name().clone()).collect::<Vec<_>>(), "columns added");
+        Ok(())
+    }
+
     /// Runs a cycle of the table now.
     pub async fn trigger(&self, table: &str) -> Result<CycleRecord> {
         if self.inner.dead.load(Ordering::SeqCst) {
@@ -668,11 +762,13 @@ async fn load_history(inner: Arc<Inner>, t: Arc<TableRuntime>) {
 async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
     let interval = Duration::from_millis(inner.config.cycle.interval_ms.max(1));
     let mut stop = inner.stop.subscribe();
+    let mut closed = t.closed.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = t.wake.notified() => {}
             _ = stop.wait_for(|s| *s) => return,
+            _ = closed.wait_for(|s| *s) => return,
         }
         if t.paused.load(Ordering::SeqCst) || t.pending.lock().expect("lock").segments.is_empty() {
             continue;

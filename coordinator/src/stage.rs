@@ -40,11 +40,13 @@ pub async fn run_stager(
 ) {
     let trigger_rows = inner.config.cycle.trigger_changes;
     let mut stop: watch::Receiver<bool> = inner.stop.subscribe();
+    let mut closed = table.closed.subscribe();
     let schema = staging_schema(&table.def);
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => return },
             _ = stop.wait_for(|s| *s) => return,
+            _ = closed.wait_for(|s| *s) => return,
         };
         let mut queued = vec![first];
         let mut bytes = queued[0].batch.get_array_memory_size();

@@ -599,3 +599,71 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
     src.stop();
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_column_evolves_the_table_and_an_incompatible_change_pauses_it() {
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE evo (id bigint PRIMARY KEY, a text NOT NULL);
+         INSERT INTO evo SELECT g, 'a' || g FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["evo"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&c, &src, &["evo"]).await;
+    // In one transaction: a change under the old shape, the new column, changes using it.
+    pg.psql(
+        "BEGIN; UPDATE evo SET a = 'before' WHERE id = 50; ALTER TABLE evo ADD COLUMN b int;
+         UPDATE evo SET b = id * 10 WHERE id <= 10; INSERT INTO evo VALUES (1000, 'new', 5); COMMIT;
+         DELETE FROM evo WHERE id = 3;",
+    );
+    caught_up(&c, &src, &["evo"]).await;
+    let uri = dir.path().join("evo").display().to_string();
+    let want = pg_rows(
+        &pg,
+        "SELECT id, a || ',' || coalesce(b::text, 'NULL') FROM evo ORDER BY id",
+    );
+    let got = delta_rows(
+        &uri,
+        "SELECT id, a || ',' || coalesce(CAST(b AS VARCHAR), 'NULL') FROM t ORDER BY id",
+    )
+    .await;
+    assert_eq!(got, want);
+    let t = c.coordinator.table("evo").unwrap();
+    let b = t.def.schema.field_with_name("b").unwrap();
+    assert!(b.is_nullable() && *b.data_type() == arrow::datatypes::DataType::Int32);
+
+    // A column added with a default that existing rows take cannot be mirrored without
+    // rewriting every row: the table is paused and the source says why.
+    pg.psql("ALTER TABLE evo ADD COLUMN c int NOT NULL DEFAULT 7; UPDATE evo SET a = 'after' WHERE id = 1;");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = src.status();
+        if s.state == "error" {
+            assert!(
+                s.error.contains("default") && s.error.contains("evo"),
+                "{}",
+                s.error
+            );
+            break;
+        }
+        assert!(Instant::now() < end, "the source did not stop: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("evo").unwrap())
+        .await
+        .unwrap();
+    assert!(info.paused, "the table was not paused");
+    // Nothing under the new shape was written.
+    assert_eq!(
+        delta_rows(&uri, "SELECT id, a FROM t WHERE id = 1").await[&1],
+        "a1"
+    );
+    src.stop();
+    c.stop();
+}

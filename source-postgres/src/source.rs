@@ -188,7 +188,7 @@ impl Mirror {
         for (i, t) in self.types.iter().enumerate() {
             let vals: Vec<Option<&str>> = rows
                 .iter()
-                .map(|(_, v)| match &v[i] {
+                .map(|(_, v)| match v.get(i).unwrap_or(&Value::Null) {
                     Value::Text(s) => Ok(Some(s.as_str())),
                     Value::Null => Ok(None),
                     Value::Unchanged => Err(SourceError::Value {
@@ -406,7 +406,7 @@ async fn run(
     config: &SourceConfig,
     coordinator: &Arc<Coordinator>,
     client: Client,
-    mirrors: Vec<Mirror>,
+    mut mirrors: Vec<Mirror>,
     status: &Arc<Mutex<SourceStatus>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -445,7 +445,7 @@ async fn run(
         config,
         coordinator,
         &client,
-        &mirrors,
+        &mut mirrors,
         &marker,
         status,
         &mut stop,
@@ -579,6 +579,75 @@ fn quote(qualified: &str) -> String {
         .join(".")
 }
 
+/// Evolves a mirrored table for columns added at the end in PostgreSQL. A column added
+/// with a default that existing rows take (`atthasmissing`) would need every existing Delta
+/// row rewritten: refused (the table is paused) rather than left null.
+async fn evolve(
+    client: &Client,
+    coordinator: &Arc<Coordinator>,
+    m: &mut Mirror,
+    oid: u32,
+    columns: &[crate::pgoutput::RelationColumn],
+) -> Result<()> {
+    let added: Vec<&crate::pgoutput::RelationColumn> =
+        columns[m.pg.columns.len()..].iter().collect();
+    let names: Vec<String> = added.iter().map(|c| c.name.clone()).collect();
+    let with_default: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::int8::oid AND atthasmissing AND attname = ANY($2)",
+            &[&(oid as i64), &names],
+        )
+        .await
+        .map_err(SourceError::pg("reading added columns"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !with_default.is_empty() {
+        let _ = coordinator.set_paused(&m.cfg.name, true).await;
+        return Err(SourceError::Table {
+            table: m.pg.qualified.clone(),
+            message: format!(
+                "column(s) {} were added with a default that existing rows take; Freshet would have to rewrite every row, so the table '{}' is paused and the source stopped",
+                with_default.join(", "),
+                m.cfg.name
+            ),
+        });
+    }
+    let mut pg = m.pg.clone();
+    for c in &added {
+        pg.columns.push(crate::schema::PgColumn {
+            name: c.name.clone(),
+            type_oid: c.type_oid,
+            type_mod: c.type_mod,
+            not_null: false,
+        });
+    }
+    let current = coordinator.table(&m.cfg.name)?.def.clone();
+    let spec = SchemaSpec {
+        fields: pg.column_specs(),
+    };
+    let def = TableDef::new(
+        &current.name,
+        &current.uri,
+        spec.to_arrow()?,
+        current.primary_key.clone(),
+        current.partition_by.clone(),
+        current.target_file_size,
+    )?;
+    coordinator.add_columns(def).await?;
+    let def = coordinator.table(&m.cfg.name)?.def.clone();
+    m.types = def
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.data_type().clone())
+        .collect();
+    m.schema = change_schema(&def);
+    m.pg = pg;
+    tracing::info!(table = %m.cfg.name, added = ?names, "schema evolved");
+    Ok(())
+}
+
 /// One decoded transaction's work, in order.
 enum Event {
     Rows(usize, Vec<Row>),
@@ -589,15 +658,15 @@ async fn stream(
     config: &SourceConfig,
     coordinator: &Arc<Coordinator>,
     client: &Client,
-    mirrors: &[Mirror],
+    mirrors: &mut [Mirror],
     marker: &SnapshotMarker,
     status: &Arc<Mutex<SourceStatus>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let by_name: HashMap<&str, usize> = mirrors
+    let by_name: HashMap<String, usize> = mirrors
         .iter()
         .enumerate()
-        .map(|(i, m)| (m.pg.qualified.as_str(), i))
+        .map(|(i, m)| (m.pg.qualified.clone(), i))
         .collect();
     let mut relations: HashMap<u32, usize> = HashMap::new();
     let start: Option<String> = client
@@ -661,17 +730,29 @@ async fn stream(
                         continue;
                     };
                     let m = &mirrors[i];
-                    let same = columns.len() == m.pg.columns.len()
-                        && columns
-                            .iter()
-                            .zip(&m.pg.columns)
-                            .all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid);
-                    if !same {
+                    let common = columns.iter().zip(&m.pg.columns).all(|(a, b)| {
+                        a.name == b.name && a.type_oid == b.type_oid && a.type_mod == b.type_mod
+                    });
+                    if common && columns.len() > m.pg.columns.len() {
+                        // ALTER TABLE ADD COLUMN: evolve the Delta table first.
+                        evolve(client, coordinator, &mut mirrors[i], oid, &columns).await?;
+                    } else if !common {
+                        // A dropped, renamed or retyped column: writing on would be wrong.
+                        let table = mirrors[i].cfg.name.clone();
+                        let _ = coordinator.set_paused(&table, true).await;
                         return Err(SourceError::Table {
                             table: q,
-                            message: "the table's columns changed in PostgreSQL; schema evolution is not supported yet, the source stopped before writing anything under the new shape".into(),
+                            message: format!(
+                                "its columns changed incompatibly in PostgreSQL (now: {}); the Freshet table '{table}' is paused and the source stopped before writing anything under the new shape",
+                                columns
+                                    .iter()
+                                    .map(|c| c.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
                         });
                     }
+                    // Fewer columns than known: an older shape replayed; rows are padded.
                     relations.insert(oid, i);
                 }
                 Message::Insert { oid, new } => {
