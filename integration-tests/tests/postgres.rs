@@ -13,6 +13,10 @@ use freshet_integration_tests::pg::Postgres;
 use freshet_integration_tests::*;
 use freshet_source_postgres::{SourceConfig, SourceTable};
 
+/// The tests run one at a time: each starts a PostgreSQL server and a cluster, and the
+/// machine has two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig {
     SourceConfig {
         name: "pg".into(),
@@ -70,47 +74,38 @@ async fn delta_rows(uri: &str, sql: &str) -> BTreeMap<i64, String> {
     out
 }
 
-/// Waits until the source has confirmed everything and the table has nothing pending.
-async fn caught_up(c: &Cluster, src: &freshet_source_postgres::PostgresSource, tables: &[&str]) {
+/// Waits until the source has confirmed the server's WAL position as of this call (so every
+/// transaction committed before is staged) and the tables have nothing pending.
+async fn caught_up(
+    pg: &Postgres,
+    c: &Cluster,
+    src: &freshet_source_postgres::PostgresSource,
+    tables: &[&str],
+) {
+    let target = freshet_source_postgres::pgoutput::parse_lsn(
+        pg.psql("SELECT pg_current_wal_insert_lsn()").trim(),
+    )
+    .unwrap();
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let s = src.status();
         assert_ne!(s.state, "error", "source failed: {}", s.error);
+        // A table being re-opened (schema change) counts as pending.
         let pending: u64 = tables
             .iter()
             .map(|t| {
                 c.coordinator
                     .table(t)
-                    .unwrap()
-                    .pending
-                    .lock()
-                    .unwrap()
-                    .rows()
+                    .map(|t| t.pending.lock().unwrap().rows())
+                    .unwrap_or(1)
             })
             .sum();
-        if s.state == "streaming" && s.lag_bytes == 0 && pending == 0 {
-            // Once more after a poll, so a transaction committed just now is in.
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            let s = src.status();
-            let pending: u64 = tables
-                .iter()
-                .map(|t| {
-                    c.coordinator
-                        .table(t)
-                        .unwrap()
-                        .pending
-                        .lock()
-                        .unwrap()
-                        .rows()
-                })
-                .sum();
-            if s.lag_bytes == 0 && pending == 0 {
-                return;
-            }
+        if s.state == "streaming" && s.polled_lsn >= target && pending == 0 {
+            return;
         }
         assert!(
             Instant::now() < end,
-            "source not caught up: {s:?}, pending {pending}"
+            "source not caught up to {target:X}: {s:?}, pending {pending}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -121,6 +116,7 @@ const ORDERS_DELTA: &str = "SELECT id, concat_ws(',', region, CAST(amount AS VAR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_under_load_then_streaming_equals_postgres() {
+    let _serial = SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql(
         "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount numeric(12,2), note text, qty int);
@@ -177,7 +173,7 @@ async fn snapshot_under_load_then_streaming_equals_postgres() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     running.store(false, Ordering::SeqCst);
     load.join().unwrap();
-    caught_up(&c, &src, &["orders"]).await;
+    caught_up(&pg, &c, &src, &["orders"]).await;
     let uri = dir.path().join("orders").display().to_string();
     let want = pg_rows(&pg, ORDERS_PG);
     let got = delta_rows(&uri, ORDERS_DELTA).await;
@@ -204,6 +200,7 @@ async fn snapshot_under_load_then_streaming_equals_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
+    let _serial = SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql(
         "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount numeric(12,2), note text, qty int);
@@ -225,14 +222,14 @@ async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
         freshet_source_postgres::start(source(&pg, dir.path(), &["orders"]), c.coordinator.clone())
             .await
             .unwrap();
-    caught_up(&c, &src, &["orders"]).await;
+    caught_up(&pg, &c, &src, &["orders"]).await;
     // Key change = delete + insert; deletes; a transaction with several changes per key.
     pg.psql(
         "UPDATE orders SET id = 5000 WHERE id = 1;
          DELETE FROM orders WHERE id BETWEEN 10 AND 19;
          BEGIN; UPDATE orders SET qty = -1 WHERE id = 2; UPDATE orders SET qty = -2 WHERE id = 2; COMMIT;",
     );
-    caught_up(&c, &src, &["orders"]).await;
+    caught_up(&pg, &c, &src, &["orders"]).await;
     let uri = dir.path().join("orders").display().to_string();
     assert_eq!(
         delta_rows(&uri, ORDERS_DELTA).await,
@@ -250,7 +247,7 @@ async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
         freshet_source_postgres::start(source(&pg, dir.path(), &["orders"]), c.coordinator.clone())
             .await
             .unwrap();
-    caught_up(&c, &src, &["orders"]).await;
+    caught_up(&pg, &c, &src, &["orders"]).await;
     assert_eq!(
         delta_rows(&uri, ORDERS_DELTA).await,
         pg_rows(&pg, ORDERS_PG)
@@ -264,7 +261,7 @@ async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
         .unwrap()
         .version;
     pg.psql("BEGIN; INSERT INTO orders VALUES (8000, 'eu', 1, 'gone', 1); TRUNCATE orders; INSERT INTO orders VALUES (9000, 'eu', 2.50, 'after', 3); COMMIT;");
-    caught_up(&c, &src, &["orders"]).await;
+    caught_up(&pg, &c, &src, &["orders"]).await;
     let rows = delta_rows(&uri, ORDERS_DELTA).await;
     assert_eq!(rows, pg_rows(&pg, ORDERS_PG));
     assert_eq!(rows.len(), 1);
@@ -319,6 +316,7 @@ fn durable_sequence(table_dir: &std::path::Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead() {
+    let _serial = SERIAL.lock().await;
     use freshet_integration_tests::procs::ProcCluster;
     use freshet_proto::admin::v1::{GetTableRequest, ListSourcesRequest};
     let pg = Postgres::start();
@@ -467,6 +465,7 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_with_nulls_and_extremes() {
+    let _serial = SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql(
         "CREATE TYPE mood AS ENUM ('sad', 'happy');
@@ -488,10 +487,10 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
         freshet_source_postgres::start(source(&pg, dir.path(), &["types"]), c.coordinator.clone())
             .await
             .unwrap();
-    caught_up(&c, &src, &["types"]).await;
+    caught_up(&pg, &c, &src, &["types"]).await;
     // One more row through streaming (not the snapshot), same values as row 2.
     pg.psql("INSERT INTO types SELECT 4, i2, i4, i8, dec, num, r, d, b, t, vc, ch, u, dt, tm, ts, tz, by, j, jb, e, arr FROM types WHERE id = 2;");
-    caught_up(&c, &src, &["types"]).await;
+    caught_up(&pg, &c, &src, &["types"]).await;
     let uri = dir.path().join("types").display().to_string();
 
     // The Delta types.
@@ -602,6 +601,7 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_column_evolves_the_table_and_an_incompatible_change_pauses_it() {
+    let _serial = SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql(
         "CREATE TABLE evo (id bigint PRIMARY KEY, a text NOT NULL);
@@ -613,14 +613,14 @@ async fn add_column_evolves_the_table_and_an_incompatible_change_pauses_it() {
         freshet_source_postgres::start(source(&pg, dir.path(), &["evo"]), c.coordinator.clone())
             .await
             .unwrap();
-    caught_up(&c, &src, &["evo"]).await;
+    caught_up(&pg, &c, &src, &["evo"]).await;
     // In one transaction: a change under the old shape, the new column, changes using it.
     pg.psql(
         "BEGIN; UPDATE evo SET a = 'before' WHERE id = 50; ALTER TABLE evo ADD COLUMN b int;
          UPDATE evo SET b = id * 10 WHERE id <= 10; INSERT INTO evo VALUES (1000, 'new', 5); COMMIT;
          DELETE FROM evo WHERE id = 3;",
     );
-    caught_up(&c, &src, &["evo"]).await;
+    caught_up(&pg, &c, &src, &["evo"]).await;
     let uri = dir.path().join("evo").display().to_string();
     let want = pg_rows(
         &pg,
@@ -664,6 +664,38 @@ async fn add_column_evolves_the_table_and_an_incompatible_change_pauses_it() {
         delta_rows(&uri, "SELECT id, a FROM t WHERE id = 1").await[&1],
         "a1"
     );
+    src.stop();
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toasted_values_keep_their_value() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE big (id bigint PRIMARY KEY, payload text, n int);
+         ALTER TABLE big ALTER COLUMN payload SET STORAGE EXTERNAL;
+         INSERT INTO big SELECT g, repeat(md5(g::text), 1000), 0 FROM generate_series(1, 20) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["big"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["big"]).await;
+    // Streamed: a new row, then updates that leave the 32 KB payloads untouched (pgoutput
+    // sends them as 'unchanged'), and one that changes a payload.
+    pg.psql("INSERT INTO big VALUES (100, repeat('z', 40000), 0);");
+    pg.psql("UPDATE big SET n = n + 1; UPDATE big SET payload = repeat('y', 30000) WHERE id = 2; UPDATE big SET n = 7 WHERE id = 2;");
+    caught_up(&pg, &c, &src, &["big"]).await;
+    let uri = dir.path().join("big").display().to_string();
+    let want = pg_rows(
+        &pg,
+        "SELECT id, md5(payload) || ',' || length(payload) || ',' || n FROM big ORDER BY id",
+    );
+    let got = delta_rows(&uri, "SELECT id, md5(payload) || ',' || CAST(length(payload) AS VARCHAR) || ',' || CAST(n AS VARCHAR) FROM t ORDER BY id").await;
+    assert_eq!(got, want);
     src.stop();
     c.stop();
 }

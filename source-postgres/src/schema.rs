@@ -17,6 +17,8 @@ pub struct PgColumn {
     pub type_mod: i32,
     /// NOT NULL.
     pub not_null: bool,
+    /// The SQL type name (`format_type`), for casts in lookups.
+    pub type_name: String,
 }
 
 /// A source table's shape.
@@ -49,7 +51,8 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<PgTa
     let qualified = format!("{schema}.{table}");
     let rows = client
         .query(
-            "SELECT a.attname::text, a.atttypid::int8, a.atttypmod::int8, a.attnotnull \
+            "SELECT a.attname::text, a.atttypid::int8, a.atttypmod::int8, a.attnotnull, \
+             format_type(a.atttypid, a.atttypmod) \
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -71,6 +74,7 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<PgTa
             type_oid: r.get::<_, i64>(1) as u32,
             type_mod: r.get::<_, i64>(2) as i32,
             not_null: r.get(3),
+            type_name: r.get(4),
         })
         .collect();
     // The primary key, else the REPLICA IDENTITY USING INDEX index.

@@ -45,6 +45,9 @@ pub struct SourceStatus {
     pub confirmed_lsn: u64,
     /// WAL bytes between the server's current position and the confirmed one.
     pub lag_bytes: u64,
+    /// The server position up to which the last complete poll read (everything committed
+    /// before it is staged).
+    pub polled_lsn: u64,
     /// Rows copied by the snapshot so far.
     pub snapshot_rows: u64,
     /// Transactions applied since start.
@@ -620,6 +623,7 @@ async fn evolve(
             type_oid: c.type_oid,
             type_mod: c.type_mod,
             not_null: false,
+            type_name: String::new(),
         });
     }
     let current = coordinator.table(&m.cfg.name)?.def.clone();
@@ -645,6 +649,66 @@ async fn evolve(
     m.schema = change_schema(&def);
     m.pg = pg;
     tracing::info!(table = %m.cfg.name, added = ?names, "schema evolved");
+    Ok(())
+}
+
+/// Fills unchanged TOASTed values (pgoutput's `u`, sent without the old row unless the
+/// table has REPLICA IDENTITY FULL) from the row as PostgreSQL holds it now. The value may
+/// be newer than this transaction's; every later change of the row follows in the stream,
+/// so the Delta table converges to PostgreSQL's content. A row deleted since reads as null
+/// until its delete arrives.
+async fn fill_unchanged(client: &Client, m: &Mirror, new: &mut [Value]) -> Result<()> {
+    let missing: Vec<usize> = (0..new.len())
+        .filter(|j| new[*j] == Value::Unchanged)
+        .collect();
+    let cols: Vec<String> = missing
+        .iter()
+        .map(|j| format!("\"{}\"::text", m.pg.columns[*j].name.replace('"', "\"\"")))
+        .collect();
+    let mut params: Vec<String> = Vec::new();
+    let mut conds: Vec<String> = Vec::new();
+    for (n, k) in m.key_idx.iter().enumerate() {
+        let c = &m.pg.columns[*k];
+        let Value::Text(v) = &new[*k] else {
+            return Err(SourceError::Protocol(format!(
+                "{}: update without its key value",
+                m.pg.qualified
+            )));
+        };
+        params.push(v.clone());
+        conds.push(format!(
+            "\"{}\" = ${}::text::{}",
+            c.name.replace('"', "\"\""),
+            n + 1,
+            c.type_name
+        ));
+    }
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {}",
+        cols.join(", "),
+        quote(&m.pg.qualified),
+        conds.join(" AND ")
+    );
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let row = client
+        .query_opt(&sql, &refs)
+        .await
+        .map_err(SourceError::pg(format!(
+            "reading unchanged values of {}",
+            m.pg.qualified
+        )))?;
+    for (n, j) in missing.iter().enumerate() {
+        new[*j] = match &row {
+            Some(r) => match r.get::<_, Option<String>>(n) {
+                Some(s) => Value::Text(s),
+                None => Value::Null,
+            },
+            None => Value::Null,
+        };
+    }
     Ok(())
 }
 
@@ -702,6 +766,7 @@ async fn stream(
             .await
             .map_err(SourceError::pg("reading the slot"))?;
         let drained = rows.len() < LIMIT as usize;
+        tracing::debug!(upto = %format_lsn(upto), rows = rows.len(), "slot polled");
         let mut events: Vec<Event> = Vec::new();
         let mut xid = 0u32;
         let mut commit_ts = 0i64;
@@ -776,6 +841,9 @@ async fn stream(
                             }
                         }
                     }
+                    if new.contains(&Value::Unchanged) {
+                        fill_unchanged(client, m, &mut new).await?;
+                    }
                     push(&mut events, &relations, oid, (OP_UPSERT, new));
                 }
                 Message::Delete { oid, old } => {
@@ -812,14 +880,10 @@ async fn stream(
                 Message::Other(_) => {}
             }
         }
-        // Only now, with every transaction up to the target durably staged.
-        let target = match (last_end, drained) {
-            (Some(end), true) => Some(end.max(upto)),
-            (None, true) => Some(upto),
-            (end, false) => end,
-        };
+        // Only now, with every transaction up to it durably staged, and only to the end of a
+        // commit record: a position inside one would make PostgreSQL skip that transaction.
         let confirmed = status.lock().expect("lock").confirmed_lsn;
-        if let Some(target) = target.filter(|t| *t > confirmed) {
+        if let Some(target) = last_end.filter(|t| *t > confirmed) {
             let at: Option<String> = client
                 .query_one(
                     "SELECT (pg_replication_slot_advance($1, $2::text::pg_lsn)).end_lsn::text",
@@ -832,9 +896,14 @@ async fn stream(
             status.lock().expect("lock").confirmed_lsn = at;
         }
         {
-            // Lag: how far the confirmed position is behind the server's position at this poll.
+            // Lag: 0 when everything readable up to this poll's server position was staged.
             let mut s = status.lock().expect("lock");
-            s.lag_bytes = upto.saturating_sub(s.confirmed_lsn);
+            if drained {
+                s.lag_bytes = 0;
+                s.polled_lsn = upto;
+            } else {
+                s.lag_bytes = upto.saturating_sub(s.confirmed_lsn);
+            }
         }
         if rows.is_empty() {
             tokio::select! {
