@@ -32,6 +32,13 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
 helm/tests/run.sh "$PWD/.venv" 2>&1 | tee -a "$log" || status=$?
+# The benchmark harness on tiny tables (all contenders must agree), so it cannot rot.
+if cargo run -q -p freshet-bench -- smoke 2>&1 | tee -a "$log"; then
+  echo "bench smoke: 1 passed" | tee -a "$log"
+else
+  echo "bench smoke: 1 failed" | tee -a "$log"
+  status=1
+fi
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"

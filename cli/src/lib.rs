@@ -8,6 +8,7 @@ mod ingest;
 mod output;
 mod query;
 mod serve;
+mod source;
 mod table;
 
 use std::ffi::OsString;
@@ -46,6 +47,9 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// Run SQL over the tables with DataFusion.
     Query(query::QueryArgs),
+    /// CDC sources (defined under [[sources]] in the coordinator's configuration).
+    #[command(subcommand)]
+    Source(source::SourceCommand),
     /// Inspect and steer tables, cycles, workers and the leader through the admin API.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
@@ -64,6 +68,9 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
         }
         Command::Query(args) => {
             query::run(&admin::leader_endpoint(&cli.endpoint).await, args).await
+        }
+        Command::Source(cmd) => {
+            source::run(&admin::leader_endpoint(&cli.endpoint).await, cmd).await
         }
         Command::Admin(cmd) => {
             let endpoint = if cmd.any_coordinator() {

@@ -74,6 +74,8 @@ pub fn table_json(t: &TableInfo) -> Value {
         "target_file_size": t.target_file_size, "version": t.version, "num_files": t.num_files,
         "total_bytes": t.total_bytes, "total_rows": t.total_rows, "pending_changes": t.pending_changes,
         "pending_bytes": t.pending_bytes, "applied_sequence": t.applied_sequence, "paused": t.paused,
+        "freshness_p50_ms": t.freshness_p50_ms, "freshness_p99_ms": t.freshness_p99_ms,
+        "freshness_window": t.freshness_window,
         "last_cycle": t.last_cycle.as_ref().map(cycle_json),
     })
 }

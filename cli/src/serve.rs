@@ -64,7 +64,7 @@ pub async fn coordinator(args: ServeArgs) -> anyhow::Result<()> {
     }
     freshet_common::server::init_logging(config.log.json);
     tracing::debug!(?config, "configuration");
-    freshet_coordinator::process::run(config)
+    freshet_coordinator::process::run(config, Some(freshet_source_postgres::starter()))
         .await
         .context("coordinator failed")
 }

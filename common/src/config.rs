@@ -32,6 +32,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Tables defined in the file.
     pub tables: Vec<TableConfig>,
+    /// Change-data-capture sources (PostgreSQL), run by the leader.
+    pub sources: Vec<crate::source::SourceConfig>,
 }
 
 /// The coordinator's gRPC server.

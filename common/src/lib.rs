@@ -12,6 +12,7 @@ pub mod key;
 pub mod merge;
 pub mod schema;
 pub mod server;
+pub mod source;
 pub mod staging;
 pub mod stats;
 pub mod storage;

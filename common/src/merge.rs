@@ -75,7 +75,17 @@ pub fn apply_changes(
         .ok_or_else(|| Error::Internal("changes lack __op".into()))?
         .as_primitive::<Int8Type>()
         .clone();
-    let change_rows = conform(changes, file_schema, "changes")?;
+    // Deletes carry only their key: non-key columns may be null even where the table says
+    // NOT NULL, so changes are conformed to an all-nullable copy of the schema; the upserts
+    // taken into the result are checked against the real schema below.
+    let relaxed: SchemaRef = std::sync::Arc::new(arrow::datatypes::Schema::new(
+        file_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    let change_rows = conform(changes, &relaxed, "changes")?;
 
     let converter = RowConverter::new(
         local_key
@@ -130,6 +140,8 @@ pub fn apply_changes(
         .map_err(|e| Error::data("filter", e))?;
     let added = take_record_batch(&change_rows, &UInt32Array::from(upserts))
         .map_err(|e| Error::data("take", e))?;
+    let added = RecordBatch::try_new(file_schema.clone(), added.columns().to_vec())
+        .map_err(|e| Error::data("upserted rows", e))?;
     let merged =
         concat_batches(file_schema, &[kept, added]).map_err(|e| Error::data("concat", e))?;
 
@@ -158,6 +170,63 @@ pub fn split_points(num_rows: usize, rows_per_file: usize) -> Vec<(usize, usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changes::OP_DELETE;
+
+    #[test]
+    fn deletes_need_only_the_key_even_for_not_null_columns() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let file: SchemaRef = std::sync::Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("region", DataType::Utf8, false),
+        ]));
+        let existing = RecordBatch::try_new(
+            file.clone(),
+            vec![
+                std::sync::Arc::new(arrow::array::Int64Array::from(vec![1, 2])),
+                std::sync::Arc::new(arrow::array::StringArray::from(vec!["eu", "us"])),
+            ],
+        )
+        .unwrap();
+        let changes = RecordBatch::try_from_iter(vec![
+            (
+                "id",
+                std::sync::Arc::new(arrow::array::Int64Array::from(vec![1, 3])) as ArrayRef,
+            ),
+            (
+                "region",
+                std::sync::Arc::new(arrow::array::StringArray::from(vec![None, Some("ap")]))
+                    as ArrayRef,
+            ),
+            (
+                OP_COLUMN,
+                std::sync::Arc::new(arrow::array::Int8Array::from(vec![OP_DELETE, OP_UPSERT]))
+                    as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let (out, counts) = apply_changes(&file, &["id".into()], &[existing], &changes).unwrap();
+        assert_eq!(out.num_rows(), 2);
+        assert_eq!(counts.deleted, 1);
+        assert_eq!(out.schema(), file);
+        // An upsert with a null in a NOT NULL column is still refused.
+        let bad = RecordBatch::try_from_iter(vec![
+            (
+                "id",
+                std::sync::Arc::new(arrow::array::Int64Array::from(vec![4])) as ArrayRef,
+            ),
+            (
+                "region",
+                std::sync::Arc::new(arrow::array::StringArray::from(vec![None::<&str>]))
+                    as ArrayRef,
+            ),
+            (
+                OP_COLUMN,
+                std::sync::Arc::new(arrow::array::Int8Array::from(vec![OP_UPSERT])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        assert!(apply_changes(&file, &["id".into()], &[], &bad).is_err());
+    }
     use arrow::array::{Int8Array, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use proptest::prelude::*;

@@ -9,7 +9,7 @@ pub fn init_logging(json: bool) {
     // Freshet's own errors carry deltalake's cause, so its logs are off unless RUST_LOG asks.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(
-            "warn,deltalake_core=off,freshet_coordinator=info,freshet_worker=info,freshet_common=info",
+            "warn,deltalake_core=off,buoyant_kernel=off,freshet_coordinator=info,freshet_worker=info,freshet_common=info",
         )
     });
     let builder = tracing_subscriber::fmt()

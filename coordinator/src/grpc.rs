@@ -159,6 +159,15 @@ impl AdminService for CoordinatorGrpc {
         Ok(Response::new(ResumeTableResponse { table: Some(table) }))
     }
 
+    async fn list_sources(
+        &self,
+        _r: Request<ListSourcesRequest>,
+    ) -> Result<Response<ListSourcesResponse>, Status> {
+        Ok(Response::new(ListSourcesResponse {
+            sources: self.c()?.sources(),
+        }))
+    }
+
     type WatchCyclesStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<CycleRecord, Status>> + Send>>;
 

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use freshet_common::config::Config;
 use freshet_common::delta::{applied_sequence, files, open_or_create};
 use freshet_common::error::{Error, Result};
@@ -89,6 +90,22 @@ impl Default for StartOptions {
     }
 }
 
+/// A change-data-capture source run by a coordinator term.
+pub trait Source: Send + Sync {
+    /// Its state for the admin API.
+    fn info(&self) -> freshet_proto::admin::v1::SourceInfo;
+    /// Stops it (the term ended).
+    fn stop(&self);
+}
+
+/// Starts the configured sources on a new term's coordinator (set by the binary, which
+/// knows the source implementations).
+pub type SourceStarter = Arc<
+    dyn Fn(Arc<Coordinator>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Marker object whose presence pauses a table (so pauses survive leader changes).
 const PAUSED_MARKER: &str = "_freshet/paused";
 
@@ -107,6 +124,7 @@ pub struct Inner {
     /// Metrics.
     pub metrics: Arc<CoordinatorMetrics>,
     events: broadcast::Sender<CycleRecord>,
+    sources: Mutex<Vec<Arc<dyn Source>>>,
     tables: RwLock<BTreeMap<String, Arc<TableRuntime>>>,
     history: Mutex<VecDeque<CycleRecord>>,
     catalog: Option<Catalog>,
@@ -227,6 +245,7 @@ impl Coordinator {
             node_id: options.node_id,
             metrics: options.metrics,
             events: broadcast::channel(256).0,
+            sources: Mutex::new(Vec::new()),
             tables: RwLock::new(BTreeMap::new()),
             history: Mutex::new(VecDeque::new()),
             catalog,
@@ -269,9 +288,28 @@ impl Coordinator {
         *self.inner.crash_at.lock().expect("lock") = p.map(|p| (p, false));
     }
 
-    /// Stops cycle loops and stagers.
+    /// Stops sources, cycle loops and stagers.
     pub fn shutdown(&self) {
+        for s in self.inner.sources.lock().expect("lock").iter() {
+            s.stop();
+        }
         let _ = self.inner.stop.send(true);
+    }
+
+    /// Registers a running source (stopped with the term).
+    pub fn add_source(&self, source: Arc<dyn Source>) {
+        self.inner.sources.lock().expect("lock").push(source);
+    }
+
+    /// The running sources.
+    pub fn sources(&self) -> Vec<freshet_proto::admin::v1::SourceInfo> {
+        self.inner
+            .sources
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|s| s.info())
+            .collect()
     }
 
     /// Resolves once [`Coordinator::shutdown`] was called.
@@ -408,6 +446,8 @@ impl Coordinator {
             .send(StageRequest {
                 batch: valid.batch,
                 reply,
+                sequence: None,
+                origin_ms: None,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
@@ -420,6 +460,184 @@ impl Coordinator {
             upserts: valid.upserts,
             deletes: valid.deletes,
         })
+    }
+
+    /// Stages changes that are already in the table's change schema (from a trusted source
+    /// such as CDC) under the source's own `sequence`; a sequence below the table's next one
+    /// was staged before and is acknowledged without staging again. Returns once durable.
+    pub async fn stage_changes(
+        &self,
+        table: &str,
+        batch: arrow::record_batch::RecordBatch,
+        sequence: u64,
+        origin_ms: Option<i64>,
+    ) -> Result<u64> {
+        if self.inner.dead.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("coordinator stopped".into()));
+        }
+        let t = self.table(table)?;
+        let expected = freshet_common::changes::change_schema(&t.def);
+        if batch.schema().fields() != expected.fields() {
+            return Err(Error::invalid(
+                table,
+                format!(
+                    "staged changes have schema {:?}, expected {:?}",
+                    batch.schema(),
+                    expected
+                ),
+            ));
+        }
+        let (reply, rx) = oneshot::channel();
+        t.stager
+            .send(StageRequest {
+                batch,
+                reply,
+                sequence: Some(sequence),
+                origin_ms,
+            })
+            .await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))?
+    }
+
+    /// Empties the table in one commit at `sequence` (a source's TRUNCATE): changes staged
+    /// before it are applied first; a truncate already applied (txn at or above `sequence`)
+    /// is not repeated.
+    pub async fn truncate(&self, table: &str, sequence: u64) -> Result<i64> {
+        let t = self.table(table)?;
+        loop {
+            let pending_before = t
+                .pending
+                .lock()
+                .expect("lock")
+                .segments
+                .iter()
+                .any(|s| s.first < sequence);
+            if !pending_before {
+                break;
+            }
+            let rec = cycle::run_cycle(&self.inner, &t).await?;
+            self.inner.record(&t, &rec);
+            if rec.state == "failed" {
+                return Err(Error::Internal(format!(
+                    "table '{table}': cycle before truncate failed: {}",
+                    rec.error
+                )));
+            }
+        }
+        let mut delta = t.delta.lock().await;
+        delta
+            .update_state()
+            .await
+            .map_err(|e| Error::delta(table, e))?;
+        if applied_sequence(&t.def, &delta).await? >= sequence {
+            return Ok(delta.version().map(|v| v as i64).unwrap_or(-1));
+        }
+        self.inner.fence.check().await?;
+        let removed = files(&t.def, &delta)?;
+        let actions = commit::actions(&removed, &[]);
+        let id = uuid::Uuid::now_v7().to_string();
+        let metrics = serde_json::json!({
+            "truncate": true, "filesRemoved": removed.len(), "lastSequence": sequence,
+            "epoch": self.inner.epoch, "coordinator": self.inner.node_id,
+        });
+        let v = commit::commit(&t.def, &mut delta, actions, sequence, &id, metrics).await?;
+        tracing::info!(table = %table, version = v, files = removed.len(), "table truncated");
+        Ok(v)
+    }
+
+    /// Adds nullable columns to a table (a source's ALTER TABLE ADD COLUMN): applies what
+    /// is pending under the old schema, commits the new schema to the Delta log, records it
+    /// in the catalog, and serves the table under `new_def` from then on. Existing files
+    /// read the new columns as null.
+    pub async fn add_columns(&self, new_def: TableDef) -> Result<()> {
+        let name = new_def.name.clone();
+        let t = self.table(&name)?;
+        let old = &t.def;
+        let prefix_ok = new_def.schema.fields().len() > old.schema.fields().len()
+            && old
+                .schema
+                .fields()
+                .iter()
+                .zip(new_def.schema.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        let added: Vec<_> = new_def.schema.fields()
+            [old.schema.fields().len().min(new_def.schema.fields().len())..]
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        if !prefix_ok
+            || new_def.primary_key != old.primary_key
+            || new_def.partition_by != old.partition_by
+        {
+            return Err(Error::InvalidTable {
+                table: name,
+                message:
+                    "only new nullable columns at the end can be added; keys and partitioning stay"
+                        .into(),
+            });
+        }
+        // Everything staged under the old schema goes in first.
+        loop {
+            if t.pending.lock().expect("lock").segments.is_empty() {
+                break;
+            }
+            let rec = cycle::run_cycle(&self.inner, &t).await?;
+            self.inner.record(&t, &rec);
+            if rec.state == "failed" {
+                return Err(Error::Internal(format!(
+                    "table '{name}': cycle before the schema change failed: {}",
+                    rec.error
+                )));
+            }
+        }
+        {
+            let mut delta = t.delta.lock().await;
+            delta
+                .update_state()
+                .await
+                .map_err(|e| Error::delta(&name, e))?;
+            self.inner.fence.check().await?;
+            let fields: deltalake::kernel::StructType =
+                (&arrow::datatypes::Schema::new(added.clone()))
+                    .try_into_kernel()
+                    .map_err(|e| Error::InvalidTable {
+                        table: name.clone(),
+                        message: format!("new columns have no Delta equivalent: {e}"),
+                    })?;
+            let evolved = delta
+                .clone()
+                .add_columns()
+                .with_fields(fields.fields().cloned().collect::<Vec<_>>())
+                .await
+                .map_err(|e| Error::delta(&name, e))?;
+            *delta = evolved;
+        }
+        // Serve the table under the new definition.
+        let _ = t.closed.send(true);
+        self.inner.tables.write().expect("lock").remove(&name);
+        let mut def = new_def;
+        let fields: Vec<_> = def
+            .schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                if i >= t.def.schema.fields().len() {
+                    f.as_ref().clone().with_nullable(true)
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect();
+        def.schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+        let (nt, _) = self.open_table(def).await?;
+        if let Some(cat) = &self.inner.catalog {
+            cat.save(&nt.def).await?;
+        }
+        tracing::info!(table = %name, columns = ?added.iter().map(|f| f.name().clone()).collect::<Vec<_>>(), "columns added");
+        Ok(())
     }
 
     /// Runs a cycle of the table now.
@@ -467,6 +685,25 @@ impl Coordinator {
             let p = t.pending.lock().expect("lock");
             (p.rows(), p.bytes())
         };
+        // Freshness over the last (up to) 100 committed cycles of the table.
+        let lags = {
+            let h = self.inner.history.lock().expect("lock");
+            let mut v: Vec<u64> = h
+                .iter()
+                .filter(|c| c.table == t.def.name && c.state == "committed")
+                .take(100)
+                .map(|c| c.freshness_lag_ms)
+                .collect();
+            v.sort_unstable();
+            let pct = |p: f64| {
+                if v.is_empty() {
+                    0
+                } else {
+                    v[((v.len() - 1) as f64 * p).round() as usize]
+                }
+            };
+            (pct(0.5), pct(0.99), v.len() as u32)
+        };
         Ok(TableInfo {
             name: t.def.name.clone(),
             uri: t.def.uri.clone(),
@@ -483,6 +720,9 @@ impl Coordinator {
             applied_sequence: applied,
             last_cycle: t.last_cycle.lock().expect("lock").clone(),
             paused: t.paused.load(Ordering::SeqCst),
+            freshness_p50_ms: lags.0,
+            freshness_p99_ms: lags.1,
+            freshness_window: lags.2,
         })
     }
 }
@@ -522,11 +762,13 @@ async fn load_history(inner: Arc<Inner>, t: Arc<TableRuntime>) {
 async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
     let interval = Duration::from_millis(inner.config.cycle.interval_ms.max(1));
     let mut stop = inner.stop.subscribe();
+    let mut closed = t.closed.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = t.wake.notified() => {}
             _ = stop.wait_for(|s| *s) => return,
+            _ = closed.wait_for(|s| *s) => return,
         }
         if t.paused.load(Ordering::SeqCst) || t.pending.lock().expect("lock").segments.is_empty() {
             continue;

@@ -40,6 +40,7 @@ pub struct Node {
     known: RwLock<Known>,
     leader_changes: AtomicU64,
     membership: Option<Arc<Membership>>,
+    starter: Option<crate::SourceStarter>,
     stop: watch::Sender<bool>,
 }
 
@@ -60,13 +61,20 @@ impl Node {
             }),
             leader_changes: AtomicU64::new(0),
             membership: None,
+            starter: None,
             stop: watch::channel(false).0,
         })
     }
 
     /// Starts a clustered node: follows worker membership and campaigns for leadership in
     /// the background. Returns at once (a follower until elected).
-    pub fn clustered(config: Config, client: Client, id: String, address: String) -> Arc<Node> {
+    pub fn clustered(
+        config: Config,
+        client: Client,
+        id: String,
+        address: String,
+        starter: Option<crate::SourceStarter>,
+    ) -> Arc<Node> {
         let metrics = Arc::new(CoordinatorMetrics::default());
         let (membership, changes) = Membership::new();
         let node = Arc::new(Node {
@@ -79,6 +87,7 @@ impl Node {
             known: RwLock::new(Known::default()),
             leader_changes: AtomicU64::new(0),
             membership: Some(membership.clone()),
+            starter,
             stop: watch::channel(false).0,
         });
         tokio::spawn(membership::follow(
@@ -304,6 +313,9 @@ async fn lead_when_elected(node: Arc<Node>) {
         *node.current.write().expect("lock") = Some(coordinator.clone());
         node.metrics.is_leader.set(1);
         node.set_members();
+        if let Some(start_sources) = &node.starter {
+            start_sources(coordinator.clone()).await;
+        }
         tracing::info!(epoch = term.epoch, "leading");
         let mut lost = term.lost.clone();
         let stopping = tokio::select! {

@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use crate::node::{Node, check_store};
 use crate::{Coordinator, StartOptions};
 
-/// Runs a coordinator until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<()> {
+/// Runs a coordinator until SIGTERM or SIGINT; `starter` starts the configured sources
+/// whenever this coordinator begins leading.
+pub async fn run(config: Config, starter: Option<crate::SourceStarter>) -> Result<()> {
     // Fail at start, naming the problem, rather than at the first cycle.
     for t in &config.tables {
         let def = t.to_def()?;
@@ -67,13 +68,22 @@ pub async fn run(config: Config) -> Result<()> {
 
     let node = if clustered {
         let client = freshet_common::etcd::connect(&config.cluster).await?;
-        Node::clustered(config.clone(), client, id.clone(), advertise.clone())
+        Node::clustered(
+            config.clone(),
+            client,
+            id.clone(),
+            advertise.clone(),
+            starter,
+        )
     } else {
         let options = StartOptions {
             node_id: id.clone(),
             ..Default::default()
         };
         let c = Coordinator::start_with(config.clone(), options).await?;
+        if let Some(start_sources) = &starter {
+            start_sources(c.clone()).await;
+        }
         Node::standalone(c, advertise.clone())
     };
 

@@ -23,6 +23,12 @@ pub struct StageRequest {
     pub batch: RecordBatch,
     /// Gets the batch's sequence number once durable.
     pub reply: oneshot::Sender<Result<u64>>,
+    /// A sequence chosen by the source (a CDC source's commit LSN); a batch whose sequence
+    /// is below the next one was staged before and is acknowledged without staging again.
+    pub sequence: Option<u64>,
+    /// When the change happened at its origin (a source transaction's commit time, ms since
+    /// the epoch): freshness is measured from here instead of from the acknowledgement.
+    pub origin_ms: Option<i64>,
 }
 
 /// Runs the stager of one table until `stop` turns true or the queue closes.
@@ -34,34 +40,60 @@ pub async fn run_stager(
 ) {
     let trigger_rows = inner.config.cycle.trigger_changes;
     let mut stop: watch::Receiver<bool> = inner.stop.subscribe();
+    let mut closed = table.closed.subscribe();
     let schema = staging_schema(&table.def);
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => return },
             _ = stop.wait_for(|s| *s) => return,
+            _ = closed.wait_for(|s| *s) => return,
         };
-        let mut group = vec![first];
-        let mut bytes = group[0].batch.get_array_memory_size();
+        let mut queued = vec![first];
+        let mut bytes = queued[0].batch.get_array_memory_size();
         while bytes < MAX_GROUP_BYTES {
             match rx.try_recv() {
                 Ok(r) => {
                     bytes += r.batch.get_array_memory_size();
-                    group.push(r);
+                    queued.push(r);
                 }
                 Err(_) => break,
             }
         }
-        let first_seq = next_seq;
-        let last_seq = next_seq + group.len() as u64 - 1;
+        // Assign sequences: the source's own (skipping what was staged before) or the next.
+        let mut group = Vec::with_capacity(queued.len());
+        let mut seqs = Vec::with_capacity(queued.len());
+        for r in queued {
+            match r.sequence {
+                Some(s) if s < next_seq => {
+                    tracing::debug!(table = %table.def.name, sequence = s, "already staged; skipped");
+                    let _ = r.reply.send(Ok(s));
+                }
+                Some(s) => {
+                    seqs.push(s);
+                    next_seq = s + 1;
+                    group.push(r);
+                }
+                None => {
+                    seqs.push(next_seq);
+                    next_seq += 1;
+                    group.push(r);
+                }
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        let origin_ms = group.iter().filter_map(|r| r.origin_ms).min();
         // Sequences are never reused, even when the write fails.
-        next_seq = last_seq + 1;
+        let first_seq = seqs[0];
+        let last_seq = *seqs.last().expect("non-empty");
         let staged: Result<Vec<RecordBatch>> = group
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let mut cols = r.batch.columns().to_vec();
                 cols.push(Arc::new(UInt64Array::from(vec![
-                    first_seq + i as u64;
+                    seqs[i];
                     r.batch.num_rows()
                 ])));
                 RecordBatch::try_new(schema.clone(), cols)
@@ -95,13 +127,14 @@ pub async fn run_stager(
                         batches,
                         rows,
                         bytes: size,
-                        acked_at_ms: chrono::Utc::now().timestamp_millis(),
+                        acked_at_ms: origin_ms
+                            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
                     });
                     p.rows()
                 };
                 tracing::debug!(table = %table.def.name, first_seq, last_seq, rows, bytes = size, "staged");
                 for (i, r) in group.into_iter().enumerate() {
-                    let _ = r.reply.send(Ok(first_seq + i as u64));
+                    let _ = r.reply.send(Ok(seqs[i]));
                 }
                 if pending_rows >= trigger_rows {
                     table.wake.notify_one();

@@ -72,6 +72,8 @@ pub struct TableRuntime {
     pub last_cycle: Mutex<Option<CycleRecord>>,
     /// Ids of persisted cycle records, newest first (to bound them).
     pub history_ids: Mutex<VecDeque<String>>,
+    /// Turns true when this runtime is replaced (schema change): its loops end.
+    pub closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl TableRuntime {
@@ -92,6 +94,7 @@ impl TableRuntime {
             paused: AtomicBool::new(false),
             last_cycle: Mutex::new(None),
             history_ids: Mutex::new(VecDeque::new()),
+            closed: tokio::sync::watch::channel(false).0,
         })
     }
 }

@@ -8,7 +8,8 @@ directory), which have no variable. Then a local etcd, `freshet coordinator --co
 and `freshet worker --config F` start as processes, and both must answer
 GET /readyz with 200 within 60 s; the admin API must list the tables and the worker.
 
-The binaries come from <repo>/target/debug, or from $FRESHET_BIN_DIR. Without binaries
+The binaries come from <repo>/target/debug ($CARGO_TARGET_DIR/debug when set), or from
+$FRESHET_BIN_DIR. Without binaries
 that have the `coordinator` and `worker` subcommands (or without /usr/bin/etcd) the tests
 skip, unless FRESHET_BOOT_REQUIRED=1 makes that a failure.
 """
@@ -32,7 +33,12 @@ import pytest
 
 from conftest import REPO, VALUE_SETS, Helm
 
-BIN_DIR = Path(os.environ.get("FRESHET_BIN_DIR", REPO / "target" / "debug"))
+BIN_DIR = Path(
+    os.environ.get(
+        "FRESHET_BIN_DIR",
+        Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug",
+    )
+)
 FRESHET = BIN_DIR / "freshet"
 ETCD = Path(os.environ.get("FRESHET_ETCD", shutil.which("etcd") or "/usr/bin/etcd"))
 READY_TIMEOUT_S = 60.0

@@ -249,7 +249,7 @@ impl ProcCluster {
             "--http-listen",
             &format!("127.0.0.1:{http}"),
         ])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,deltalake_core=off,buoyant_kernel=off")
         .env("FRESHET_NODE_ID", name)
         .env_remove("RUST_BACKTRACE");
         for (k, v) in env {

@@ -1,0 +1,701 @@
+//! The PostgreSQL source against a real PostgreSQL 15 (`wal_level=logical`, started by the
+//! test): snapshot while a workload runs, streaming, key changes, deletes, TRUNCATE, a stop
+//! and restart in the middle of streaming, and refused tables.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+use freshet_integration_tests::pg::Postgres;
+use freshet_integration_tests::*;
+use freshet_source_postgres::{SourceConfig, SourceTable};
+
+/// The tests run one at a time: each starts a PostgreSQL server and a cluster, and the
+/// machine has two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig {
+    SourceConfig {
+        name: "pg".into(),
+        kind: "postgres".into(),
+        connection: pg.conninfo(),
+        password_env: None,
+        password_file: None,
+        publication: "freshet_pub".into(),
+        slot: "freshet_slot".into(),
+        poll_ms: 100,
+        snapshot_batch_rows: 20_000,
+        tables: tables
+            .iter()
+            .map(|t| SourceTable {
+                source: format!("public.{t}"),
+                name: t.to_string(),
+                uri: dir.join(t).display().to_string(),
+                partition_by: vec![],
+                target_file_size: Some(4 << 20),
+            })
+            .collect(),
+    }
+}
+
+async fn cluster(dir: &std::path::Path) -> Cluster {
+    let mut config = freshet_common::config::Config::default();
+    config.cycle.interval_ms = 200;
+    config.catalog.uri = Some(dir.join("_catalog").display().to_string());
+    Cluster::start_with(config, 2).await
+}
+
+/// `id|rest` lines of the PostgreSQL table, ordered by id.
+fn pg_rows(pg: &Postgres, sql: &str) -> BTreeMap<i64, String> {
+    pg.psql(sql)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (id, rest) = l.split_once('|').unwrap();
+            (id.parse().unwrap(), rest.to_string())
+        })
+        .collect()
+}
+
+/// The same shape from the Delta table (columns cast to text by DataFusion).
+async fn delta_rows(uri: &str, sql: &str) -> BTreeMap<i64, String> {
+    let mut out = BTreeMap::new();
+    for b in query(uri, sql).await {
+        let ids = b.column(0).as_primitive::<Int64Type>();
+        let rest = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
+        let rest = rest.as_string::<i32>();
+        for i in 0..b.num_rows() {
+            out.insert(ids.value(i), rest.value(i).to_string());
+        }
+    }
+    out
+}
+
+/// Waits until the source has confirmed the server's WAL position as of this call (so every
+/// transaction committed before is staged) and the tables have nothing pending.
+async fn caught_up(
+    pg: &Postgres,
+    c: &Cluster,
+    src: &freshet_source_postgres::PostgresSource,
+    tables: &[&str],
+) {
+    let target = freshet_source_postgres::pgoutput::parse_lsn(
+        pg.psql("SELECT pg_current_wal_insert_lsn()").trim(),
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = src.status();
+        assert_ne!(s.state, "error", "source failed: {}", s.error);
+        // A table being re-opened (schema change) counts as pending.
+        let pending: u64 = tables
+            .iter()
+            .map(|t| {
+                c.coordinator
+                    .table(t)
+                    .map(|t| t.pending.lock().unwrap().rows())
+                    .unwrap_or(1)
+            })
+            .sum();
+        if s.state == "streaming" && s.polled_lsn >= target && pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "source not caught up to {target:X}: {s:?}, pending {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const ORDERS_PG: &str = "SELECT id, concat_ws(',', region, amount::text, coalesce(note, 'NULL'), qty::text) FROM orders ORDER BY id";
+const ORDERS_DELTA: &str = "SELECT id, concat_ws(',', region, CAST(amount AS VARCHAR), coalesce(note, 'NULL'), CAST(qty AS VARCHAR)) FROM t ORDER BY id";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_under_load_then_streaming_equals_postgres() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount numeric(12,2), note text, qty int);
+         INSERT INTO orders SELECT g, (ARRAY['eu','us','apac'])[1 + g % 3], (g % 10000) / 100.0, CASE WHEN g % 7 = 0 THEN NULL ELSE 'n' || g END, g % 50
+         FROM generate_series(1, 200000) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+
+    // A workload runs during and after the snapshot.
+    let running = Arc::new(AtomicBool::new(true));
+    let pg_port = pg.port;
+    let psql = pg.psql_bin();
+    let r = running.clone();
+    let load = std::thread::spawn(move || {
+        let mut round = 0i64;
+        while r.load(Ordering::SeqCst) || round < 30 {
+            let sql = format!(
+                "BEGIN;
+                 UPDATE orders SET qty = qty + 1, note = 'u{round}' WHERE id % 97 = {m};
+                 DELETE FROM orders WHERE id BETWEEN {d} AND {d} + 20;
+                 INSERT INTO orders SELECT g, 'eu', 1.25, 'new{round}', 1 FROM generate_series({i}, {i} + 50) g ON CONFLICT (id) DO UPDATE SET qty = 0;
+                 COMMIT;",
+                m = round % 97,
+                d = 1000 + round * 997,
+                i = 300_000 + round * 40,
+            );
+            let ok = std::process::Command::new(&psql)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &pg_port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-qAt",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    &sql,
+                ])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            round += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["orders"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.store(false, Ordering::SeqCst);
+    load.join().unwrap();
+    caught_up(&pg, &c, &src, &["orders"]).await;
+    let uri = dir.path().join("orders").display().to_string();
+    let want = pg_rows(&pg, ORDERS_PG);
+    let got = delta_rows(&uri, ORDERS_DELTA).await;
+    assert_eq!(got.len(), want.len(), "row counts differ");
+    for (k, v) in &want {
+        assert_eq!(got.get(k), Some(v), "row {k} differs");
+    }
+    // The slot never confirms past what is staged: its position is at most the latest WAL.
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("orders").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        info.freshness_window > 0 && info.freshness_p50_ms <= info.freshness_p99_ms,
+        "{info:?}"
+    );
+    let s = src.status();
+    assert!(s.snapshot_rows >= 200_000, "{s:?}");
+    assert!(s.transactions >= 1, "{s:?}");
+    src.stop();
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount numeric(12,2), note text, qty int);
+         INSERT INTO orders SELECT g, 'eu', 1.00, 'n' || g, g FROM generate_series(1, 1000) g;
+         CREATE TABLE nokey (a int, b text);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+
+    // A table without a primary key is refused with a clear error.
+    let e =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["nokey"]), c.coordinator.clone())
+            .await
+            .err()
+            .expect("a table without a key must be refused");
+    assert!(e.to_string().contains("no primary key"), "{e}");
+
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["orders"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["orders"]).await;
+    // Key change = delete + insert; deletes; a transaction with several changes per key.
+    pg.psql(
+        "UPDATE orders SET id = 5000 WHERE id = 1;
+         DELETE FROM orders WHERE id BETWEEN 10 AND 19;
+         BEGIN; UPDATE orders SET qty = -1 WHERE id = 2; UPDATE orders SET qty = -2 WHERE id = 2; COMMIT;",
+    );
+    caught_up(&pg, &c, &src, &["orders"]).await;
+    let uri = dir.path().join("orders").display().to_string();
+    assert_eq!(
+        delta_rows(&uri, ORDERS_DELTA).await,
+        pg_rows(&pg, ORDERS_PG)
+    );
+    assert!(pg_rows(&pg, ORDERS_PG).contains_key(&5000));
+
+    // Stop in the middle of streaming: changes committed meanwhile are picked up after the
+    // restart from the slot's confirmed position; nothing is lost or doubled.
+    pg.psql("UPDATE orders SET note = 'before-stop' WHERE id % 3 = 0;");
+    src.stop();
+    let c = c.restart().await;
+    pg.psql("UPDATE orders SET note = 'while-down' WHERE id % 5 = 0; INSERT INTO orders VALUES (7000, 'us', 9.99, 'x', 1);");
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["orders"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["orders"]).await;
+    assert_eq!(
+        delta_rows(&uri, ORDERS_DELTA).await,
+        pg_rows(&pg, ORDERS_PG)
+    );
+
+    // TRUNCATE empties the Delta table in one commit; later inserts land after it.
+    let version_before = c
+        .coordinator
+        .table_info(&c.coordinator.table("orders").unwrap())
+        .await
+        .unwrap()
+        .version;
+    pg.psql("BEGIN; INSERT INTO orders VALUES (8000, 'eu', 1, 'gone', 1); TRUNCATE orders; INSERT INTO orders VALUES (9000, 'eu', 2.50, 'after', 3); COMMIT;");
+    caught_up(&pg, &c, &src, &["orders"]).await;
+    let rows = delta_rows(&uri, ORDERS_DELTA).await;
+    assert_eq!(rows, pg_rows(&pg, ORDERS_PG));
+    assert_eq!(rows.len(), 1);
+    let n = query(&uri, "SELECT count(*) FROM t").await;
+    assert_eq!(n[0].column(0).as_primitive::<Int64Type>().value(0), 1);
+    let table_dir = std::path::Path::new(&uri);
+    let truncates: Vec<i64> = ((version_before + 1)..=version_before + 3)
+        .filter(|v| {
+            table_dir
+                .join("_delta_log")
+                .join(format!("{v:020}.json"))
+                .exists()
+        })
+        .filter(|v| {
+            commit_actions(table_dir, *v)
+                .iter()
+                .any(|a| a["commitInfo"]["freshet.metrics"]["truncate"] == true)
+        })
+        .collect();
+    assert_eq!(truncates.len(), 1, "one truncate commit");
+    src.stop();
+    c.stop();
+}
+
+/// The highest staging sequence that is durable for the table: staged segments and the
+/// Delta log's txn version.
+fn durable_sequence(table_dir: &std::path::Path) -> u64 {
+    let mut best = 0u64;
+    if let Ok(rd) = std::fs::read_dir(table_dir.join("_freshet/staging")) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if let Some((_, last)) = n.trim_end_matches(".arrow").split_once('-') {
+                best = best.max(last.parse().unwrap_or(0));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(table_dir.join("_delta_log")) {
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().ends_with(".json") {
+                continue;
+            }
+            for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                let a: serde_json::Value = serde_json::from_str(l).unwrap();
+                if let Some(v) = a["txn"]["version"].as_u64() {
+                    best = best.max(v);
+                }
+            }
+        }
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead() {
+    let _serial = SERIAL.lock().await;
+    use freshet_integration_tests::procs::ProcCluster;
+    use freshet_proto::admin::v1::{GetTableRequest, ListSourcesRequest};
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount numeric(12,2), note text, qty int);
+         INSERT INTO orders SELECT g, 'eu', 1.00, 'n' || g, g FROM generate_series(1, 20000) g;",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let uri = tmp.path().join("orders").display().to_string();
+    let mut c = ProcCluster::new(&format!(
+        "[cycle]\ninterval_ms = 200\n\n[[sources]]\nname = \"pg\"\nconnection = \"{}\"\npublication = \"freshet_pub\"\nslot = \"freshet_slot\"\npoll_ms = 100\n\n[[sources.tables]]\nsource = \"public.orders\"\nname = \"orders\"\nuri = \"{uri}\"\ntarget_file_size = 1048576\n",
+        pg.conninfo()
+    ));
+    c.add_worker(&[]);
+    c.add_coordinator();
+    let leader = c.wait_leader(&[], Duration::from_secs(60)).await;
+
+    // A workload of small transactions; the coordinator is killed while it streams.
+    let running = Arc::new(AtomicBool::new(true));
+    let r = running.clone();
+    let port = pg.port;
+    let psql = pg.psql_bin();
+    let load = std::thread::spawn(move || {
+        let mut i = 0i64;
+        while r.load(Ordering::SeqCst) {
+            let sql = format!(
+                "BEGIN; UPDATE orders SET qty = qty + 1, note = 'w{i}' WHERE id % 50 = {m}; DELETE FROM orders WHERE id = {d}; INSERT INTO orders VALUES ({n}, 'us', 2.50, 'ins{i}', {i}); COMMIT;",
+                m = i % 50,
+                d = 1 + i * 3,
+                n = 100_000 + i
+            );
+            let ok = std::process::Command::new(&psql)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-qAt",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    &sql,
+                ])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // Let the snapshot finish and streaming run for a while.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = c
+            .admin(leader)
+            .await
+            .list_sources(ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
+        if s.first()
+            .is_some_and(|s| s.state == "streaming" && s.transactions >= 20)
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "source not streaming: {s:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.coordinators[leader].proc.kill9();
+    // The slot's confirmed position is never past a transaction that is not durably staged.
+    let confirmed = pg.psql(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'freshet_slot'",
+    );
+    let confirmed = freshet_source_postgres::pgoutput::parse_lsn(confirmed.trim()).unwrap();
+    let durable_commit = durable_sequence(std::path::Path::new(&uri)) >> 16;
+    assert!(
+        confirmed <= durable_commit + 256,
+        "slot confirmed {confirmed:X} but the last durable commit is {durable_commit:X}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = c.add_coordinator();
+    let leader = c.wait_leader(&[leader], Duration::from_secs(60)).await;
+    assert_eq!(leader, again);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.store(false, Ordering::SeqCst);
+    load.join().unwrap();
+
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = c
+            .admin(leader)
+            .await
+            .list_sources(ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
+        let t = c
+            .admin(leader)
+            .await
+            .get_table(GetTableRequest {
+                name: "orders".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .table
+            .unwrap();
+        let s = s.first().cloned().unwrap_or_default();
+        assert_ne!(s.state, "error", "{s:?}");
+        if s.state == "streaming" && s.lag_bytes == 0 && t.pending_changes == 0 {
+            let want = pg_rows(&pg, ORDERS_PG);
+            let got = delta_rows(&uri, ORDERS_DELTA).await;
+            if got == want {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "did not converge: {s:?}, pending {}",
+            t.pending_changes
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The CLI shows the source.
+    let out = std::process::Command::new(freshet_bin())
+        .args([
+            "--endpoint",
+            &c.coordinators[leader].endpoint,
+            "source",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("freshet_slot") && text.contains("streaming"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_with_nulls_and_extremes() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE types (id bigint PRIMARY KEY, i2 int2, i4 int4, i8 int8, dec numeric(38,10), num numeric,
+           r real, d double precision, b bool, t text, vc varchar(10), ch char(3), u uuid, dt date, tm time,
+           ts timestamp, tz timestamptz, by bytea, j json, jb jsonb, e mood, arr int[]);
+         INSERT INTO types VALUES
+           (1, -32768, -2147483648, -9223372036854775808, -9999999999999999999999999999.9999999999, 123456789012345678901234567890.123456789,
+            -3.4e38, -1.7976931348623157e308, false, 'tab\there ünïcødé \"q\" \\', 'ten chars!', 'ab', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '0001-01-01', '00:00:00', '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', '\\x00ff10', '{\"a\": [1, 2]}', '{\"b\": null}', 'sad', '{1,NULL,3}'),
+           (2, 32767, 2147483647, 9223372036854775807, 9999999999999999999999999999.9999999999, 0.000000000000000001,
+            3.4e38, 1.7976931348623157e308, true, '', 'x', 'xyz', '00000000-0000-0000-0000-000000000000',
+            '9999-12-31', '23:59:59.999999', '2262-04-11 23:47:16.854775', '2024-06-30 12:34:56.789012+02', '\\x', '[]', '{}', 'happy', '{}'),
+           (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["types"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["types"]).await;
+    // One more row through streaming (not the snapshot), same values as row 2.
+    pg.psql("INSERT INTO types SELECT 4, i2, i4, i8, dec, num, r, d, b, t, vc, ch, u, dt, tm, ts, tz, by, j, jb, e, arr FROM types WHERE id = 2;");
+    caught_up(&pg, &c, &src, &["types"]).await;
+    let uri = dir.path().join("types").display().to_string();
+
+    // The Delta types.
+    let url = deltalake::ensure_table_uri(&uri).unwrap();
+    let table = deltalake::DeltaTable::try_from_url(url).await.unwrap();
+    let schema = table.snapshot().unwrap().snapshot().arrow_schema();
+    let ty = |n: &str| schema.field_with_name(n).unwrap().data_type().to_string();
+    assert_eq!(ty("i2"), "Int16");
+    assert_eq!(ty("i4"), "Int32");
+    assert_eq!(ty("i8"), "Int64");
+    assert_eq!(ty("dec"), "Decimal128(38, 10)");
+    assert_eq!(ty("num"), "Utf8");
+    assert_eq!(ty("r"), "Float32");
+    assert_eq!(ty("d"), "Float64");
+    assert_eq!(ty("b"), "Boolean");
+    assert_eq!(ty("dt"), "Date32");
+    assert!(
+        ty("ts").starts_with("Timestamp(µs") || ty("ts").starts_with("Timestamp(Microsecond"),
+        "{}",
+        ty("ts")
+    );
+    assert!(ty("tz").contains("UTC"), "{}", ty("tz"));
+    assert_eq!(ty("by"), "Binary");
+
+    // Values: every column compared as PostgreSQL's text form (times in UTC) with Delta's.
+    let pg_text = |col: &str, expr: &str| -> BTreeMap<i64, String> {
+        pg_rows(
+            &pg,
+            &format!(
+                "SET TIME ZONE 'UTC'; SELECT id, coalesce({expr}, 'NULL') FROM types ORDER BY id"
+            ),
+        )
+        .into_iter()
+        .map(|(k, v)| (k, v))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .map(|(k, v)| (k, format!("{col}={v}")))
+        .collect()
+    };
+    let delta_text = |col: &'static str, expr: &'static str| {
+        let uri = uri.clone();
+        async move {
+            delta_rows(
+                &uri,
+                &format!("SELECT id, coalesce({expr}, 'NULL') FROM t ORDER BY id"),
+            )
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, format!("{col}={v}")))
+            .collect::<BTreeMap<_, _>>()
+        }
+    };
+    let checks: Vec<(&str, &str, &'static str)> = vec![
+        ("i2", "i2::text", "CAST(i2 AS VARCHAR)"),
+        ("i4", "i4::text", "CAST(i4 AS VARCHAR)"),
+        ("i8", "i8::text", "CAST(i8 AS VARCHAR)"),
+        ("dec", "dec::text", "CAST(dec AS VARCHAR)"),
+        ("num", "num::text", "num"),
+        ("b", "b::text", "CAST(b AS VARCHAR)"),
+        ("t", "t", "t"),
+        ("vc", "vc", "vc"),
+        ("ch", "ch::text", "ch"),
+        ("u", "u::text", "u"),
+        ("dt", "dt::text", "CAST(dt AS VARCHAR)"),
+        ("tm", "tm::text", "tm"),
+        (
+            "ts",
+            "to_char(ts, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')",
+            "to_char(ts, '%Y-%m-%dT%H:%M:%S%.6f')",
+        ),
+        (
+            "tz",
+            "to_char(tz, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')",
+            "to_char(tz, '%Y-%m-%dT%H:%M:%S%.6f')",
+        ),
+        ("by", "encode(by, 'hex')", "encode(by, 'hex')"),
+        ("j", "j::text", "j"),
+        ("jb", "jb::text", "jb"),
+        ("e", "e::text", "e"),
+        ("arr", "arr::text", "arr"),
+    ];
+    for (col, pg_expr, delta_expr) in checks {
+        let want = pg_text(col, pg_expr);
+        let got = delta_text(col, delta_expr).await;
+        assert_eq!(got, want, "column {col}");
+    }
+    // Floats compared as numbers (text forms differ between the two).
+    let floats = pg_rows(
+        &pg,
+        "SELECT id, coalesce(r::float8::text, 'NULL') || '|' || coalesce(d::text, 'NULL') FROM types ORDER BY id",
+    );
+    let got = delta_rows(&uri, "SELECT id, coalesce(CAST(CAST(r AS DOUBLE) AS VARCHAR), 'NULL') || '|' || coalesce(CAST(d AS VARCHAR), 'NULL') FROM t ORDER BY id").await;
+    for (k, v) in floats {
+        let (a, b) = v.split_once('|').unwrap();
+        let (x, y) = got[&k].split_once('|').unwrap();
+        for (p, q) in [(a, x), (b, y)] {
+            if p == "NULL" {
+                assert_eq!(q, "NULL");
+            } else {
+                let (p, q): (f64, f64) = (p.parse().unwrap(), q.parse().unwrap());
+                assert!((p - q).abs() <= p.abs() * 1e-7, "row {k}: {p} vs {q}");
+            }
+        }
+    }
+    src.stop();
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_column_evolves_the_table_and_an_incompatible_change_pauses_it() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE evo (id bigint PRIMARY KEY, a text NOT NULL);
+         INSERT INTO evo SELECT g, 'a' || g FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["evo"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["evo"]).await;
+    // In one transaction: a change under the old shape, the new column, changes using it.
+    pg.psql(
+        "BEGIN; UPDATE evo SET a = 'before' WHERE id = 50; ALTER TABLE evo ADD COLUMN b int;
+         UPDATE evo SET b = id * 10 WHERE id <= 10; INSERT INTO evo VALUES (1000, 'new', 5); COMMIT;
+         DELETE FROM evo WHERE id = 3;",
+    );
+    caught_up(&pg, &c, &src, &["evo"]).await;
+    let uri = dir.path().join("evo").display().to_string();
+    let want = pg_rows(
+        &pg,
+        "SELECT id, a || ',' || coalesce(b::text, 'NULL') FROM evo ORDER BY id",
+    );
+    let got = delta_rows(
+        &uri,
+        "SELECT id, a || ',' || coalesce(CAST(b AS VARCHAR), 'NULL') FROM t ORDER BY id",
+    )
+    .await;
+    assert_eq!(got, want);
+    let t = c.coordinator.table("evo").unwrap();
+    let b = t.def.schema.field_with_name("b").unwrap();
+    assert!(b.is_nullable() && *b.data_type() == arrow::datatypes::DataType::Int32);
+
+    // A column added with a default that existing rows take cannot be mirrored without
+    // rewriting every row: the table is paused and the source says why.
+    pg.psql("ALTER TABLE evo ADD COLUMN c int NOT NULL DEFAULT 7; UPDATE evo SET a = 'after' WHERE id = 1;");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = src.status();
+        if s.state == "error" {
+            assert!(
+                s.error.contains("default") && s.error.contains("evo"),
+                "{}",
+                s.error
+            );
+            break;
+        }
+        assert!(Instant::now() < end, "the source did not stop: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("evo").unwrap())
+        .await
+        .unwrap();
+    assert!(info.paused, "the table was not paused");
+    // Nothing under the new shape was written.
+    assert_eq!(
+        delta_rows(&uri, "SELECT id, a FROM t WHERE id = 1").await[&1],
+        "a1"
+    );
+    src.stop();
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toasted_values_keep_their_value() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE big (id bigint PRIMARY KEY, payload text, n int);
+         ALTER TABLE big ALTER COLUMN payload SET STORAGE EXTERNAL;
+         INSERT INTO big SELECT g, repeat(md5(g::text), 1000), 0 FROM generate_series(1, 20) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["big"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["big"]).await;
+    // Streamed: a new row, then updates that leave the 32 KB payloads untouched (pgoutput
+    // sends them as 'unchanged'), and one that changes a payload.
+    pg.psql("INSERT INTO big VALUES (100, repeat('z', 40000), 0);");
+    pg.psql("UPDATE big SET n = n + 1; UPDATE big SET payload = repeat('y', 30000) WHERE id = 2; UPDATE big SET n = 7 WHERE id = 2;");
+    caught_up(&pg, &c, &src, &["big"]).await;
+    let uri = dir.path().join("big").display().to_string();
+    let want = pg_rows(
+        &pg,
+        "SELECT id, md5(payload) || ',' || length(payload) || ',' || n FROM big ORDER BY id",
+    );
+    let got = delta_rows(&uri, "SELECT id, md5(payload) || ',' || CAST(length(payload) AS VARCHAR) || ',' || CAST(n AS VARCHAR) FROM t ORDER BY id").await;
+    assert_eq!(got, want);
+    src.stop();
+    c.stop();
+}
