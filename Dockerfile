@@ -28,7 +28,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     if [ "${TARGETARCH:-amd64}" != "amd64" ]; then export PROTOC=/usr/bin/protoc; fi \
- && cargo build --release --locked --bins \
+ && cargo build --release --locked -p freshet-cli --bins \
  && mkdir -p /out \
  && install -m 0755 target/release/freshet target/release/freshet-coordinator \
       target/release/freshet-worker /out/
