@@ -25,7 +25,13 @@ pub const TABLE: &str = "orders";
 pub const SEED: u64 = 0x5eed_f7e5_0e7d_2026;
 /// The partition values.
 pub const REGIONS: [&str; 8] = [
-    "af-south", "ap-east", "ap-south", "eu-central", "eu-west", "me-central", "us-east",
+    "af-south",
+    "ap-east",
+    "ap-south",
+    "eu-central",
+    "eu-west",
+    "me-central",
+    "us-east",
     "us-west",
 ];
 const STATUS: [&str; 6] = [
@@ -139,7 +145,9 @@ pub fn rows(schema: &SchemaRef, ids: &[i64], version: i64) -> Result<RecordBatch
     let mut ship: Vec<Option<i32>> = Vec::with_capacity(n);
     const T0: i64 = 1_577_836_800_000_000; // 2020-01-01
     for &id in ids {
-        let mut r = SmallRng::seed_from_u64(splitmix(id as u64 ^ (version as u64).rotate_left(32) ^ SEED));
+        let mut r = SmallRng::seed_from_u64(splitmix(
+            id as u64 ^ (version as u64).rotate_left(32) ^ SEED,
+        ));
         customer.push(r.gen_range(1..2_000_000i64));
         let q = r.gen_range(1..100i32);
         qty.push(q);
@@ -373,7 +381,10 @@ pub async fn ensure_base(root: &Path, shape: &Shape, progress: bool) -> Result<P
             let mut cols = batch.columns().to_vec();
             cols.push(Arc::new(Int8Array::from(vec![0i8; chunk.len()])));
             let with_op = RecordBatch::try_new(change_schema.clone(), cols)?;
-            debug_assert_eq!(with_op.schema().field(with_op.num_columns() - 1).name(), OP_COLUMN);
+            debug_assert_eq!(
+                with_op.schema().field(with_op.num_columns() - 1).name(),
+                OP_COLUMN
+            );
             task += 1;
             let req = RewriteRequest {
                 cycle_id: "load".into(),

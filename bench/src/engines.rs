@@ -99,7 +99,9 @@ pub async fn fingerprint(def: &TableDef) -> Result<(u64, String)> {
         .iter()
         .map(|f| format!("\"{}\"", f.name()))
         .collect();
-    let df = ctx.sql(&format!("select {} from t", cols.join(", "))).await?;
+    let df = ctx
+        .sql(&format!("select {} from t", cols.join(", ")))
+        .await?;
     let mut stream = df.execute_stream().await?;
     let conv = RowConverter::new(
         canon
@@ -212,7 +214,10 @@ async fn run_freshet(
     Ok(())
 }
 
-fn merge_source(ctx: &SessionContext, ch: &Changes) -> Result<deltalake::datafusion::prelude::DataFrame> {
+fn merge_source(
+    ctx: &SessionContext,
+    ch: &Changes,
+) -> Result<deltalake::datafusion::prelude::DataFrame> {
     Ok(ctx.read_batch(ch.with_deleted()?)?)
 }
 
@@ -227,12 +232,19 @@ async fn run_merge(def: &TableDef, ch: &Changes, r: &mut RunResult) -> Result<()
     } else {
         "target.region = source.region AND target.id = source.id".to_string()
     };
-    let names: Vec<String> = def.schema.fields().iter().map(|f| f.name().clone()).collect();
+    let names: Vec<String> = def
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
     let (_, metrics) = table
         .merge(source, predicate)
         .with_source_alias("source")
         .with_target_alias("target")
-        .when_matched_delete(|d| d.predicate(col("source.deleted").eq(deltalake::datafusion::prelude::lit(true))))?
+        .when_matched_delete(|d| {
+            d.predicate(col("source.deleted").eq(deltalake::datafusion::prelude::lit(true)))
+        })?
         .when_matched_update(|mut u| {
             u = u.predicate(col("source.deleted").eq(deltalake::datafusion::prelude::lit(false)));
             for n in &names {
@@ -325,7 +337,11 @@ pub async fn run_one(
     let total_bytes: u64 = before.values().sum();
     let mut r = RunResult {
         engine: format!("{engine:?}").to_lowercase(),
-        workers: if engine == Engine::Freshet { workers } else { 0 },
+        workers: if engine == Engine::Freshet {
+            workers
+        } else {
+            0
+        },
         rows: shape.rows,
         partitioned: shape.partitioned,
         changes,
@@ -358,7 +374,8 @@ pub async fn run_one(
     r.fingerprint = fp;
     let expected = shape.rows + ch.inserts as u64 - ch.deletes as u64;
     if n != expected {
-        r.notes.push_str(&format!(" | ROW COUNT {n} != expected {expected}"));
+        r.notes
+            .push_str(&format!(" | ROW COUNT {n} != expected {expected}"));
     }
     Ok(r)
 }
@@ -379,7 +396,11 @@ pub fn spawn_one(
         .arg(dir)
         .arg("--rows")
         .arg(shape.rows.to_string())
-        .arg(if shape.partitioned { "--partitioned=true" } else { "--partitioned=false" })
+        .arg(if shape.partitioned {
+            "--partitioned=true"
+        } else {
+            "--partitioned=false"
+        })
         .arg("--target-file-size")
         .arg(shape.target_file_size.to_string())
         .arg("--engine")
@@ -404,4 +425,3 @@ pub fn spawn_one(
         .context("run-one printed no result")?;
     Ok(serde_json::from_str(line)?)
 }
-

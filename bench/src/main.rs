@@ -15,7 +15,10 @@ use data::{Dist, Shape};
 use engines::{Engine, RunResult};
 
 #[derive(Parser)]
-#[command(name = "freshet-bench", about = "Freshet vs delta-rs MERGE vs a full rewrite")]
+#[command(
+    name = "freshet-bench",
+    about = "Freshet vs delta-rs MERGE vs a full rewrite"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -140,7 +143,10 @@ fn compare(
             let mut fps = Vec::new();
             for &(engine, w) in &engines {
                 bar.set_message(format!("{engine:?} {n} {dist:?} w{w}"));
-                let dir = table.data.join("runs").join(format!("{}-{engine:?}", shape.name()));
+                let dir = table
+                    .data
+                    .join("runs")
+                    .join(format!("{}-{engine:?}", shape.name()));
                 data::copy_table(&base, &dir)?;
                 let r = engines::spawn_one(&dir, &shape, engine, n, dist, w)?;
                 std::fs::remove_dir_all(&dir).ok();
@@ -174,7 +180,14 @@ fn main() -> Result<()> {
             workers,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            let r = rt.block_on(engines::run_one(&dir, &table.shape(), engine, changes, dist, workers))?;
+            let r = rt.block_on(engines::run_one(
+                &dir,
+                &table.shape(),
+                engine,
+                changes,
+                dist,
+                workers,
+            ))?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Compare {
@@ -214,9 +227,19 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             std::fs::create_dir_all(&out)?;
             for r in rate {
-                let res = rt.block_on(sustained::run(&table.data, &table.shape(), r, seconds, workers, interval_ms))?;
+                let res = rt.block_on(sustained::run(
+                    &table.data,
+                    &table.shape(),
+                    r,
+                    seconds,
+                    workers,
+                    interval_ms,
+                ))?;
                 let stem = format!("sustained-{}-{r}", table.shape().name());
-                std::fs::write(out.join(format!("{stem}.json")), serde_json::to_string_pretty(&res)?)?;
+                std::fs::write(
+                    out.join(format!("{stem}.json")),
+                    serde_json::to_string_pretty(&res)?,
+                )?;
                 std::fs::write(out.join(format!("{stem}.svg")), report::sustained_svg(&res))?;
                 let md = report::sustained_markdown(&res);
                 std::fs::write(out.join(format!("{stem}.md")), &md)?;
@@ -237,8 +260,14 @@ fn main() -> Result<()> {
                     partitioned,
                     ..table.clone()
                 };
-                let (results, mismatches) =
-                    compare(&t, &[500], &[Dist::Recent, Dist::Uniform], &[2], true, false)?;
+                let (results, mismatches) = compare(
+                    &t,
+                    &[500],
+                    &[Dist::Recent, Dist::Uniform],
+                    &[2],
+                    true,
+                    false,
+                )?;
                 if !mismatches.is_empty() {
                     bail!("smoke: contents differ: {mismatches:?}");
                 }

@@ -43,7 +43,10 @@ pub fn compare_markdown(results: &[RunResult]) -> String {
         s,
         "| rows | layout | changes | dist | engine | wall s | vs MERGE | cycle s | CPU s | vs MERGE | files rewritten | MB read | MB written | write amp. | peak RSS MiB | same contents |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in results {
         let merge = results.iter().find(|m| {
             m.engine == "merge"

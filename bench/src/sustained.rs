@@ -70,7 +70,9 @@ pub async fn run(
 ) -> Result<Sustained> {
     let dist = Dist::Uniform;
     let base = data::ensure_base(root, shape, true).await?;
-    let dir = root.join("runs").join(format!("{}-sustained", shape.name()));
+    let dir = root
+        .join("runs")
+        .join(format!("{}-sustained", shape.name()));
     data::copy_table(&base, &dir)?;
     let uri = dir.display().to_string();
     let def = data::table_def(&uri, shape)?;
@@ -229,4 +231,3 @@ pub async fn run(
         machine: crate::report::machine(),
     })
 }
-

@@ -27,6 +27,7 @@ use freshet_proto::worker::v1::{OutputFile, RewriteRequest};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowSchemaConverter;
+use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
@@ -34,7 +35,6 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::arrow_writer::{ArrowRowGroupWriterFactory, compute_leaves};
 #[allow(deprecated)] // Still the simplest object_store-backed footer reader in parquet 59.
 use parquet::arrow::async_reader::ParquetObjectReader;
-use parquet::arrow::ArrowWriter;
 use parquet::column::writer::ColumnCloseResult;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData, RowGroupMetaData};
@@ -143,10 +143,7 @@ fn as_i64(array: &dyn Array) -> Option<Vec<Option<i64>>> {
 }
 
 /// Why a task cannot take the row-group path (None: it can).
-fn eligible_group(
-    rg: &RowGroupMetaData,
-    key_idx: usize,
-) -> std::result::Result<(), &'static str> {
+fn eligible_group(rg: &RowGroupMetaData, key_idx: usize) -> std::result::Result<(), &'static str> {
     let sorted = rg
         .sorting_columns()
         .and_then(|s| s.first())
@@ -186,7 +183,10 @@ async fn plan_groups(
     let key_name = &local_key[0];
     let key_idx = file_schema.index_of(key_name).expect("key column");
     if !int_key_type(file_schema.field(key_idx).data_type())
-        || file_schema.fields().iter().any(|f| f.data_type().is_nested())
+        || file_schema
+            .fields()
+            .iter()
+            .any(|f| f.data_type().is_nested())
         || out_descr.num_columns() != file_schema.fields().len()
     {
         return Ok(Err("key type or nested columns".into()));
@@ -328,9 +328,10 @@ impl Output<'_> {
     fn file(&mut self) -> Result<&mut OpenFile> {
         if self.open.is_none() {
             let props = writer_props(self.def);
-            let (writer, factory) = ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))
-                .and_then(|w| w.into_serialized_writer())
-                .map_err(|e| Error::data("parquet writer", e))?;
+            let (writer, factory) =
+                ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))
+                    .and_then(|w| w.into_serialized_writer())
+                    .map_err(|e| Error::data("parquet writer", e))?;
             self.open = Some(OpenFile {
                 writer,
                 factory,
@@ -370,7 +371,10 @@ impl Output<'_> {
         }
         let mut rg = f.writer.next_row_group().map_err(pe)?;
         for w in writers {
-            w.close().map_err(pe)?.append_to_row_group(&mut rg).map_err(pe)?;
+            w.close()
+                .map_err(pe)?
+                .append_to_row_group(&mut rg)
+                .map_err(pe)?;
         }
         rg.close().map_err(pe)?;
         self.done.groups_rewritten += 1;
@@ -383,8 +387,8 @@ impl Output<'_> {
         if self.pending_rows == 0 || (!all && self.pending_rows < per_group) {
             return Ok(());
         }
-        let rows = concat_batches(&self.schema, &self.pending)
-            .map_err(|e| Error::data("concat", e))?;
+        let rows =
+            concat_batches(&self.schema, &self.pending).map_err(|e| Error::data("concat", e))?;
         self.pending.clear();
         self.pending_rows = 0;
         let n = rows.num_rows();
@@ -421,14 +425,17 @@ impl Output<'_> {
             return Ok(());
         }
         if f.nan_free {
-            f.writer
-                .append_key_value_metadata(KeyValue::new(NAN_FREE_KEY.to_string(), "1".to_string()));
+            f.writer.append_key_value_metadata(KeyValue::new(
+                NAN_FREE_KEY.to_string(),
+                "1".to_string(),
+            ));
         }
         let pe = |e| Error::data("parquet close", e);
         let meta = f.writer.finish().map_err(pe)?;
         let bytes = std::mem::take(f.writer.inner_mut());
         let size = bytes.len() as u64;
-        let (stats, num_records, min_key, max_key) = stats_from_footer(self.def, &self.schema, &meta)?;
+        let (stats, num_records, min_key, max_key) =
+            stats_from_footer(self.def, &self.schema, &meta)?;
         let name = format!(
             "{}fr-{}-{}-{}-{}.parquet",
             self.dir,
@@ -546,7 +553,13 @@ pub async fn try_rewrite(
     let in_bytes: u64 = inputs.iter().map(|i| i.size).sum();
     let in_rows: u64 = groups
         .iter()
-        .map(|g| inputs[g.input].meta.metadata().row_group(g.index).num_rows() as u64)
+        .map(|g| {
+            inputs[g.input]
+                .meta
+                .metadata()
+                .row_group(g.index)
+                .num_rows() as u64
+        })
         .sum();
     let per_row = (in_bytes as f64 / in_rows.max(1) as f64).max(1.0);
     let upserts = deletes.iter().filter(|d| !**d).count() as f64;
@@ -614,11 +627,12 @@ pub async fn try_rewrite(
             out.done.groups_copied += 1;
         } else {
             let ctx = || format!("table '{}', file {}", def.name, input.path);
-            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(chunk, input.meta.clone())
-                .with_row_groups(vec![g.index])
-                .with_batch_size(ROW_GROUP_ROWS)
-                .build()
-                .map_err(|e| Error::data(ctx(), e))?;
+            let reader =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(chunk, input.meta.clone())
+                    .with_row_groups(vec![g.index])
+                    .with_batch_size(ROW_GROUP_ROWS)
+                    .build()
+                    .map_err(|e| Error::data(ctx(), e))?;
             let rows = reader
                 .map(|b| conform(&b.map_err(|e| Error::data(ctx(), e))?, &schema, &ctx()))
                 .collect::<Result<Vec<_>>>()?;
@@ -647,7 +661,11 @@ pub async fn try_rewrite(
             .metadata()
             .row_groups()
             .iter()
-            .flat_map(|rg| rg.columns().iter().map(|c| c.byte_range().0 + c.byte_range().1))
+            .flat_map(|rg| {
+                rg.columns()
+                    .iter()
+                    .map(|c| c.byte_range().0 + c.byte_range().1)
+            })
             .max()
             .unwrap_or(0);
         out.done.bytes_read += i.size.saturating_sub(data_end);
@@ -681,7 +699,15 @@ mod tests {
             Field::new("v", DataType::Utf8, true),
             Field::new("f", DataType::Float64, false),
         ]));
-        TableDef::new("t", "memory:///t", schema, vec!["id".into()], vec![], target).unwrap()
+        TableDef::new(
+            "t",
+            "memory:///t",
+            schema,
+            vec!["id".into()],
+            vec![],
+            target,
+        )
+        .unwrap()
     }
 
     fn change_batch(def: &TableDef, ch: &BTreeMap<i64, Option<Row>>) -> Vec<u8> {
@@ -711,7 +737,11 @@ mod tests {
         freshet_common::ipc::encode(&s, &[b]).unwrap()
     }
 
-    fn request(def: &TableDef, inputs: Vec<InputFile>, ch: &BTreeMap<i64, Option<Row>>) -> RewriteRequest {
+    fn request(
+        def: &TableDef,
+        inputs: Vec<InputFile>,
+        ch: &BTreeMap<i64, Option<Row>>,
+    ) -> RewriteRequest {
         RewriteRequest {
             cycle_id: "c".into(),
             task_id: 1,
@@ -731,8 +761,17 @@ mod tests {
         }
     }
 
-    async fn read_rows(store: &Arc<dyn ObjectStore>, path: &str) -> (Vec<(i64, Row)>, Arc<ParquetMetaData>, Bytes) {
-        let bytes = store.get(&Path::from(path)).await.unwrap().bytes().await.unwrap();
+    async fn read_rows(
+        store: &Arc<dyn ObjectStore>,
+        path: &str,
+    ) -> (Vec<(i64, Row)>, Arc<ParquetMetaData>, Bytes) {
+        let bytes = store
+            .get(&Path::from(path))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let b = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap();
         let md = b.metadata().clone();
         let mut out = Vec::new();
@@ -740,7 +779,9 @@ mod tests {
             let batch = batch.unwrap();
             let ids = batch.column(0).as_primitive::<Int64Type>();
             let vs = batch.column(1).as_string::<i32>();
-            let fs = batch.column(2).as_primitive::<arrow::datatypes::Float64Type>();
+            let fs = batch
+                .column(2)
+                .as_primitive::<arrow::datatypes::Float64Type>();
             for i in 0..batch.num_rows() {
                 let v = (!vs.is_null(i)).then(|| vs.value(i).to_string());
                 out.push((ids.value(i), (v, fs.value(i))));
@@ -750,12 +791,22 @@ mod tests {
     }
 
     /// Writes `base` as Freshet files (through the full path, from nothing).
-    async fn write_base(store: &Arc<dyn ObjectStore>, def: &TableDef, base: &BTreeMap<i64, Row>) -> Vec<InputFile> {
-        let ch: BTreeMap<i64, Option<Row>> = base.iter().map(|(k, v)| (*k, Some(v.clone()))).collect();
-        let resp = rewrite_with(store, &request(def, vec![], &ch), "w", false).await.unwrap();
+    async fn write_base(
+        store: &Arc<dyn ObjectStore>,
+        def: &TableDef,
+        base: &BTreeMap<i64, Row>,
+    ) -> Vec<InputFile> {
+        let ch: BTreeMap<i64, Option<Row>> =
+            base.iter().map(|(k, v)| (*k, Some(v.clone()))).collect();
+        let resp = rewrite_with(store, &request(def, vec![], &ch), "w", false)
+            .await
+            .unwrap();
         resp.files
             .iter()
-            .map(|f| InputFile { path: f.path.clone(), size: f.size })
+            .map(|f| InputFile {
+                path: f.path.clone(),
+                size: f.size,
+            })
             .collect()
     }
 
@@ -864,7 +915,9 @@ mod tests {
         set_row_group_rows(10);
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let d = def(1 << 30);
-        let base: BTreeMap<i64, Row> = (0..100).map(|k| (k, (Some(format!("v{k}")), k as f64))).collect();
+        let base: BTreeMap<i64, Row> = (0..100)
+            .map(|k| (k, (Some(format!("v{k}")), k as f64)))
+            .collect();
         let inputs = write_base(&store, &d, &base).await;
         // Delete the whole group 40..=49, update 95, insert 100..105 after the end.
         let mut ch: BTreeMap<i64, Option<Row>> = (40..50).map(|k| (k, None)).collect();
@@ -875,8 +928,12 @@ mod tests {
         let req = request(&d, inputs, &ch);
         let schema = d.file_schema();
         let changes = freshet_common::ipc::decode(&req.changes_ipc).unwrap().1;
-        let changes = concat_batches(&freshet_common::changes::change_schema(&d), &changes).unwrap();
-        let done = try_rewrite(&store, &d, &req, &changes).await.unwrap().expect("row-group path");
+        let changes =
+            concat_batches(&freshet_common::changes::change_schema(&d), &changes).unwrap();
+        let done = try_rewrite(&store, &d, &req, &changes)
+            .await
+            .unwrap()
+            .expect("row-group path");
         assert_eq!(done.groups_copied, 8, "groups 0-3 and 5-8 copied");
         assert_eq!(done.counts.deleted, 10);
         assert_eq!(done.counts.updated, 1);
@@ -885,7 +942,11 @@ mod tests {
         let (rows, md, _) = read_rows(&store, &done.files[0].path).await;
         assert_eq!(rows.len(), 95);
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "sorted");
-        assert!(md.row_groups().iter().all(|rg| rg.sorting_columns().is_some()));
+        assert!(
+            md.row_groups()
+                .iter()
+                .all(|rg| rg.sorting_columns().is_some())
+        );
         let _ = schema;
         // Only the copied groups' bytes and the touched group were read, not the whole file.
         assert_eq!(done.files[0].min_key_json, r#"["0"]"#);
@@ -914,14 +975,36 @@ mod tests {
         w.write(&b).unwrap();
         w.close().unwrap();
         let size = buf.len() as u64;
-        store.put(&Path::from("foreign.parquet"), PutPayload::from(buf)).await.unwrap();
-        let ch = BTreeMap::from([(3, Some((Some("c".to_string()), 3.5))), (2, Some((None, 2.0)))]);
-        let req = request(&d, vec![InputFile { path: "foreign.parquet".into(), size }], &ch);
+        store
+            .put(&Path::from("foreign.parquet"), PutPayload::from(buf))
+            .await
+            .unwrap();
+        let ch = BTreeMap::from([
+            (3, Some((Some("c".to_string()), 3.5))),
+            (2, Some((None, 2.0))),
+        ]);
+        let req = request(
+            &d,
+            vec![InputFile {
+                path: "foreign.parquet".into(),
+                size,
+            }],
+            &ch,
+        );
         let changes = freshet_common::ipc::decode(&req.changes_ipc).unwrap().1;
-        let changes = concat_batches(&freshet_common::changes::change_schema(&d), &changes).unwrap();
-        assert!(try_rewrite(&store, &d, &req, &changes).await.unwrap().is_none());
+        let changes =
+            concat_batches(&freshet_common::changes::change_schema(&d), &changes).unwrap();
+        assert!(
+            try_rewrite(&store, &d, &req, &changes)
+                .await
+                .unwrap()
+                .is_none()
+        );
         let resp = crate::rewrite::rewrite(&store, &req, "w").await.unwrap();
         let (rows, _, _) = read_rows(&store, &resp.files[0].path).await;
-        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 5]);
+        assert_eq!(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 5]
+        );
     }
 }
