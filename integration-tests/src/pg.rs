@@ -153,30 +153,7 @@ impl Postgres {
 
     /// Runs SQL through psql (for setup and workloads); panics on error.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-qAt",
-                "-c",
-                sql,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "psql failed: {}\n{sql}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        run_sql(&self.bin.join("psql"), self.port, sql)
     }
 
     /// The `psql` binary beside the server.
@@ -208,4 +185,33 @@ impl Drop for Postgres {
             let _ = c.wait();
         }
     }
+}
+
+/// Runs SQL with `psql` against the server on `port` (usable from workload threads);
+/// panics with psql's error on failure.
+pub fn run_sql(psql: &Path, port: u16, sql: &str) -> String {
+    let out = Command::new(psql)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qAt",
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed: {}\n{sql}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -144,24 +144,7 @@ async fn snapshot_under_load_then_streaming_equals_postgres() {
                 d = 1000 + round * 997,
                 i = 300_000 + round * 40,
             );
-            let ok = std::process::Command::new(&psql)
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &pg_port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-qAt",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    &sql,
-                ])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok);
+            freshet_integration_tests::pg::run_sql(&psql, pg_port, &sql);
             round += 1;
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -348,24 +331,7 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
                 d = 1 + i * 3,
                 n = 100_000 + i
             );
-            let ok = std::process::Command::new(&psql)
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-qAt",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    &sql,
-                ])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok);
+            freshet_integration_tests::pg::run_sql(&psql, port, &sql);
             i += 1;
             std::thread::sleep(Duration::from_millis(20));
         }
