@@ -64,13 +64,7 @@ pub async fn write_segment(
 
 /// Reads a segment's batches.
 pub async fn read_segment(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Vec<RecordBatch>> {
-    let bytes = store
-        .get(path)
-        .await
-        .map_err(|e| Error::store(path, e))?
-        .bytes()
-        .await
-        .map_err(|e| Error::store(path, e))?;
+    let bytes = crate::storage::read_existing(store, path).await?;
     crate::ipc::decode(&bytes)
         .map(|(_, b)| b)
         .map_err(|e| Error::data(format!("reading staging segment {path}"), e))

@@ -31,6 +31,35 @@ pub fn table_url(table: &str, uri: &str) -> Result<Url> {
     }
 }
 
+/// Reads a whole object; `None` when it does not exist.
+pub async fn read_object(
+    store: &Arc<dyn ObjectStore>,
+    path: &object_store::path::Path,
+) -> Result<Option<bytes::Bytes>> {
+    use object_store::ObjectStoreExt;
+    match store.get(path).await {
+        Ok(g) => Ok(Some(g.bytes().await.map_err(|e| Error::store(path, e))?)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(Error::store(path, e)),
+    }
+}
+
+/// Reads a whole object that must exist.
+pub async fn read_existing(
+    store: &Arc<dyn ObjectStore>,
+    path: &object_store::path::Path,
+) -> Result<bytes::Bytes> {
+    read_object(store, path).await?.ok_or_else(|| {
+        Error::store(
+            path,
+            object_store::Error::NotFound {
+                path: path.to_string(),
+                source: "object vanished".into(),
+            },
+        )
+    })
+}
+
 /// Builds the Delta log store of a table.
 pub fn log_store(table: &str, url: &Url, options: &StorageOptions) -> Result<LogStoreRef> {
     let mut opts = options.clone();

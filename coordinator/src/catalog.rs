@@ -8,7 +8,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use freshet_common::error::{Error, Result};
-use freshet_common::storage::{StorageOptions, table_store, table_url};
+use freshet_common::storage::{StorageOptions, read_existing, table_store, table_url};
 use freshet_common::table::{TableConfig, TableDef};
 
 /// The run-time table catalog.
@@ -49,14 +49,7 @@ impl Catalog {
             .map_err(|e| Error::store(&prefix, e))?;
         let mut out = Vec::new();
         for m in metas {
-            let bytes = self
-                .store
-                .get(&m.location)
-                .await
-                .map_err(|e| Error::store(&m.location, e))?
-                .bytes()
-                .await
-                .map_err(|e| Error::store(&m.location, e))?;
+            let bytes = read_existing(&self.store, &m.location).await?;
             let cfg: TableConfig = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::Config(format!("catalog entry {}: {e}", m.location)))?;
             out.push(cfg.to_def()?);

@@ -501,31 +501,37 @@ impl Coordinator {
             .map_err(|_| Error::Unavailable("staging stopped".into()))?
     }
 
-    /// Empties the table in one commit at `sequence` (a source's TRUNCATE): changes staged
-    /// before it are applied first; a truncate already applied (txn at or above `sequence`)
-    /// is not repeated.
-    pub async fn truncate(&self, table: &str, sequence: u64) -> Result<i64> {
-        let t = self.table(table)?;
+    /// Runs cycles until no staged segment starts below `before` (a barrier before an
+    /// operation that must follow those changes).
+    async fn apply_pending(&self, t: &Arc<TableRuntime>, before: u64, what: &str) -> Result<()> {
         loop {
-            let pending_before = t
+            let pending = t
                 .pending
                 .lock()
                 .expect("lock")
                 .segments
                 .iter()
-                .any(|s| s.first < sequence);
-            if !pending_before {
-                break;
+                .any(|s| s.first < before);
+            if !pending {
+                return Ok(());
             }
-            let rec = cycle::run_cycle(&self.inner, &t).await?;
-            self.inner.record(&t, &rec);
+            let rec = cycle::run_cycle(&self.inner, t).await?;
+            self.inner.record(t, &rec);
             if rec.state == "failed" {
                 return Err(Error::Internal(format!(
-                    "table '{table}': cycle before truncate failed: {}",
-                    rec.error
+                    "table '{}': cycle before {what} failed: {}",
+                    t.def.name, rec.error
                 )));
             }
         }
+    }
+
+    /// Empties the table in one commit at `sequence` (a source's TRUNCATE): changes staged
+    /// before it are applied first; a truncate already applied (txn at or above `sequence`)
+    /// is not repeated.
+    pub async fn truncate(&self, table: &str, sequence: u64) -> Result<i64> {
+        let t = self.table(table)?;
+        self.apply_pending(&t, sequence, "truncate").await?;
         let mut delta = t.delta.lock().await;
         delta
             .update_state()
@@ -579,19 +585,8 @@ impl Coordinator {
             });
         }
         // Everything staged under the old schema goes in first.
-        loop {
-            if t.pending.lock().expect("lock").segments.is_empty() {
-                break;
-            }
-            let rec = cycle::run_cycle(&self.inner, &t).await?;
-            self.inner.record(&t, &rec);
-            if rec.state == "failed" {
-                return Err(Error::Internal(format!(
-                    "table '{name}': cycle before the schema change failed: {}",
-                    rec.error
-                )));
-            }
-        }
+        self.apply_pending(&t, u64::MAX, "the schema change")
+            .await?;
         {
             let mut delta = t.delta.lock().await;
             delta

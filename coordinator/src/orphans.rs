@@ -57,13 +57,7 @@ pub async fn list_records(store: &Arc<dyn ObjectStore>) -> Result<Vec<InflightRe
         .map_err(|e| Error::store(&prefix, e))?;
     let mut out = Vec::new();
     for m in metas {
-        let bytes = store
-            .get(&m.location)
-            .await
-            .map_err(|e| Error::store(&m.location, e))?
-            .bytes()
-            .await
-            .map_err(|e| Error::store(&m.location, e))?;
+        let bytes = freshet_common::storage::read_existing(store, &m.location).await?;
         match serde_json::from_slice(&bytes) {
             Ok(r) => out.push(r),
             Err(e) => {

@@ -378,17 +378,8 @@ async fn ensure_publication(
 
 async fn read_marker(coordinator: &Coordinator, m: &Mirror) -> Result<Option<SnapshotMarker>> {
     let t = coordinator.table(&m.cfg.name)?;
-    match t.store.get(&Path::from(MARKER)).await {
-        Ok(g) => {
-            let b = g
-                .bytes()
-                .await
-                .map_err(|e| freshet_common::error::Error::store(MARKER, e))?;
-            Ok(serde_json::from_slice(&b).ok())
-        }
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(freshet_common::error::Error::store(MARKER, e).into()),
-    }
+    let b = freshet_common::storage::read_object(&t.store, &Path::from(MARKER)).await?;
+    Ok(b.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
 async fn write_marker(
