@@ -64,9 +64,14 @@ pub async fn coordinator(args: ServeArgs) -> anyhow::Result<()> {
     }
     freshet_common::server::init_logging(config.log.json);
     tracing::debug!(?config, "configuration");
-    freshet_coordinator::process::run(config, Some(freshet_source_postgres::starter()))
-        .await
-        .context("coordinator failed")
+    freshet_coordinator::process::run(
+        config,
+        Some(std::sync::Arc::new(
+            freshet_source_postgres::PostgresFactory,
+        )),
+    )
+    .await
+    .context("coordinator failed")
 }
 
 /// Runs a worker process.

@@ -1,14 +1,25 @@
-//! `freshet source list|status`: the CDC sources the leader runs (defined under
-//! `[[sources]]` in the coordinator's configuration).
+//! `freshet source add|list|status`: the CDC sources the leader runs (defined under
+//! `[[sources]]` in the coordinator's configuration, or added at run time).
 
 use anyhow::bail;
 use clap::Subcommand;
-use freshet_proto::admin::v1::{ListSourcesRequest, SourceInfo};
+use freshet_proto::admin::v1::{AddSourceRequest, ListSourcesRequest, SourceInfo};
 
 use crate::output::{Format, table};
 
 #[derive(Subcommand)]
 pub enum SourceCommand {
+    /// Add a source at run time, or replace a run-time source of the same name (tables it
+    /// adds are copied on their own). The definition is checked against its database and
+    /// recorded in the coordinator's catalog; passwords come from the leader's environment
+    /// or files (`password_env` / `password_file`), never from the definition.
+    Add {
+        /// TOML file with one source (the keys of a `[[sources]]` entry); `-` reads stdin.
+        #[arg(short, long)]
+        file: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
     /// List sources with their state, confirmed LSN and lag.
     List {
         #[arg(short, long, value_enum, default_value_t)]
@@ -27,19 +38,38 @@ fn json(s: &SourceInfo) -> serde_json::Value {
     serde_json::json!({
         "name": s.name, "kind": s.kind, "slot": s.slot, "publication": s.publication,
         "state": s.state, "confirmedLsn": s.confirmed_lsn, "lagBytes": s.lag_bytes,
-        "snapshotRows": s.snapshot_rows, "transactions": s.transactions, "error": s.error,
-        "tables": s.tables,
+        "lagMs": s.lag_ms, "snapshotRows": s.snapshot_rows, "transactions": s.transactions,
+        "error": s.error, "tables": s.tables, "origin": s.origin,
     })
 }
 
 pub async fn run(endpoint: &str, cmd: SourceCommand) -> anyhow::Result<()> {
     let mut c = crate::admin::client(endpoint).await?;
+    if let SourceCommand::Add { file, output } = cmd {
+        let definition = if file == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {file}: {e}"))?
+        };
+        let added = c
+            .add_source(AddSourceRequest { definition })
+            .await?
+            .into_inner()
+            .source
+            .unwrap_or_default();
+        eprintln!(
+            "source '{}' recorded and starting (follow it with `freshet source status {}`)",
+            added.name, added.name
+        );
+        return print(&[added], output);
+    }
     let sources = c
         .list_sources(ListSourcesRequest {})
         .await?
         .into_inner()
         .sources;
     let (sources, output) = match cmd {
+        SourceCommand::Add { .. } => unreachable!("handled above"),
         SourceCommand::List { output } => (sources, output),
         SourceCommand::Status { name, output } => {
             let one: Vec<_> = sources.into_iter().filter(|s| s.name == name).collect();
@@ -49,6 +79,10 @@ pub async fn run(endpoint: &str, cmd: SourceCommand) -> anyhow::Result<()> {
             (one, output)
         }
     };
+    print(&sources, output)
+}
+
+fn print(sources: &[SourceInfo], output: Format) -> anyhow::Result<()> {
     if output == Format::Json {
         let v: Vec<_> = sources.iter().map(json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -60,18 +94,20 @@ pub async fn run(endpoint: &str, cmd: SourceCommand) -> anyhow::Result<()> {
         "slot",
         "confirmed LSN",
         "lag bytes",
+        "lag ms",
         "snapshot rows",
         "txns",
         "tables",
         "error",
     ]);
-    for s in &sources {
+    for s in sources {
         t.add_row(vec![
             s.name.clone(),
             s.state.clone(),
             s.slot.clone(),
             s.confirmed_lsn.clone(),
             s.lag_bytes.to_string(),
+            s.lag_ms.to_string(),
             s.snapshot_rows.to_string(),
             s.transactions.to_string(),
             s.tables.join(","),

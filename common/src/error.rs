@@ -32,6 +32,9 @@ pub enum Error {
     /// Configuration is wrong.
     #[error("configuration: {0}")]
     Config(String),
+    /// A source definition is wrong or its database refuses it; nothing was changed.
+    #[error("source '{name}': {message}")]
+    InvalidSource { name: String, message: String },
     /// Reading or writing the Delta log failed.
     #[error("delta table '{table}': {source}")]
     Delta {
@@ -125,9 +128,10 @@ impl Error {
     /// The gRPC code for this error: the one place errors meet status codes.
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidInput { .. } | Error::InvalidTable { .. } | Error::Config(_) => {
-                Code::InvalidArgument
-            }
+            Error::InvalidInput { .. }
+            | Error::InvalidTable { .. }
+            | Error::InvalidSource { .. }
+            | Error::Config(_) => Code::InvalidArgument,
             Error::TooLarge { .. } | Error::Backpressure { .. } => Code::ResourceExhausted,
             Error::TableNotFound(_) | Error::CycleNotFound(_) => Code::NotFound,
             Error::TableExists(_) => Code::AlreadyExists,

@@ -28,6 +28,10 @@ pub struct SourceConfig {
     /// Milliseconds between polls of the slot.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// Milliseconds between heartbeats: while the mirrored tables are idle, the slot is
+    /// still confirmed past the server's other WAL this often, so PostgreSQL can recycle it.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
     /// Rows per snapshot batch.
     #[serde(default = "default_snapshot_batch_rows")]
     pub snapshot_batch_rows: usize,
@@ -41,6 +45,10 @@ fn default_kind() -> String {
 
 fn default_poll_ms() -> u64 {
     200
+}
+
+fn default_heartbeat_ms() -> u64 {
+    10_000
 }
 
 fn default_snapshot_batch_rows() -> usize {
@@ -63,6 +71,84 @@ pub struct SourceTable {
     /// Target file size in bytes.
     #[serde(default)]
     pub target_file_size: Option<u64>,
+}
+
+impl SourceConfig {
+    /// Parses one source definition from TOML: the keys of a `[[sources]]` entry, either
+    /// bare or inside exactly one `[[sources]]` (so a snippet of the configuration file
+    /// works as it is).
+    pub fn parse(text: &str) -> Result<SourceConfig, String> {
+        let value: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let one = match value.get("sources") {
+            Some(toml::Value::Array(list)) if value.len() == 1 => match list.as_slice() {
+                [one] => one.clone(),
+                _ => {
+                    return Err(format!(
+                        "expected one source, the text defines {}",
+                        list.len()
+                    ));
+                }
+            },
+            _ => toml::Value::Table(value),
+        };
+        let config: SourceConfig = one.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what can be checked without the database.
+    pub fn validate(&self) -> Result<(), String> {
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !ident(&self.name) {
+            return Err(format!(
+                "source name '{}' must be 1-63 letters, digits, '_' or '-'",
+                self.name
+            ));
+        }
+        if self.kind != "postgres" {
+            return Err(format!(
+                "source '{}': unknown kind '{}' (only 'postgres')",
+                self.name, self.kind
+            ));
+        }
+        // Slot names: lower-case letters, digits and underscores (PostgreSQL's rule).
+        let slot_ok = !self.slot.is_empty()
+            && self.slot.len() <= 63
+            && self
+                .slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !slot_ok {
+            return Err(format!(
+                "source '{}': slot '{}' must be lower-case letters, digits and '_'",
+                self.name, self.slot
+            ));
+        }
+        if !ident(&self.publication) {
+            return Err(format!(
+                "source '{}': publication '{}' must be letters, digits, '_' or '-'",
+                self.name, self.publication
+            ));
+        }
+        if self.tables.is_empty() {
+            return Err(format!("source '{}' lists no tables", self.name));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &self.tables {
+            if !seen.insert(t.name.as_str()) {
+                return Err(format!(
+                    "source '{}': table '{}' is listed twice",
+                    self.name, t.name
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SourceTable {
@@ -101,4 +187,42 @@ fn redact(conn: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = r#"
+name = "shop"
+connection = "host=db user=freshet dbname=shop"
+publication = "freshet_shop"
+slot = "freshet_shop"
+[[tables]]
+source = "public.orders"
+name = "orders"
+uri = "/lake/orders"
+"#;
+
+    #[test]
+    fn parses_bare_or_wrapped_and_names_what_is_wrong() {
+        let a = SourceConfig::parse(ONE).unwrap();
+        assert_eq!(a.tables[0].name, "orders");
+        assert_eq!(a.heartbeat_ms, 10_000);
+        let wrapped = format!(
+            "[[sources]]\n{}",
+            ONE.replace("[[tables]]", "[[sources.tables]]")
+        );
+        assert_eq!(SourceConfig::parse(&wrapped).unwrap().name, "shop");
+        let e = SourceConfig::parse(&ONE.replace("slot = \"freshet_shop\"", "slot = \"Bad-Slot\""))
+            .unwrap_err();
+        assert!(e.contains("Bad-Slot"), "{e}");
+        let e = SourceConfig::parse(&ONE.replace("publication =", "publicaton =")).unwrap_err();
+        assert!(e.contains("publicaton"), "{e}");
+        let e = SourceConfig::parse(&format!(
+            "{ONE}\n[[tables]]\nsource = \"x\"\nname = \"orders\"\nuri = \"/y\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+    }
 }

@@ -8,6 +8,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use freshet_common::error::{Error, Result};
+use freshet_common::source::SourceConfig;
 use freshet_common::storage::{StorageOptions, read_existing, table_store, table_url};
 use freshet_common::table::{TableConfig, TableDef};
 
@@ -36,6 +37,37 @@ impl Catalog {
             .await
             .map_err(|e| Error::store(&path, e))?;
         Ok(())
+    }
+
+    /// Records a source added at run time (its definition holds no password).
+    pub async fn save_source(&self, source: &SourceConfig) -> Result<()> {
+        let path = Path::from(format!("sources/{}.json", source.name));
+        let body = serde_json::to_vec_pretty(source).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| Error::store(&path, e))?;
+        Ok(())
+    }
+
+    /// Every source added at run time.
+    pub async fn load_sources(&self) -> Result<Vec<SourceConfig>> {
+        let prefix = Path::from("sources");
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store(&prefix, e))?;
+        let mut out = Vec::new();
+        for m in metas {
+            let bytes = read_existing(&self.store, &m.location).await?;
+            out.push(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Config(format!("catalog entry {}: {e}", m.location)))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Every recorded table.

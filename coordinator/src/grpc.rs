@@ -168,6 +168,22 @@ impl AdminService for CoordinatorGrpc {
         }))
     }
 
+    async fn add_source(
+        &self,
+        r: Request<AddSourceRequest>,
+    ) -> Result<Response<AddSourceResponse>, Status> {
+        let c = self.c()?;
+        let def = freshet_common::source::SourceConfig::parse(&r.get_ref().definition).map_err(
+            |message| Error::InvalidSource {
+                name: "<definition>".into(),
+                message,
+            },
+        )?;
+        Ok(Response::new(AddSourceResponse {
+            source: Some(c.define_source(def).await?),
+        }))
+    }
+
     type WatchCyclesStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<CycleRecord, Status>> + Send>>;
 

@@ -30,6 +30,7 @@ use freshet_common::config::Config;
 use freshet_common::delta::{applied_sequence, files, open_or_create};
 use freshet_common::error::{Error, Result};
 use freshet_common::schema::SchemaSpec;
+use freshet_common::source::SourceConfig;
 use freshet_common::storage::{table_store, table_url};
 use freshet_common::table::TableDef;
 use freshet_proto::admin::v1::{CycleRecord, TableInfo};
@@ -77,6 +78,8 @@ pub struct StartOptions {
     pub node_id: String,
     /// Metrics shared by every term of the process.
     pub metrics: Arc<CoordinatorMetrics>,
+    /// Makes the term's sources (none when unset).
+    pub sources: Option<Arc<dyn SourceFactory>>,
 }
 
 impl Default for StartOptions {
@@ -86,6 +89,7 @@ impl Default for StartOptions {
             fence: Arc::new(Fence::none()),
             node_id: "coordinator".into(),
             metrics: Arc::new(CoordinatorMetrics::default()),
+            sources: None,
         }
     }
 }
@@ -94,17 +98,40 @@ impl Default for StartOptions {
 pub trait Source: Send + Sync {
     /// Its state for the admin API.
     fn info(&self) -> freshet_proto::admin::v1::SourceInfo;
-    /// Stops it (the term ended).
+    /// Asks it to stop (the term ended, or it is being replaced).
     fn stop(&self);
+    /// Resolves once it has stopped.
+    fn stopped(&self) -> futures::future::BoxFuture<'static, ()>;
 }
 
-/// Starts the configured sources on a new term's coordinator (set by the binary, which
-/// knows the source implementations).
-pub type SourceStarter = Arc<
-    dyn Fn(Arc<Coordinator>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        + Send
-        + Sync,
->;
+/// Makes sources from their definitions (set by the binary, which knows the source
+/// implementations).
+pub trait SourceFactory: Send + Sync {
+    /// Checks a definition against its database without changing anything (tables exist,
+    /// have a key, types map); the error says what is wrong.
+    fn check<'a>(
+        &'a self,
+        config: &'a SourceConfig,
+    ) -> futures::future::BoxFuture<'a, std::result::Result<(), String>>;
+    /// Starts a source; it reports and retries its own failures.
+    fn start(&self, coordinator: Arc<Coordinator>, config: SourceConfig) -> Arc<dyn Source>;
+}
+
+/// Where a running source's definition comes from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SourceOrigin {
+    /// The configuration file.
+    Config,
+    /// Added at run time, recorded in the catalog.
+    Catalog,
+}
+
+struct RunningSource {
+    name: String,
+    tables: Vec<String>,
+    origin: SourceOrigin,
+    source: Arc<dyn Source>,
+}
 
 /// Marker object whose presence pauses a table (so pauses survive leader changes).
 const PAUSED_MARKER: &str = "_freshet/paused";
@@ -124,7 +151,8 @@ pub struct Inner {
     /// Metrics.
     pub metrics: Arc<CoordinatorMetrics>,
     events: broadcast::Sender<CycleRecord>,
-    sources: Mutex<Vec<Arc<dyn Source>>>,
+    sources: Mutex<Vec<RunningSource>>,
+    factory: Option<Arc<dyn SourceFactory>>,
     tables: RwLock<BTreeMap<String, Arc<TableRuntime>>>,
     history: Mutex<VecDeque<CycleRecord>>,
     catalog: Option<Catalog>,
@@ -246,6 +274,7 @@ impl Coordinator {
             metrics: options.metrics,
             events: broadcast::channel(256).0,
             sources: Mutex::new(Vec::new()),
+            factory: options.sources,
             tables: RwLock::new(BTreeMap::new()),
             history: Mutex::new(VecDeque::new()),
             catalog,
@@ -291,14 +320,131 @@ impl Coordinator {
     /// Stops sources, cycle loops and stagers.
     pub fn shutdown(&self) {
         for s in self.inner.sources.lock().expect("lock").iter() {
-            s.stop();
+            s.source.stop();
         }
         let _ = self.inner.stop.send(true);
     }
 
-    /// Registers a running source (stopped with the term).
-    pub fn add_source(&self, source: Arc<dyn Source>) {
-        self.inner.sources.lock().expect("lock").push(source);
+    /// Starts the sources of the configuration file and of the catalog (called once a
+    /// term's coordinator is up; sources run on the leader only).
+    pub async fn start_sources(self: &Arc<Self>) -> Result<()> {
+        let Some(factory) = self.inner.factory.clone() else {
+            return Ok(());
+        };
+        let mut defs: Vec<(SourceConfig, SourceOrigin)> = self
+            .inner
+            .config
+            .sources
+            .iter()
+            .map(|s| (s.clone(), SourceOrigin::Config))
+            .collect();
+        if let Some(cat) = &self.inner.catalog {
+            for s in cat.load_sources().await? {
+                if defs.iter().any(|(d, _)| d.name == s.name) {
+                    tracing::warn!(source = %s.name, "a source of the configuration file has this name; the catalog's definition is ignored");
+                    continue;
+                }
+                defs.push((s, SourceOrigin::Catalog));
+            }
+        }
+        for (def, origin) in defs {
+            tracing::info!(source = %def.name, ?origin, "starting source");
+            let source = factory.start(self.clone(), def.clone());
+            self.register_source(def, origin, source);
+        }
+        Ok(())
+    }
+
+    /// Adds a source at run time, or replaces a run-time source of the same name (say, with
+    /// one more table: the added table is copied on its own, the others stream on). The
+    /// definition is checked against its database and recorded in the catalog before it
+    /// starts; when anything is wrong, nothing changes.
+    pub async fn define_source(
+        self: &Arc<Self>,
+        def: SourceConfig,
+    ) -> Result<freshet_proto::admin::v1::SourceInfo> {
+        let invalid = |message: String| Error::InvalidSource {
+            name: def.name.clone(),
+            message,
+        };
+        let factory = self
+            .inner
+            .factory
+            .clone()
+            .ok_or_else(|| invalid("this coordinator runs no sources".into()))?;
+        let Some(catalog) = &self.inner.catalog else {
+            return Err(invalid(
+                "sources added at run time are recorded in the catalog: set catalog.uri".into(),
+            ));
+        };
+        def.validate().map_err(invalid)?;
+        if self.inner.config.sources.iter().any(|s| s.name == def.name) {
+            return Err(invalid(
+                "defined in the configuration file; change it there".into(),
+            ));
+        }
+        {
+            let running = self.inner.sources.lock().expect("lock");
+            for r in running.iter().filter(|r| r.name != def.name) {
+                for t in &def.tables {
+                    if r.tables.contains(&t.name) {
+                        return Err(invalid(format!(
+                            "table '{}' is already fed by source '{}'",
+                            t.name, r.name
+                        )));
+                    }
+                }
+                let info = r.source.info();
+                if info.slot == def.slot {
+                    return Err(invalid(format!(
+                        "slot '{}' is already used by source '{}'",
+                        def.slot, r.name
+                    )));
+                }
+            }
+        }
+        factory.check(&def).await.map_err(invalid)?;
+        catalog.save_source(&def).await?;
+        let old = {
+            let mut running = self.inner.sources.lock().expect("lock");
+            running
+                .iter()
+                .position(|r| r.name == def.name)
+                .map(|i| running.remove(i))
+        };
+        if let Some(old) = old {
+            tracing::info!(source = %def.name, "replacing source");
+            old.source.stop();
+            if tokio::time::timeout(Duration::from_secs(60), old.source.stopped())
+                .await
+                .is_err()
+            {
+                tracing::warn!(source = %def.name, "the replaced source did not stop within 60 s");
+            }
+        }
+        let source = factory.start(self.clone(), def.clone());
+        let mut info = source.info();
+        info.origin = "catalog".into();
+        self.register_source(def, SourceOrigin::Catalog, source);
+        Ok(info)
+    }
+
+    fn register_source(&self, def: SourceConfig, origin: SourceOrigin, source: Arc<dyn Source>) {
+        self.inner
+            .sources
+            .lock()
+            .expect("lock")
+            .push(RunningSource {
+                name: def.name.clone(),
+                tables: def.tables.iter().map(|t| t.name.clone()).collect(),
+                origin,
+                source,
+            });
+    }
+
+    /// Registers a source started by the caller (stopped with the term).
+    pub fn add_source(&self, def: SourceConfig, source: Arc<dyn Source>) {
+        self.register_source(def, SourceOrigin::Config, source);
     }
 
     /// The running sources.
@@ -308,7 +454,14 @@ impl Coordinator {
             .lock()
             .expect("lock")
             .iter()
-            .map(|s| s.info())
+            .map(|r| {
+                let mut info = r.source.info();
+                info.origin = match r.origin {
+                    SourceOrigin::Config => "config".into(),
+                    SourceOrigin::Catalog => "catalog".into(),
+                };
+                info
+            })
             .collect()
     }
 

@@ -40,7 +40,7 @@ pub struct Node {
     known: RwLock<Known>,
     leader_changes: AtomicU64,
     membership: Option<Arc<Membership>>,
-    starter: Option<crate::SourceStarter>,
+    sources: Option<Arc<dyn crate::SourceFactory>>,
     stop: watch::Sender<bool>,
 }
 
@@ -61,7 +61,7 @@ impl Node {
             }),
             leader_changes: AtomicU64::new(0),
             membership: None,
-            starter: None,
+            sources: None,
             stop: watch::channel(false).0,
         })
     }
@@ -73,7 +73,7 @@ impl Node {
         client: Client,
         id: String,
         address: String,
-        starter: Option<crate::SourceStarter>,
+        sources: Option<Arc<dyn crate::SourceFactory>>,
     ) -> Arc<Node> {
         let metrics = Arc::new(CoordinatorMetrics::default());
         let (membership, changes) = Membership::new();
@@ -87,7 +87,7 @@ impl Node {
             known: RwLock::new(Known::default()),
             leader_changes: AtomicU64::new(0),
             membership: Some(membership.clone()),
-            starter,
+            sources,
             stop: watch::channel(false).0,
         });
         tokio::spawn(membership::follow(
@@ -300,6 +300,7 @@ async fn lead_when_elected(node: Arc<Node>) {
             fence: term.fence.clone(),
             node_id: node.id.clone(),
             metrics: node.metrics.clone(),
+            sources: node.sources.clone(),
         };
         let coordinator = match Coordinator::start_with(node.config.clone(), options).await {
             Ok(c) => c,
@@ -313,8 +314,8 @@ async fn lead_when_elected(node: Arc<Node>) {
         *node.current.write().expect("lock") = Some(coordinator.clone());
         node.metrics.is_leader.set(1);
         node.set_members();
-        if let Some(start_sources) = &node.starter {
-            start_sources(coordinator.clone()).await;
+        if let Err(e) = coordinator.start_sources().await {
+            tracing::error!(error = %e, "sources could not be started");
         }
         tracing::info!(epoch = term.epoch, "leading");
         let mut lost = term.lost.clone();

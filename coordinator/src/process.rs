@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use crate::node::{Node, check_store};
 use crate::{Coordinator, StartOptions};
 
-/// Runs a coordinator until SIGTERM or SIGINT; `starter` starts the configured sources
+/// Runs a coordinator until SIGTERM or SIGINT; `sources` makes the configured sources
 /// whenever this coordinator begins leading.
-pub async fn run(config: Config, starter: Option<crate::SourceStarter>) -> Result<()> {
+pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>) -> Result<()> {
     // Fail at start, naming the problem, rather than at the first cycle.
     for t in &config.tables {
         let def = t.to_def()?;
@@ -73,17 +73,16 @@ pub async fn run(config: Config, starter: Option<crate::SourceStarter>) -> Resul
             client,
             id.clone(),
             advertise.clone(),
-            starter,
+            sources,
         )
     } else {
         let options = StartOptions {
             node_id: id.clone(),
+            sources,
             ..Default::default()
         };
         let c = Coordinator::start_with(config.clone(), options).await?;
-        if let Some(start_sources) = &starter {
-            start_sources(c.clone()).await;
-        }
+        c.start_sources().await?;
         Node::standalone(c, advertise.clone())
     };
 

@@ -28,6 +28,7 @@ fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig
         slot: "freshet_slot".into(),
         poll_ms: 100,
         snapshot_batch_rows: 20_000,
+        heartbeat_ms: 300,
         tables: tables
             .iter()
             .map(|t| SourceTable {

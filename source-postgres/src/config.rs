@@ -86,6 +86,7 @@ mod tests {
             slot: "slot".into(),
             poll_ms: 100,
             snapshot_batch_rows: 10,
+            heartbeat_ms: 10_000,
             tables: vec![SourceTable {
                 source: "public.t".into(),
                 name: "t".into(),

@@ -4,6 +4,7 @@
 //! Freshet exactly once under sequences derived from commit LSNs.
 
 pub mod config;
+pub mod copy;
 pub mod error;
 pub mod pgoutput;
 pub mod schema;
@@ -12,4 +13,4 @@ pub mod types;
 
 pub use config::{SourceConfig, SourceTable};
 pub use error::{Result, SourceError};
-pub use source::{FailedSource, PostgresSource, SourceStatus, start, starter};
+pub use source::{PostgresFactory, PostgresSource, SourceStatus, check, launch, start};

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Int8Array};
 use arrow::datatypes::{DataType, SchemaRef};
@@ -24,11 +24,14 @@ use freshet_common::changes::{OP_DELETE, OP_UPSERT, change_schema};
 use freshet_common::schema::SchemaSpec;
 use freshet_common::table::{DEFAULT_TARGET_FILE_SIZE, TableDef};
 use freshet_coordinator::Coordinator;
+use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
+
+use crate::copy::CopyText;
 
 use crate::config::{SourceConfig, SourceTable};
 use crate::error::{Result, SourceError};
@@ -48,11 +51,16 @@ pub struct SourceStatus {
     /// The server position up to which the last complete poll read (everything committed
     /// before it is staged).
     pub polled_lsn: u64,
+    /// Milliseconds the source is behind: the age of the newest source commit read while
+    /// a backlog remains; 0 when caught up.
+    pub lag_ms: u64,
     /// Rows copied by the snapshot so far.
     pub snapshot_rows: u64,
     /// Transactions applied since start.
     pub transactions: u64,
-    /// The error, in state `error`.
+    /// Times the source failed and started again.
+    pub retries: u64,
+    /// The error, in state `error` (the last one while it retries).
     pub error: String,
 }
 
@@ -60,6 +68,7 @@ pub struct SourceStatus {
 pub struct PostgresSource {
     status: Arc<Mutex<SourceStatus>>,
     stop: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
     /// The configuration.
     pub config: SourceConfig,
 }
@@ -87,65 +96,67 @@ impl freshet_coordinator::Source for PostgresSource {
             state: s.state,
             confirmed_lsn: format_lsn(s.confirmed_lsn),
             lag_bytes: s.lag_bytes,
+            lag_ms: s.lag_ms,
             snapshot_rows: s.snapshot_rows,
             transactions: s.transactions,
             error: s.error,
             tables: self.config.tables.iter().map(|t| t.name.clone()).collect(),
+            origin: String::new(),
         }
     }
 
     fn stop(&self) {
         PostgresSource::stop(self);
     }
+
+    fn stopped(&self) -> futures::future::BoxFuture<'static, ()> {
+        let mut done = self.done.clone();
+        Box::pin(async move {
+            let _ = done.wait_for(|d| *d).await;
+        })
+    }
 }
 
-/// A source that could not start: shown in the admin API with its error.
-pub struct FailedSource {
-    /// Its configuration.
-    pub config: SourceConfig,
-    /// Why it failed.
-    pub error: String,
-}
+/// Makes PostgreSQL sources for the coordinator.
+pub struct PostgresFactory;
 
-impl freshet_coordinator::Source for FailedSource {
-    fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
-        freshet_proto::admin::v1::SourceInfo {
-            name: self.config.name.clone(),
-            kind: self.config.kind.clone(),
-            slot: self.config.slot.clone(),
-            publication: self.config.publication.clone(),
-            state: "error".into(),
-            error: self.error.clone(),
-            tables: self.config.tables.iter().map(|t| t.name.clone()).collect(),
-            ..Default::default()
-        }
+impl freshet_coordinator::SourceFactory for PostgresFactory {
+    fn check<'a>(
+        &'a self,
+        config: &'a SourceConfig,
+    ) -> futures::future::BoxFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move { check(config).await.map_err(|e| e.to_string()) })
     }
 
-    fn stop(&self) {}
+    fn start(
+        &self,
+        coordinator: Arc<Coordinator>,
+        config: SourceConfig,
+    ) -> Arc<dyn freshet_coordinator::Source> {
+        Arc::new(launch(config, coordinator))
+    }
 }
 
-/// The coordinator hook that starts every configured source on a new term.
-pub fn starter() -> freshet_coordinator::SourceStarter {
-    Arc::new(|c: Arc<Coordinator>| {
-        Box::pin(async move {
-            let configs = c.inner().config.sources.clone();
-            for cfg in configs {
-                match start(cfg.clone(), c.clone()).await {
-                    Ok(s) => {
-                        tracing::info!(source = %cfg.name, "source started");
-                        c.add_source(Arc::new(s));
-                    }
-                    Err(e) => {
-                        tracing::error!(source = %cfg.name, error = %e, "source could not start");
-                        c.add_source(Arc::new(FailedSource {
-                            config: cfg,
-                            error: e.to_string(),
-                        }));
-                    }
-                }
-            }
-        })
-    })
+/// Checks a source against its database without changing anything: it connects, and
+/// every table exists, has a key and maps to a valid Freshet table.
+pub async fn check(config: &SourceConfig) -> Result<()> {
+    let client = connect(config).await?;
+    for t in &config.tables {
+        let (schema, table) = t.qualified();
+        let pg = describe(&client, &schema, &table).await?;
+        let spec = SchemaSpec {
+            fields: pg.column_specs(),
+        };
+        TableDef::new(
+            &t.name,
+            &t.uri,
+            spec.to_arrow()?,
+            pg.key.clone(),
+            t.partition_by.clone(),
+            t.target_file_size.unwrap_or(DEFAULT_TARGET_FILE_SIZE),
+        )?;
+    }
+    Ok(())
 }
 
 /// What is recorded beside a table once its snapshot is staged.
@@ -241,9 +252,88 @@ async fn connect(config: &SourceConfig) -> Result<Client> {
 }
 
 /// Starts a source: checks and maps its tables (creating the Freshet tables), ensures the
-/// publication, then snapshots (when needed) and streams in the background.
+/// publication, then snapshots (when needed) and streams in the background. Errors in the
+/// setup are returned; later errors put the source in state `error` and it retries.
 pub async fn start(config: SourceConfig, coordinator: Arc<Coordinator>) -> Result<PostgresSource> {
-    let client = connect(&config).await?;
+    let prepared = prepare(&config, &coordinator).await?;
+    Ok(supervise(config, coordinator, Some(prepared)))
+}
+
+/// Starts a source that never fails here: whatever goes wrong (PostgreSQL down, a refused
+/// table, a lost connection) shows as state `error` and is retried with a backoff (1 s
+/// doubling to 60 s) until the source is stopped.
+pub fn launch(config: SourceConfig, coordinator: Arc<Coordinator>) -> PostgresSource {
+    supervise(config, coordinator, None)
+}
+
+fn supervise(
+    config: SourceConfig,
+    coordinator: Arc<Coordinator>,
+    prepared: Option<(Client, Vec<Mirror>)>,
+) -> PostgresSource {
+    let status = Arc::new(Mutex::new(SourceStatus {
+        state: "starting".into(),
+        ..Default::default()
+    }));
+    let (stop, mut stop_rx) = watch::channel(false);
+    let (done_tx, done) = watch::channel(false);
+    let run_status = status.clone();
+    let run_config = config.clone();
+    tokio::spawn(async move {
+        let mut prepared = prepared;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let run_stop = stop_rx.clone();
+            let attempt = async {
+                let (client, mirrors) = match prepared.take() {
+                    Some(p) => p,
+                    None => prepare(&run_config, &coordinator).await?,
+                };
+                run(
+                    &run_config,
+                    &coordinator,
+                    client,
+                    mirrors,
+                    &run_status,
+                    run_stop,
+                )
+                .await
+            };
+            let r = tokio::select! {
+                r = attempt => r,
+                _ = stop_rx.wait_for(|s| *s) => Ok(()),
+            };
+            let Err(e) = r else { break };
+            tracing::error!(source = %run_config.name, error = %e, retry_in_s = backoff.as_secs(), "source failed; retrying");
+            {
+                let mut s = run_status.lock().expect("lock");
+                s.state = "error".into();
+                s.error = e.to_string();
+                s.retries += 1;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop_rx.wait_for(|s| *s) => break,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+        }
+        let _ = done_tx.send(true);
+    });
+    PostgresSource {
+        status,
+        stop,
+        done,
+        config,
+    }
+}
+
+/// Connects, describes and maps every table (creating missing Freshet tables, evolving
+/// ones whose PostgreSQL table gained columns meanwhile) and ensures the publication.
+async fn prepare(
+    config: &SourceConfig,
+    coordinator: &Arc<Coordinator>,
+) -> Result<(Client, Vec<Mirror>)> {
+    let client = connect(config).await?;
     let mut mirrors = Vec::new();
     for t in &config.tables {
         let (schema, table) = t.qualified();
@@ -264,61 +354,108 @@ pub async fn start(config: SourceConfig, coordinator: Arc<Coordinator>) -> Resul
             Ok(_) | Err(freshet_common::error::Error::TableExists(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let def = coordinator.table(&t.name)?.def.clone();
-        let types = def
-            .schema
-            .fields()
-            .iter()
-            .map(|f| f.data_type().clone())
-            .collect();
-        let key_idx = pg
-            .key
-            .iter()
-            .map(|k| {
-                pg.columns
-                    .iter()
-                    .position(|c| &c.name == k)
-                    .expect("key column")
-            })
-            .collect();
-        mirrors.push(Mirror {
+        let current = coordinator.table(&t.name)?.def.clone();
+        let mut m = Mirror {
             cfg: t.clone(),
-            schema: change_schema(&def),
+            schema: change_schema(&current),
+            types: current
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect(),
+            key_idx: Vec::new(),
             pg,
-            types,
-            key_idx,
+        };
+        reconcile(&client, coordinator, &mut m, &def).await?;
+        m.key_idx =
+            m.pg.key
+                .iter()
+                .map(|k| {
+                    m.pg.columns
+                        .iter()
+                        .position(|c| &c.name == k)
+                        .expect("key column")
+                })
+                .collect();
+        mirrors.push(m);
+    }
+    ensure_publication(&client, config, &mirrors).await?;
+    Ok((client, mirrors))
+}
+
+/// Checks the existing Delta table against the PostgreSQL table as it is now. Columns
+/// added in PostgreSQL while the source was away are evolved like a streamed ADD COLUMN;
+/// anything else that differs (dropped, renamed, retyped columns, another key) pauses the
+/// table and fails, before anything is written.
+async fn reconcile(
+    client: &Client,
+    coordinator: &Arc<Coordinator>,
+    m: &mut Mirror,
+    wanted: &TableDef,
+) -> Result<()> {
+    let current = coordinator.table(&m.cfg.name)?.def.clone();
+    let have: Vec<(String, DataType)> = current
+        .schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect();
+    let want: Vec<(String, DataType)> = wanted
+        .schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect();
+    if have == want && current.primary_key == wanted.primary_key {
+        return Ok(());
+    }
+    let extends = want.len() > have.len()
+        && want[..have.len()] == have[..]
+        && current.primary_key == wanted.primary_key;
+    if !extends {
+        let _ = coordinator.set_paused(&m.cfg.name, true).await;
+        let show = |v: &[(String, DataType)]| {
+            v.iter()
+                .map(|(n, t)| format!("{n} {}", crate::types::type_name(t)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(SourceError::Table {
+            table: m.pg.qualified.clone(),
+            message: format!(
+                "its columns ({}; key {}) no longer match the Delta table '{}' ({}; key {}); the table is paused",
+                show(&want),
+                wanted.primary_key.join(", "),
+                m.cfg.name,
+                show(&have),
+                current.primary_key.join(", ")
+            ),
         });
     }
-    ensure_publication(&client, &config, &mirrors).await?;
-    let status = Arc::new(Mutex::new(SourceStatus {
-        state: "starting".into(),
-        ..Default::default()
-    }));
-    let (stop, stop_rx) = watch::channel(false);
-    let run_status = status.clone();
-    let run_config = config.clone();
-    tokio::spawn(async move {
-        let r = run(
-            &run_config,
-            &coordinator,
-            client,
-            mirrors,
-            &run_status,
-            stop_rx,
+    let full = m.pg.clone();
+    let columns: Vec<crate::pgoutput::RelationColumn> = full
+        .columns
+        .iter()
+        .map(|c| crate::pgoutput::RelationColumn {
+            name: c.name.clone(),
+            type_oid: c.type_oid,
+            type_mod: c.type_mod,
+            key: false,
+        })
+        .collect();
+    let oid: i64 = client
+        .query_one(
+            "SELECT $1::text::regclass::oid::int8",
+            &[&quote(&m.pg.qualified)],
         )
-        .await;
-        if let Err(e) = r {
-            tracing::error!(source = %run_config.name, error = %e, "source stopped");
-            let mut s = run_status.lock().expect("lock");
-            s.state = "error".into();
-            s.error = e.to_string();
-        }
-    });
-    Ok(PostgresSource {
-        status,
-        stop,
-        config,
-    })
+        .await
+        .map_err(SourceError::pg(format!("looking up {}", m.pg.qualified)))?
+        .get(0);
+    m.pg.columns.truncate(have.len());
+    evolve(client, coordinator, m, oid as u32, &columns).await?;
+    m.pg = full;
+    Ok(())
 }
 
 async fn ensure_publication(
@@ -404,66 +541,121 @@ async fn run(
     status: &Arc<Mutex<SourceStatus>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let slot_lsn: Option<String> = client
+    let slot_exists = client
         .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
             &[&config.slot],
         )
         .await
         .map_err(SourceError::pg("reading the slot"))?
-        .and_then(|r| r.get(0));
-    let mut markers = Vec::new();
-    for m in &mirrors {
-        markers.push(
-            read_marker(coordinator, m)
-                .await?
-                .filter(|x| x.slot == config.slot),
-        );
-    }
-    let marker = if slot_lsn.is_some() && markers.iter().all(|m| m.is_some()) {
-        markers[0].clone().expect("all present")
-    } else {
-        // No slot, or a snapshot that did not finish: start over from a new slot.
-        if slot_lsn.is_some() {
-            tracing::warn!(slot = %config.slot, "snapshot incomplete; dropping the slot and starting over");
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
-                .await
-                .map_err(SourceError::pg("dropping the slot"))?;
+        .is_some();
+    let mut markers: Vec<Option<SnapshotMarker>> = Vec::new();
+    if slot_exists {
+        for m in &mirrors {
+            markers.push(
+                read_marker(coordinator, m)
+                    .await?
+                    .filter(|x| x.slot == config.slot),
+            );
         }
+    } else {
+        // A new slot: every table is copied again, whatever an earlier slot left.
+        let l0: String = client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&config.slot],
+            )
+            .await
+            .map_err(SourceError::pg("creating the replication slot"))?
+            .get(0);
+        tracing::info!(source = %config.name, slot = %config.slot, lsn = %l0, "replication slot created");
+        markers = mirrors.iter().map(|_| None).collect();
+    }
+    let missing: Vec<usize> = (0..mirrors.len())
+        .filter(|i| markers[*i].is_none())
+        .collect();
+    if !missing.is_empty() {
         status.lock().expect("lock").state = "snapshotting".into();
-        snapshot(config, coordinator, &mirrors, status).await?
-    };
-    status.lock().expect("lock").state = "streaming".into();
+        wait_for_older_transactions(&client).await?;
+        for i in missing {
+            markers[i] = Some(snapshot(config, coordinator, &mirrors[i], status).await?);
+            if *stop.borrow() {
+                return Ok(());
+            }
+        }
+    }
+    let markers: Vec<SnapshotMarker> = markers.into_iter().map(|m| m.expect("set")).collect();
+    {
+        let mut s = status.lock().expect("lock");
+        s.state = "streaming".into();
+        s.error.clear();
+    }
     stream(
         config,
         coordinator,
         &client,
         &mut mirrors,
-        &marker,
+        &markers,
         status,
         &mut stop,
     )
     .await
 }
 
+/// Waits until every transaction running now has ended. A table just added to the
+/// publication is then published in every transaction that the table's snapshot does not
+/// see (one that began before the `ALTER PUBLICATION` could otherwise have its changes to
+/// the table decoded as unpublished).
+async fn wait_for_older_transactions(client: &Client) -> Result<()> {
+    let horizon: i64 = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+            &[],
+        )
+        .await
+        .map_err(SourceError::pg("reading the transaction horizon"))?
+        .get(0);
+    let mut waited = 0u64;
+    loop {
+        let xmin: i64 = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8",
+                &[],
+            )
+            .await
+            .map_err(SourceError::pg("reading running transactions"))?
+            .get(0);
+        if xmin >= horizon {
+            return Ok(());
+        }
+        if waited % 50 == 0 && waited > 0 {
+            tracing::info!(
+                waiting_for_xid = xmin,
+                "snapshot waits for transactions older than the publication change to end"
+            );
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Copies one table under its own REPEATABLE READ snapshot (COPY, staged in chunks) and
+/// records the snapshot beside it. The server's WAL insert position `L` is read before the
+/// snapshot is taken, so every transaction the snapshot misses commits at or after `L`:
+/// the copy is staged at `(L - 1) << 16 | k`, before all of them.
 async fn snapshot(
     config: &SourceConfig,
     coordinator: &Arc<Coordinator>,
-    mirrors: &[Mirror],
+    m: &Mirror,
     status: &Arc<Mutex<SourceStatus>>,
 ) -> Result<SnapshotMarker> {
-    let slot_client = connect(config).await?;
-    let l0: String = slot_client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&config.slot],
-        )
-        .await
-        .map_err(SourceError::pg("creating the replication slot"))?
-        .get(0);
-    let l0 = parse_lsn(&l0)?;
     let mut client = connect(config).await?;
+    let l: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(SourceError::pg("reading the server position"))?
+        .get(0);
+    let base = parse_lsn(&l)?.saturating_sub(1);
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -471,11 +663,19 @@ async fn snapshot(
         .start()
         .await
         .map_err(SourceError::pg("starting the snapshot transaction"))?;
-    let snap: String = tx
-        .query_one("SELECT pg_current_snapshot()::text", &[])
+    let row = tx
+        .query_one(
+            "SELECT pg_current_snapshot()::text, \
+             (SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass)",
+            &[&quote(&m.pg.qualified)],
+        )
         .await
-        .map_err(SourceError::pg("reading the snapshot"))?
-        .get(0);
+        .map_err(SourceError::pg(format!(
+            "starting the snapshot of {}",
+            m.pg.qualified
+        )))?;
+    let snap: String = row.get(0);
+    let estimate: i64 = row.get(1);
     let mut parts = snap.split(':');
     let num = |s: Option<&str>| s.and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
     let xmin = num(parts.next());
@@ -489,79 +689,83 @@ async fn snapshot(
     let marker = SnapshotMarker {
         source: config.name.clone(),
         slot: config.slot.clone(),
-        consistent_lsn: l0,
+        consistent_lsn: base,
         xmin,
         xmax,
         xip,
     };
-    tracing::info!(source = %config.name, slot = %config.slot, lsn = %format_lsn(l0), snapshot = %snap, "slot created; copying tables");
-    for m in mirrors {
-        // Whatever an interrupted earlier snapshot left goes first.
-        coordinator.truncate(&m.cfg.name, seq(l0, 0)).await?;
-        let count: i64 = tx
-            .query_one(
-                &format!("SELECT count(*) FROM {}", quote(&m.pg.qualified)),
-                &[],
-            )
-            .await
-            .map_err(SourceError::pg(format!("counting {}", m.pg.qualified)))?
-            .get(0);
-        let batch_rows = config
-            .snapshot_batch_rows
-            .max(1)
-            .max((count as usize).div_ceil(60_000));
-        let cols: Vec<String> =
-            m.pg.columns
-                .iter()
-                .map(|c| format!("\"{}\"::text", c.name.replace('"', "\"\"")))
-                .collect();
-        tx.batch_execute(&format!(
-            "DECLARE freshet_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}",
-            cols.join(", "),
-            quote(&m.pg.qualified)
+    tracing::info!(source = %config.name, table = %m.cfg.name, lsn = %format_lsn(base), snapshot = %snap, estimated_rows = estimate, "copying table");
+    // Whatever an interrupted earlier copy left goes first.
+    coordinator.truncate(&m.cfg.name, seq(base, 0)).await?;
+    // At most ~60k chunks, so chunk numbers stay inside the sequence's 16 bits.
+    let batch_rows = config
+        .snapshot_batch_rows
+        .max(1)
+        .max((estimate.max(0) as usize).div_ceil(60_000));
+    let cols: Vec<String> =
+        m.pg.columns
+            .iter()
+            .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
+            .collect();
+    let copy = tx
+        .copy_out(&format!(
+            "COPY {} ({}) TO STDOUT",
+            quote(&m.pg.qualified),
+            cols.join(", ")
         ))
         .await
-        .map_err(SourceError::pg(format!("reading {}", m.pg.qualified)))?;
-        let mut chunk = 0u64;
-        let mut copied = 0u64;
-        loop {
-            let rows = tx
-                .query(&format!("FETCH {batch_rows} FROM freshet_snapshot"), &[])
-                .await
-                .map_err(SourceError::pg(format!("reading {}", m.pg.qualified)))?;
-            if rows.is_empty() {
-                break;
-            }
-            let change_rows: Vec<Row> = rows
-                .iter()
-                .map(|r| {
-                    let vals = (0..m.pg.columns.len())
-                        .map(|i| match r.get::<_, Option<String>>(i) {
-                            Some(s) => Value::Text(s),
-                            None => Value::Null,
-                        })
-                        .collect();
-                    (OP_UPSERT, vals)
-                })
-                .collect();
-            chunk += 1;
-            coordinator
-                .stage_changes(&m.cfg.name, m.batch(&change_rows)?, seq(l0, chunk), None)
-                .await?;
-            copied += change_rows.len() as u64;
-            status.lock().expect("lock").snapshot_rows += change_rows.len() as u64;
-            tracing::info!(table = %m.cfg.name, copied, of = count, "snapshot progress");
-        }
-        tx.batch_execute("CLOSE freshet_snapshot")
+        .map_err(SourceError::pg(format!("copying {}", m.pg.qualified)))?;
+    futures::pin_mut!(copy);
+    let mut decoder = CopyText::default();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut chunk = 0u64;
+    let mut copied = 0u64;
+    let ncols = m.pg.columns.len();
+    loop {
+        let next = copy
+            .next()
             .await
-            .map_err(SourceError::pg("closing the cursor"))?;
+            .transpose()
+            .map_err(SourceError::pg(format!("copying {}", m.pg.qualified)))?;
+        let ended = next.is_none();
+        if let Some(bytes) = next {
+            for r in decoder.feed(&bytes, ncols, &m.pg.qualified)? {
+                let vals = r
+                    .into_iter()
+                    .map(|v| v.map(Value::Text).unwrap_or(Value::Null))
+                    .collect();
+                rows.push((OP_UPSERT, vals));
+            }
+        } else {
+            decoder.finish(&m.pg.qualified)?;
+        }
+        while rows.len() >= batch_rows || (ended && !rows.is_empty()) {
+            let take = rows.len().min(batch_rows);
+            let part: Vec<Row> = rows.drain(..take).collect();
+            chunk += 1;
+            if chunk >= 1 << 16 {
+                return Err(SourceError::Table {
+                    table: m.pg.qualified.clone(),
+                    message: "the snapshot needs more than 65535 chunks; raise snapshot_batch_rows"
+                        .into(),
+                });
+            }
+            coordinator
+                .stage_changes(&m.cfg.name, m.batch(&part)?, seq(base, chunk), None)
+                .await?;
+            copied += part.len() as u64;
+            status.lock().expect("lock").snapshot_rows += part.len() as u64;
+            tracing::info!(table = %m.cfg.name, copied, estimated = estimate, "snapshot progress");
+        }
+        if ended {
+            break;
+        }
     }
     tx.commit()
         .await
         .map_err(SourceError::pg("ending the snapshot"))?;
-    for m in mirrors {
-        write_marker(coordinator, m, &marker).await?;
-    }
+    write_marker(coordinator, m, &marker).await?;
+    tracing::info!(table = %m.cfg.name, rows = copied, "table copied");
     Ok(marker)
 }
 
@@ -709,12 +913,20 @@ enum Event {
     Truncate(usize),
 }
 
+impl Event {
+    fn table(&self) -> usize {
+        match self {
+            Event::Rows(t, _) | Event::Truncate(t) => *t,
+        }
+    }
+}
+
 async fn stream(
     config: &SourceConfig,
     coordinator: &Arc<Coordinator>,
     client: &Client,
     mirrors: &mut [Mirror],
-    marker: &SnapshotMarker,
+    markers: &[SnapshotMarker],
     status: &Arc<Mutex<SourceStatus>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<()> {
@@ -734,6 +946,8 @@ async fn stream(
         .get(0);
     status.lock().expect("lock").confirmed_lsn =
         start.and_then(|x| parse_lsn(&x).ok()).unwrap_or(0);
+    let mut boundary: Option<u64> = None;
+    let mut last_heartbeat = Instant::now();
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -741,12 +955,15 @@ async fn stream(
         // Read up to the server's flushed position as of now; when everything up to it was
         // returned (fewer rows than the limit), the slot can be confirmed up to it even if
         // the tail held no change for this publication.
-        let upto: String = client
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        let pos = client
+            .query_one(
+                "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text",
+                &[],
+            )
             .await
-            .map_err(SourceError::pg("reading the server position"))?
-            .get(0);
-        let upto = parse_lsn(&upto)?;
+            .map_err(SourceError::pg("reading the server position"))?;
+        let upto = parse_lsn(pos.get(0))?;
+        let insert_now = parse_lsn(pos.get(1))?;
         const LIMIT: i32 = 20_000;
         let rows = client
             .query(
@@ -762,6 +979,7 @@ async fn stream(
         let mut xid = 0u32;
         let mut commit_ts = 0i64;
         let mut last_end = None;
+        let mut last_commit_ms = None;
         for r in &rows {
             let data: &[u8] = r.get(0);
             match decode(data)? {
@@ -852,20 +1070,18 @@ async fn stream(
                     end_lsn,
                     ..
                 } => {
-                    if !marker.sees(xid) {
-                        // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
-                        let origin_ms = Some(commit_ts / 1000 + 946_684_800_000);
-                        apply(
-                            coordinator,
-                            mirrors,
-                            std::mem::take(&mut events),
-                            commit_lsn,
-                            origin_ms,
-                        )
-                        .await?;
+                    // Each table skips what its own snapshot already holds.
+                    let todo: Vec<Event> = std::mem::take(&mut events)
+                        .into_iter()
+                        .filter(|e| !markers[e.table()].sees(xid))
+                        .collect();
+                    // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
+                    let origin_ms = commit_ts / 1000 + 946_684_800_000;
+                    if !todo.is_empty() {
+                        apply(coordinator, mirrors, todo, commit_lsn, Some(origin_ms)).await?;
                         status.lock().expect("lock").transactions += 1;
                     }
-                    events.clear();
+                    last_commit_ms = Some(origin_ms);
                     last_end = Some(end_lsn);
                 }
                 Message::Other(_) => {}
@@ -874,7 +1090,27 @@ async fn stream(
         // Only now, with every transaction up to it durably staged, and only to the end of a
         // commit record: a position inside one would make PostgreSQL skip that transaction.
         let confirmed = status.lock().expect("lock").confirmed_lsn;
-        if let Some(target) = last_end.filter(|t| *t > confirmed) {
+        let mut target = last_end.filter(|t| *t > confirmed);
+        // Heartbeat: while the mirrored tables are idle, the last staged commit can lie far
+        // behind a busy server's WAL, which PostgreSQL keeps for the slot. The insert
+        // position read at an earlier poll is a record boundary; once a complete read (not
+        // cut by the row limit) went past it, every commit before it was decoded and
+        // staged, so the slot can be confirmed up to it.
+        if let Some(b) = boundary {
+            if drained
+                && upto >= b
+                && b > target.unwrap_or(confirmed)
+                && last_heartbeat.elapsed() >= Duration::from_millis(config.heartbeat_ms)
+            {
+                target = Some(b);
+                last_heartbeat = Instant::now();
+                boundary = None;
+            }
+        }
+        if boundary.is_none_or(|b| upto >= b) {
+            boundary = Some(insert_now);
+        }
+        if let Some(target) = target {
             let at: Option<String> = client
                 .query_one(
                     "SELECT (pg_replication_slot_advance($1, $2::text::pg_lsn)).end_lsn::text",
@@ -891,9 +1127,14 @@ async fn stream(
             let mut s = status.lock().expect("lock");
             if drained {
                 s.lag_bytes = 0;
+                s.lag_ms = 0;
                 s.polled_lsn = upto;
             } else {
                 s.lag_bytes = upto.saturating_sub(s.confirmed_lsn);
+                // Behind: how old the newest source commit read so far is.
+                if let Some(ms) = last_commit_ms {
+                    s.lag_ms = (now_ms() - ms).max(0) as u64;
+                }
             }
         }
         if rows.is_empty() {
@@ -954,4 +1195,11 @@ async fn apply(
             .await?;
     }
     Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
