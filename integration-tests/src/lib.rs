@@ -35,6 +35,7 @@ pub struct Cluster {
     pub worker_endpoints: Vec<String>,
     /// The configuration it runs with.
     pub config: Config,
+    sources: Option<Arc<dyn freshet_coordinator::SourceFactory>>,
     stop: watch::Sender<bool>,
 }
 
@@ -99,7 +100,16 @@ impl Cluster {
     }
 
     /// Starts a cluster with a given config (worker endpoints are filled in).
-    pub async fn start_with(mut config: Config, workers: usize) -> Cluster {
+    pub async fn start_with(config: Config, workers: usize) -> Cluster {
+        Self::start_with_sources(config, workers, None).await
+    }
+
+    /// Starts a cluster whose coordinator runs sources (configured, catalogued, added).
+    pub async fn start_with_sources(
+        mut config: Config,
+        workers: usize,
+        sources: Option<Arc<dyn freshet_coordinator::SourceFactory>>,
+    ) -> Cluster {
         freshet_common::server::init_logging(false);
         let (stop, stop_rx) = watch::channel(false);
         let mut ws = Vec::new();
@@ -115,9 +125,14 @@ impl Cluster {
             eps.push(format!("http://{addr}"));
         }
         config.cycle.workers = eps.clone();
-        let coordinator = Coordinator::start(config.clone())
+        let options = freshet_coordinator::StartOptions {
+            sources: sources.clone(),
+            ..Default::default()
+        };
+        let coordinator = Coordinator::start_with(config.clone(), options)
             .await
             .expect("coordinator starts");
+        coordinator.start_sources().await.expect("sources start");
         let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
         let mut rx = stop_rx.clone();
         tokio::spawn(freshet_coordinator::grpc::serve(
@@ -133,6 +148,7 @@ impl Cluster {
             workers: ws,
             worker_endpoints: eps,
             config,
+            sources,
             stop,
         }
     }
@@ -149,8 +165,9 @@ impl Cluster {
         let mut config = self.config.clone();
         config.cycle.workers.clear();
         let n = self.workers.len();
+        let sources = self.sources.clone();
         drop(self);
-        Cluster::start_with(config, n).await
+        Cluster::start_with_sources(config, n, sources).await
     }
 
     /// An ingest client.

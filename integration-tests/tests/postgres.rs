@@ -666,3 +666,246 @@ async fn unchanged_toasted_values_keep_their_value() {
     src.stop();
     c.stop();
 }
+
+/// One source definition in TOML, as `freshet source add` sends it.
+fn definition(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> String {
+    let mut s = format!(
+        "name = \"pg\"\nconnection = \"{}\"\npublication = \"freshet_pub\"\nslot = \"freshet_slot\"\npoll_ms = 100\nheartbeat_ms = 300\nsnapshot_batch_rows = 5000\n",
+        pg.conninfo()
+    );
+    for t in tables {
+        s.push_str(&format!(
+            "[[tables]]\nsource = \"public.{t}\"\nname = \"{t}\"\nuri = \"{}\"\n",
+            dir.join(t).display()
+        ));
+    }
+    s
+}
+
+/// Waits until the Delta table holds exactly PostgreSQL's rows.
+async fn converges(pg: &Postgres, pg_sql: &str, uri: &str, delta_sql: &str, what: &str) {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let want = pg_rows(pg, pg_sql);
+        let got = if std::path::Path::new(uri).join("_delta_log").exists() {
+            delta_rows(uri, delta_sql).await
+        } else {
+            BTreeMap::new()
+        };
+        if got == want {
+            return;
+        }
+        if Instant::now() > end {
+            let differ: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .take(5)
+                .collect();
+            panic!(
+                "{what}: Delta has {} rows, PostgreSQL {}; first differing: {differ:?}",
+                got.len(),
+                want.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn source_info(c: &Cluster) -> Vec<freshet_proto::admin::v1::SourceInfo> {
+    c.admin_client()
+        .await
+        .list_sources(freshet_proto::admin::v1::ListSourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sources
+}
+
+// Newlines and tabs in values are translated so each row stays on one psql line.
+const KV_PG: &str =
+    "SELECT id, coalesce(translate(v, '\n\t', '~^'), 'NULL') || ',' || n::text FROM {t} ORDER BY id";
+const KV_DELTA: &str = "SELECT id, coalesce(translate(v, '\n\t', '~^'), 'NULL') || ',' || CAST(n AS VARCHAR) FROM t ORDER BY id";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survives_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    // Values with tabs, newlines and backslashes cross COPY's text escaping.
+    pg.psql(
+        "CREATE TABLE a (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO a SELECT g, 'a' || g || E'\\t|\\n|\\\\', g FROM generate_series(1, 30000) g;
+         CREATE TABLE b (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO b SELECT g, CASE WHEN g % 5 = 0 THEN NULL ELSE 'b' || g || E'\\\\N' END, g FROM generate_series(1, 20000) g;
+         CREATE TABLE nokey (x int);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = freshet_common::config::Config::default();
+    config.cycle.interval_ms = 200;
+    config.catalog.uri = Some(dir.path().join("_catalog").display().to_string());
+    let factory: Arc<dyn freshet_coordinator::SourceFactory> =
+        Arc::new(freshet_source_postgres::PostgresFactory);
+    let c = Cluster::start_with_sources(config, 2, Some(factory)).await;
+    let mut admin = c.admin_client().await;
+    let add = |def: String| freshet_proto::admin::v1::AddSourceRequest { definition: def };
+
+    // Refused definitions name what is wrong and change nothing.
+    let e = admin
+        .add_source(add(definition(&pg, dir.path(), &["nokey"])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("nokey"), "{}", e.message());
+    let e = admin
+        .add_source(add(definition(&pg, dir.path(), &["a"]).replace("slot =", "slott =")))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("slott"), "{}", e.message());
+    assert!(source_info(&c).await.is_empty());
+    assert!(!dir.path().join("_catalog/sources").exists());
+    assert!(c.coordinator.table("nokey").is_err());
+    let slots = pg.psql("SELECT count(*) FROM pg_replication_slots");
+    assert_eq!(slots.trim(), "0");
+
+    // Mirror `a`, then add `b` to the same source while both tables change.
+    let added = admin
+        .add_source(add(definition(&pg, dir.path(), &["a"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .source
+        .unwrap();
+    assert_eq!(added.origin, "catalog");
+    let a_uri = dir.path().join("a").display().to_string();
+    let a_pg = KV_PG.replace("{t}", "a");
+    converges(&pg, &a_pg, &a_uri, KV_DELTA, "a after its snapshot").await;
+
+    let running = Arc::new(AtomicBool::new(true));
+    let (port, psql) = (pg.port, pg.psql_bin());
+    let r = running.clone();
+    let load = std::thread::spawn(move || {
+        let mut round = 0i64;
+        while r.load(Ordering::SeqCst) || round < 20 {
+            let sql = format!(
+                "BEGIN;
+                 UPDATE a SET n = n + 1 WHERE id % 50 = {m};
+                 UPDATE b SET n = n + 1, v = 'u{round}' WHERE id % 50 = {m};
+                 DELETE FROM b WHERE id BETWEEN {d} AND {d} + 5;
+                 INSERT INTO b SELECT g, 'new', {round} FROM generate_series({i}, {i} + 9) g;
+                 INSERT INTO a VALUES ({i}, 'new', {round});
+                 COMMIT;",
+                m = round % 50,
+                d = 100 + round * 300,
+                i = 100_000 + round * 10,
+            );
+            freshet_integration_tests::pg::run_sql(&psql, port, &sql);
+            round += 1;
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replaced = admin
+        .add_source(add(definition(&pg, dir.path(), &["a", "b"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .source
+        .unwrap();
+    assert_eq!(replaced.tables, vec!["a".to_string(), "b".to_string()]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.store(false, Ordering::SeqCst);
+    load.join().unwrap();
+    let b_uri = dir.path().join("b").display().to_string();
+    let b_pg = KV_PG.replace("{t}", "b");
+    converges(&pg, &b_pg, &b_uri, KV_DELTA, "b, added later").await;
+    converges(&pg, &a_pg, &a_uri, KV_DELTA, "a, streaming on").await;
+    let info = source_info(&c).await;
+    assert_eq!(info.len(), 1, "{info:?}");
+    // Only `b` was copied (about 20k rows); `a` (30k) streamed on from the slot.
+    assert!(
+        info[0].snapshot_rows >= 19_000 && info[0].snapshot_rows < 25_000,
+        "{info:?}"
+    );
+    assert_eq!(info[0].state, "streaming", "{info:?}");
+
+    // A restarted coordinator runs the catalogued source again and streams on.
+    let c = c.restart().await;
+    pg.psql("UPDATE b SET v = 'after restart' WHERE id % 3 = 0; DELETE FROM a WHERE id < 100;");
+    converges(&pg, &b_pg, &b_uri, KV_DELTA, "b after a restart").await;
+    converges(&pg, &a_pg, &a_uri, KV_DELTA, "a after a restart").await;
+    let info = source_info(&c).await;
+    assert_eq!(info[0].origin, "catalog", "{info:?}");
+    assert_eq!(info[0].snapshot_rows, 0, "nothing is copied again: {info:?}");
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tables_do_not_hold_wal_and_a_failing_source_retries_until_it_works() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE hb (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO hb VALUES (1, 'x', 1);
+         CREATE TABLE noise (id bigserial PRIMARY KEY, pad text);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["hb"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["hb"]).await;
+    // Only tables outside the publication change: the slot must still move past their WAL.
+    pg.psql("INSERT INTO noise (pad) SELECT repeat('x', 200) FROM generate_series(1, 20000)");
+    let after = freshet_source_postgres::pgoutput::parse_lsn(
+        pg.psql("SELECT pg_current_wal_insert_lsn()").trim(),
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let confirmed = freshet_source_postgres::pgoutput::parse_lsn(
+            pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'freshet_slot'")
+                .trim(),
+        )
+        .unwrap();
+        if confirmed >= after {
+            assert_eq!(src.status().confirmed_lsn, confirmed);
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the slot stays at {confirmed:X}, behind {after:X}: {:?}",
+            src.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And a change after the heartbeat is not skipped.
+    pg.psql("INSERT INTO hb VALUES (2, 'after heartbeat', 2)");
+    let hb_pg = KV_PG.replace("{t}", "hb");
+    let hb_uri = dir.path().join("hb").display().to_string();
+    converges(&pg, &hb_pg, &hb_uri, KV_DELTA, "hb after the heartbeat").await;
+    src.stop();
+
+    // A source whose table does not exist yet reports the error and retries.
+    let mut cfg = source(&pg, dir.path(), &["later"]);
+    cfg.name = "later".into();
+    cfg.slot = "later_slot".into();
+    cfg.publication = "later_pub".into();
+    let later = freshet_source_postgres::launch(cfg, c.coordinator.clone());
+    let end = Instant::now() + Duration::from_secs(20);
+    while later.status().state != "error" {
+        assert!(Instant::now() < end, "{:?}", later.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(later.status().error.contains("later"), "{:?}", later.status());
+    pg.psql(
+        "CREATE TABLE later (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO later SELECT g, 'l', g FROM generate_series(1, 100) g;",
+    );
+    let later_pg = KV_PG.replace("{t}", "later");
+    let later_uri = dir.path().join("later").display().to_string();
+    converges(&pg, &later_pg, &later_uri, KV_DELTA, "a source that retried").await;
+    let s = later.status();
+    assert!(s.retries >= 1 && s.error.is_empty(), "{s:?}");
+    later.stop();
+    c.stop();
+}
