@@ -767,15 +767,20 @@ async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survive
     let slots = pg.psql("SELECT count(*) FROM pg_replication_slots");
     assert_eq!(slots.trim(), "0");
 
-    // Mirror `a`, then add `b` to the same source while both tables change.
-    let added = admin
-        .add_source(add(definition(&pg, dir.path(), &["a"])))
-        .await
-        .unwrap()
-        .into_inner()
-        .source
+    // Mirror `a` (with the CLI), then add `b` to the same source while both tables change.
+    let file = dir.path().join("source.toml");
+    std::fs::write(&file, definition(&pg, dir.path(), &["a"])).unwrap();
+    let out = std::process::Command::new(freshet_bin())
+        .args(["--endpoint", &c.endpoint, "source", "add", "--file"])
+        .arg(&file)
+        .args(["--output", "json"])
+        .output()
         .unwrap();
-    assert_eq!(added.origin, "catalog");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let added: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(added[0]["origin"], "catalog", "{text}");
+    assert_eq!(added[0]["tables"], serde_json::json!(["a"]), "{text}");
     let a_uri = dir.path().join("a").display().to_string();
     let a_pg = KV_PG.replace("{t}", "a");
     converges(&pg, &a_pg, &a_uri, KV_DELTA, "a after its snapshot").await;
