@@ -217,6 +217,12 @@ fn convert(col: &ArrayRef, field: &Field, table: &str) -> Result<ArrayRef> {
         (Int64 | Int32, Decimal128(_, _)) => true,
         (Decimal128(_, _), Decimal128(_, _)) => true,
         (Date64, Date32) => true,
+        // A list from another writer (item field named "item", large offsets, view strings).
+        (List(a) | LargeList(a), List(b)) => {
+            freshet_common::schema::canonical_type(a.data_type())
+                == freshet_common::schema::canonical_type(b.data_type())
+                && (b.is_nullable() || !a.is_nullable())
+        }
         _ => false,
     };
     if !widening {
