@@ -430,8 +430,8 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
     );
 }
 
-/// Array columns of the `types` table: (column, PostgreSQL element type for the Delta
-/// schema check, PostgreSQL expression rendering one element `x` as Delta renders it).
+/// Array columns of the `types` table: (column, PostgreSQL expression rendering one
+/// element `x` as Arrow displays it on the Delta side).
 const ARRAY_COLUMNS: &[(&str, &str)] = &[
     ("arr", "x::text"),
     ("ai8", "x::text"),
@@ -445,17 +445,19 @@ const ARRAY_COLUMNS: &[(&str, &str)] = &[
     ("amood", "x::text"),
 ];
 
-/// Separates rendered array elements (a character no test value holds).
+/// Separates rendered array elements, and stands for a NULL element (characters no test
+/// value holds, so that the string 'NULL' and a NULL element differ).
 const ELEM_SEP: &str = "\u{241f}";
+const ELEM_NULL: &str = "\u{2205}";
 
-/// `id -> [e1␟e2␟NULL]` (NULL for a NULL array) from PostgreSQL, element by element in
+/// `id -> [e1␟e2␟∅]` (NULL for a NULL array) from PostgreSQL, element by element in
 /// array order (lower bounds other than 1 do not show).
 fn pg_array_rows(pg: &Postgres, col: &str, elem: &str) -> BTreeMap<i64, String> {
     pg_rows(
         pg,
         &format!(
             "SET TIME ZONE 'UTC'; SELECT id, CASE WHEN {col} IS NULL THEN 'NULL' ELSE '[' || \
-             coalesce((SELECT string_agg(coalesce({elem}, 'NULL'), '{ELEM_SEP}' ORDER BY o) \
+             coalesce((SELECT string_agg(coalesce({elem}, '{ELEM_NULL}'), '{ELEM_SEP}' ORDER BY o) \
              FROM unnest({col}) WITH ORDINALITY AS u(x, o)), '') || ']' END FROM types ORDER BY id"
         ),
     )
@@ -464,8 +466,9 @@ fn pg_array_rows(pg: &Postgres, col: &str, elem: &str) -> BTreeMap<i64, String> 
 /// The same rendering of a Delta list column (timestamps as PostgreSQL's `to_char` above,
 /// binary as hex).
 async fn delta_array_rows(uri: &str, col: &str) -> BTreeMap<i64, String> {
+    use arrow::array::Array;
     let fmt = arrow::util::display::FormatOptions::default()
-        .with_null("NULL")
+        .with_null(ELEM_NULL)
         .with_timestamp_tz_format(Some("%Y-%m-%dT%H:%M:%S%.6f"));
     let mut out = BTreeMap::new();
     for b in query(uri, &format!("SELECT id, {col} FROM t ORDER BY id")).await {
@@ -498,7 +501,7 @@ fn same_array_text(float: bool, a: &str, b: &str) -> bool {
             .split(ELEM_SEP)
             .filter(|e| !e.is_empty())
             .map(|e| match e {
-                "NULL" => Some(None),
+                ELEM_NULL => Some(None),
                 "Infinity" | "inf" => Some(Some(f64::INFINITY)),
                 "-Infinity" | "-inf" => Some(Some(f64::NEG_INFINITY)),
                 e => e.parse::<f64>().ok().map(Some),
