@@ -652,7 +652,8 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
         ("b", "b::text", "CAST(b AS VARCHAR)"),
         ("t", "t", "t"),
         ("vc", "vc", "vc"),
-        ("ch", "ch::text", "ch"),
+        // char(n) keeps its padding (COPY and pgoutput both send it); `::text` would trim it.
+        ("ch", "ch", "ch"),
         ("u", "u::text", "u"),
         ("dt", "dt::text", "CAST(dt AS VARCHAR)"),
         ("tm", "tm::text", "tm"),
