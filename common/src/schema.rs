@@ -15,7 +15,7 @@ pub struct ColumnSpec {
     /// Column name.
     pub name: String,
     /// Type name: int8..int64, uint8..uint64, float32, float64, boolean, string, binary,
-    /// date, timestamp (UTC), timestamp_ntz, decimal(p,s).
+    /// date, timestamp (UTC), timestamp_ntz, decimal(p,s), array<ELEMENT>.
     #[serde(rename = "type")]
     pub data_type: String,
     /// Whether the column accepts nulls (default true).
@@ -35,9 +35,35 @@ pub struct SchemaSpec {
     pub fields: Vec<ColumnSpec>,
 }
 
+/// The name of a list's item field. Delta's array type has an anonymous element; the
+/// kernel's Delta-to-Arrow conversion names it `element` (and the Parquet spec's list
+/// layout does too), so the table's Arrow schema, the files workers write and what readers
+/// hand back agree only with this name.
+pub const LIST_ELEMENT: &str = "element";
+
+/// The Arrow list type of `element` values (elements may be null, as in Delta by default).
+pub fn list_of(element: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new(LIST_ELEMENT, element, true)))
+}
+
 /// Parses a type name into an Arrow type.
 pub fn parse_type(name: &str) -> Result<DataType> {
     let n = name.trim().to_ascii_lowercase();
+    if let Some(rest) = n.strip_prefix("array") {
+        let inner = rest
+            .trim_start()
+            .strip_prefix('<')
+            .and_then(|s| s.strip_suffix('>'))
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "bad array type '{name}': want array<ELEMENT>, e.g. array<int32>"
+                ))
+            })?;
+        let element = parse_type(inner)
+            .map_err(|e| Error::Config(format!("bad array type '{name}': element type: {e}")))?;
+        return Ok(list_of(element));
+    }
     let t = match n.as_str() {
         "int8" | "tinyint" | "byte" => DataType::Int8,
         "int16" | "smallint" | "short" => DataType::Int16,
@@ -74,7 +100,7 @@ pub fn parse_type(name: &str) -> Result<DataType> {
                 }
             } else {
                 return Err(Error::Config(format!(
-                    "unknown column type '{name}' (known: int8..int64, uint8..uint64, float32, float64, boolean, string, binary, date, timestamp, timestamp_ntz, decimal(p,s))"
+                    "unknown column type '{name}' (known: int8..int64, uint8..uint64, float32, float64, boolean, string, binary, date, timestamp, timestamp_ntz, decimal(p,s), array<ELEMENT>)"
                 )));
             }
         }
@@ -102,6 +128,9 @@ pub fn type_name(t: &DataType) -> String {
         DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => "timestamp".into(),
         DataType::Timestamp(TimeUnit::Microsecond, None) => "timestamp_ntz".into(),
         DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
+        DataType::List(f) | DataType::LargeList(f) | DataType::ListView(f) => {
+            format!("array<{}>", type_name(f.data_type()))
+        }
         other => other.to_string(),
     }
 }
@@ -158,12 +187,20 @@ impl SchemaSpec {
 }
 
 /// Maps the types Delta readers hand back to the canonical types Freshet stores
-/// (view and large strings to Utf8, timestamps to microseconds).
+/// (view and large strings to Utf8, timestamps to microseconds, any list to a List whose
+/// item field is [`LIST_ELEMENT`]; element nullability is kept, it is part of the type).
 pub fn canonical_type(t: &DataType) -> DataType {
     match t {
         DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
         DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
         DataType::Timestamp(_, tz) => DataType::Timestamp(TimeUnit::Microsecond, tz.clone()),
+        DataType::List(f) | DataType::LargeList(f) | DataType::ListView(f) => {
+            DataType::List(Arc::new(Field::new(
+                LIST_ELEMENT,
+                canonical_type(f.data_type()),
+                f.is_nullable(),
+            )))
+        }
         other => other.clone(),
     }
 }
@@ -214,5 +251,45 @@ mod tests {
         .to_string();
         assert!(e.contains("'a' appears twice"), "{e}");
         assert!(parse_type("decimal(40,2)").is_err());
+        let e = parse_type("array<int128>").unwrap_err().to_string();
+        assert!(
+            e.contains("'array<int128>'") && e.contains("'int128'"),
+            "{e}"
+        );
+        let e = parse_type("array<>").unwrap_err().to_string();
+        assert!(e.contains("'array<>'"), "{e}");
+        let e = parse_type("array<decimal(40,2)>").unwrap_err().to_string();
+        assert!(e.contains("decimal(40,2)"), "{e}");
+    }
+
+    #[test]
+    fn array_types_parse_name_and_canonicalise() {
+        for (name, t) in [
+            ("array<int32>", list_of(DataType::Int32)),
+            (
+                "ARRAY<decimal(10, 2)>",
+                list_of(DataType::Decimal128(10, 2)),
+            ),
+            (
+                "array<timestamp>",
+                list_of(DataType::Timestamp(
+                    TimeUnit::Microsecond,
+                    Some("UTC".into()),
+                )),
+            ),
+            ("array<array<string>>", list_of(list_of(DataType::Utf8))),
+        ] {
+            assert_eq!(parse_type(name).unwrap(), t, "{name}");
+            assert_eq!(parse_type(&type_name(&t)).unwrap(), t, "{name}");
+        }
+        assert_eq!(
+            type_name(&list_of(DataType::Decimal128(10, 2))),
+            "array<decimal(10,2)>"
+        );
+        // Lists named or sized differently by other writers compare equal to ours.
+        let item = DataType::LargeList(Arc::new(Field::new("item", DataType::Utf8View, true)));
+        assert_eq!(canonical_type(&item), list_of(DataType::Utf8));
+        let strict = DataType::List(Arc::new(Field::new("item", DataType::Utf8, false)));
+        assert_ne!(canonical_type(&strict), list_of(DataType::Utf8));
     }
 }

@@ -217,6 +217,12 @@ fn convert(col: &ArrayRef, field: &Field, table: &str) -> Result<ArrayRef> {
         (Int64 | Int32, Decimal128(_, _)) => true,
         (Decimal128(_, _), Decimal128(_, _)) => true,
         (Date64, Date32) => true,
+        // A list from another writer (item field named "item", large offsets, view strings).
+        (List(a) | LargeList(a), List(b)) => {
+            freshet_common::schema::canonical_type(a.data_type())
+                == freshet_common::schema::canonical_type(b.data_type())
+                && (b.is_nullable() || !a.is_nullable())
+        }
         _ => false,
     };
     if !widening {
@@ -429,6 +435,51 @@ mod tests {
         let e = validate_batch(&d, &b, "op").unwrap_err().to_string();
         assert!(e.contains("missing primary key column 'id'"), "{e}");
         let _ = Int64Array::from(vec![1]);
+    }
+
+    #[test]
+    fn lists_from_other_writers_convert_and_wrong_elements_are_refused() {
+        use arrow::array::{Int32Builder, ListBuilder, StringBuilder};
+        let d = TableDef::new(
+            "t",
+            "memory:///t",
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new(
+                    "nums",
+                    freshet_common::schema::parse_type("array<int32>").unwrap(),
+                    true,
+                ),
+            ])),
+            vec!["id".into()],
+            vec![],
+            1 << 20,
+        )
+        .unwrap();
+        // Arrow's default item name is "item"; the table's is "element".
+        let mut nums = ListBuilder::new(Int32Builder::new());
+        nums.append_value([Some(1), None]);
+        nums.append_null();
+        let b = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+            ("nums", Arc::new(nums.finish()) as ArrayRef),
+        ])
+        .unwrap();
+        let v = validate_batch(&d, &b, "op").unwrap();
+        assert_eq!(
+            v.batch.schema().field(1).data_type(),
+            d.schema.field(1).data_type()
+        );
+        assert_eq!(v.batch.column(1).as_list::<i32>().value(0).len(), 2);
+        let mut strs = ListBuilder::new(StringBuilder::new());
+        strs.append_value([Some("1")]);
+        let b = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+            ("nums", Arc::new(strs.finish()) as ArrayRef),
+        ])
+        .unwrap();
+        let e = validate_batch(&d, &b, "op").unwrap_err().to_string();
+        assert!(e.contains("column 'nums'"), "{e}");
     }
 
     #[test]

@@ -430,6 +430,96 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
     );
 }
 
+/// Array columns of the `types` table: (column, PostgreSQL expression rendering one
+/// element `x` as Arrow displays it on the Delta side).
+const ARRAY_COLUMNS: &[(&str, &str)] = &[
+    ("arr", "x::text"),
+    ("ai8", "x::text"),
+    ("atx", "x"),
+    ("anum", "x::text"),
+    ("af8", "x::text"),
+    ("ab", "x::text"),
+    ("atz", "to_char(x, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"),
+    ("adt", "x::text"),
+    ("aby", "encode(x, 'hex')"),
+    ("amood", "x::text"),
+];
+
+/// Separates rendered array elements, and stands for a NULL element (characters no test
+/// value holds, so that the string 'NULL' and a NULL element differ).
+const ELEM_SEP: &str = "\u{241f}";
+const ELEM_NULL: &str = "\u{2205}";
+
+/// `id -> [e1␟e2␟∅]` (NULL for a NULL array) from PostgreSQL, element by element in
+/// array order (lower bounds other than 1 do not show).
+fn pg_array_rows(pg: &Postgres, col: &str, elem: &str) -> BTreeMap<i64, String> {
+    pg_rows(
+        pg,
+        &format!(
+            "SET TIME ZONE 'UTC'; SELECT id, CASE WHEN {col} IS NULL THEN 'NULL' ELSE '[' || \
+             coalesce((SELECT string_agg(coalesce({elem}, '{ELEM_NULL}'), '{ELEM_SEP}' ORDER BY o) \
+             FROM unnest({col}) WITH ORDINALITY AS u(x, o)), '') || ']' END FROM types ORDER BY id"
+        ),
+    )
+}
+
+/// The same rendering of a Delta list column (timestamps as PostgreSQL's `to_char` above,
+/// binary as hex).
+async fn delta_array_rows(uri: &str, col: &str) -> BTreeMap<i64, String> {
+    use arrow::array::Array;
+    let fmt = arrow::util::display::FormatOptions::default()
+        .with_null(ELEM_NULL)
+        .with_timestamp_tz_format(Some("%Y-%m-%dT%H:%M:%S%.6f"));
+    let mut out = BTreeMap::new();
+    for b in query(uri, &format!("SELECT id, {col} FROM t ORDER BY id")).await {
+        let ids = b.column(0).as_primitive::<Int64Type>();
+        let lists = b.column(1).as_list::<i32>();
+        for i in 0..b.num_rows() {
+            let text = if lists.is_null(i) {
+                "NULL".to_string()
+            } else {
+                let items = lists.value(i);
+                let f = arrow::util::display::ArrayFormatter::try_new(&items, &fmt).unwrap();
+                let elems: Vec<String> = (0..items.len()).map(|j| f.value(j).to_string()).collect();
+                format!("[{}]", elems.join(ELEM_SEP))
+            };
+            out.insert(ids.value(i), text);
+        }
+    }
+    out
+}
+
+/// Rendered arrays equal, floats compared as numbers (PostgreSQL and Arrow spell them
+/// differently: `1e+308` / `1e308`, `Infinity` / `inf`).
+fn same_array_text(float: bool, a: &str, b: &str) -> bool {
+    if !float || a == b {
+        return a == b;
+    }
+    let parse = |s: &str| -> Option<Vec<Option<f64>>> {
+        let inner = s.strip_prefix('[')?.strip_suffix(']')?;
+        inner
+            .split(ELEM_SEP)
+            .filter(|e| !e.is_empty())
+            .map(|e| match e {
+                ELEM_NULL => Some(None),
+                "Infinity" | "inf" => Some(Some(f64::INFINITY)),
+                "-Infinity" | "-inf" => Some(Some(f64::NEG_INFINITY)),
+                e => e.parse::<f64>().ok().map(Some),
+            })
+            .collect()
+    };
+    match (parse(a), parse(b)) {
+        (Some(x), Some(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(&y).all(|(p, q)| match (p, q) {
+                    (Some(p), Some(q)) => (p.is_nan() && q.is_nan()) || p == q,
+                    (p, q) => p == q,
+                })
+        }
+        _ => false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_with_nulls_and_extremes() {
     let _serial = SERIAL.lock().await;
@@ -438,15 +528,23 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
         "CREATE TYPE mood AS ENUM ('sad', 'happy');
          CREATE TABLE types (id bigint PRIMARY KEY, i2 int2, i4 int4, i8 int8, dec numeric(38,10), num numeric,
            r real, d double precision, b bool, t text, vc varchar(10), ch char(3), u uuid, dt date, tm time,
-           ts timestamp, tz timestamptz, by bytea, j json, jb jsonb, e mood, arr int[]);
+           ts timestamp, tz timestamptz, by bytea, j json, jb jsonb, e mood, arr int[],
+           ai8 int8[], atx text[], anum numeric(10,2)[], af8 float8[], ab bool[], atz timestamptz[],
+           adt date[], aby bytea[], amood mood[]);
          INSERT INTO types VALUES
            (1, -32768, -2147483648, -9223372036854775808, -9999999999999999999999999999.9999999999, 123456789012345678901234567890.123456789,
             -3.4e38, -1.7976931348623157e308, false, 'tab\there ünïcødé \"q\" \\', 'ten chars!', 'ab', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
-            '0001-01-01', '00:00:00', '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', '\\x00ff10', '{\"a\": [1, 2]}', '{\"b\": null}', 'sad', '{1,NULL,3}'),
+            '0001-01-01', '00:00:00', '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', '\\x00ff10', '{\"a\": [1, 2]}', '{\"b\": null}', 'sad', '[0:2]={1,NULL,3}',
+            '{-9223372036854775808,9223372036854775807,NULL}', ARRAY['a b', 'x\"y', NULL, 'NULL', '', 'c,d', '{}', 'back\\slash', ' lead', 'ünï'],
+            '{1.50,-0.01,NULL,99999999.99}', '{1.5,-0.25,NULL,1e308,Infinity,-Infinity,NaN}', '{t,f,NULL}',
+            '{\"2024-06-30 12:34:56.789012+02\",NULL,\"1970-01-01 00:00:00+00\"}', '{0001-01-01,9999-12-31,NULL}',
+            ARRAY['\\x00ff'::bytea, NULL, '\\x'], '{happy,NULL,sad}'),
            (2, 32767, 2147483647, 9223372036854775807, 9999999999999999999999999999.9999999999, 0.000000000000000001,
             3.4e38, 1.7976931348623157e308, true, '', 'x', 'xyz', '00000000-0000-0000-0000-000000000000',
-            '9999-12-31', '23:59:59.999999', '2262-04-11 23:47:16.854775', '2024-06-30 12:34:56.789012+02', '\\x', '[]', '{}', 'happy', '{}'),
-           (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);",
+            '9999-12-31', '23:59:59.999999', '2262-04-11 23:47:16.854775', '2024-06-30 12:34:56.789012+02', '\\x', '[]', '{}', 'happy', '{}',
+            '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}'),
+           (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+            NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);",
     );
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(dir.path()).await;
@@ -455,8 +553,17 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
             .await
             .unwrap();
     caught_up(&pg, &c, &src, &["types"]).await;
-    // One more row through streaming (not the snapshot), same values as row 2.
-    pg.psql("INSERT INTO types SELECT 4, i2, i4, i8, dec, num, r, d, b, t, vc, ch, u, dt, tm, ts, tz, by, j, jb, e, arr FROM types WHERE id = 2;");
+    // More rows through streaming (not the snapshot): row 4 as row 2, row 5 as row 1
+    // (arrays with every kind of element), then an update of row 5's arrays (a rewrite of
+    // an existing row holding lists).
+    pg.psql("INSERT INTO types SELECT 4, i2, i4, i8, dec, num, r, d, b, t, vc, ch, u, dt, tm, ts, tz, by, j, jb, e, arr,
+               ai8, atx, anum, af8, ab, atz, adt, aby, amood FROM types WHERE id = 2;
+             INSERT INTO types (id, arr, ai8, atx, anum, af8, ab, atz, adt, aby, amood)
+               SELECT 5, arr, ai8, atx, anum, af8, ab, atz, adt, aby, amood FROM types WHERE id = 1;");
+    caught_up(&pg, &c, &src, &["types"]).await;
+    pg.psql(
+        r#"UPDATE types SET atx = '{"up, dated",NULL,"\\"}', af8 = '{}', atz = NULL WHERE id = 5;"#,
+    );
     caught_up(&pg, &c, &src, &["types"]).await;
     let uri = dir.path().join("types").display().to_string();
 
@@ -481,6 +588,32 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
     );
     assert!(ty("tz").contains("UTC"), "{}", ty("tz"));
     assert_eq!(ty("by"), "Binary");
+    // Arrays are lists whose item field is exactly what the table definition declares
+    // (same name, nullability and element type), or merges would see two schemas.
+    let list = |t: arrow::datatypes::DataType| freshet_common::schema::list_of(t);
+    let tz_utc = arrow::datatypes::DataType::Timestamp(
+        arrow::datatypes::TimeUnit::Microsecond,
+        Some("UTC".into()),
+    );
+    use arrow::datatypes::DataType as T;
+    for (col, want) in [
+        ("arr", list(T::Int32)),
+        ("ai8", list(T::Int64)),
+        ("atx", list(T::Utf8)),
+        ("anum", list(T::Decimal128(10, 2))),
+        ("af8", list(T::Float64)),
+        ("ab", list(T::Boolean)),
+        ("atz", list(tz_utc)),
+        ("adt", list(T::Date32)),
+        ("aby", list(T::Binary)),
+        ("amood", list(T::Utf8)),
+    ] {
+        assert_eq!(
+            schema.field_with_name(col).unwrap().data_type(),
+            &want,
+            "column {col}"
+        );
+    }
 
     // Values: every column compared as PostgreSQL's text form (times in UTC) with Delta's.
     let pg_text = |col: &str, expr: &str| -> BTreeMap<i64, String> {
@@ -538,7 +671,6 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
         ("j", "j::text", "j"),
         ("jb", "jb::text", "jb"),
         ("e", "e::text", "e"),
-        ("arr", "arr::text", "arr"),
     ];
     for (col, pg_expr, delta_expr) in checks {
         let want = pg_text(col, pg_expr);
@@ -561,6 +693,19 @@ async fn every_type_round_trips_with_nulls_and_extremes() {
                 let (p, q): (f64, f64) = (p.parse().unwrap(), q.parse().unwrap());
                 assert!((p - q).abs() <= p.abs() * 1e-7, "row {k}: {p} vs {q}");
             }
+        }
+    }
+    // Arrays element by element, snapshot rows (1-3) and streamed rows (4, 5) alike.
+    for (col, elem) in ARRAY_COLUMNS {
+        let want = pg_array_rows(&pg, col, elem);
+        let got = delta_array_rows(&uri, col).await;
+        assert_eq!(got.len(), want.len(), "column {col}: {got:?} vs {want:?}");
+        for (k, w) in &want {
+            assert!(
+                same_array_text(*col == "af8", &got[k], w),
+                "column {col}, row {k}: Delta {} vs PostgreSQL {w}",
+                got[k]
+            );
         }
     }
     src.stop();

@@ -3,6 +3,7 @@
 //! and confirmed with `pg_replication_slot_advance` only after staging), staged into
 //! Freshet exactly once under sequences derived from commit LSNs.
 
+pub mod array;
 pub mod config;
 pub mod copy;
 pub mod error;

@@ -1,10 +1,12 @@
 //! Reading a PostgreSQL table's shape: columns with their types, and the primary key (or
 //! the REPLICA IDENTITY index). A table without either is refused.
 
+use std::collections::HashMap;
+
 use tokio_postgres::Client;
 
 use crate::error::{Result, SourceError};
-use crate::types::arrow_type;
+use crate::types::column_type;
 
 /// A column of a source table.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +17,8 @@ pub struct PgColumn {
     pub type_oid: u32,
     /// Type modifier.
     pub type_mod: i32,
+    /// For an array column, the element type OID (see [`array_elements`]); else 0.
+    pub elem_oid: u32,
     /// NOT NULL.
     pub not_null: bool,
     /// The SQL type name (`format_type`), for casts in lookups.
@@ -39,11 +43,37 @@ impl PgTable {
             .iter()
             .map(|c| freshet_common::schema::ColumnSpec {
                 name: c.name.clone(),
-                data_type: crate::types::type_name(&arrow_type(c.type_oid, c.type_mod)),
+                data_type: crate::types::type_name(&column_type(
+                    c.type_oid, c.type_mod, c.elem_oid,
+                )),
                 nullable: !(c.not_null || self.key.contains(&c.name)),
             })
             .collect()
     }
+}
+
+/// The element type of each array type among `type_oids` (types that are not arrays are
+/// absent). Looked up in `pg_type` rather than a fixed table, so that arrays of enums and
+/// other user types are lists too. An array is what PostgreSQL itself calls one: a
+/// varlena type with an element type. Domains over arrays are not (they stay text), nor are
+/// arrays whose element delimiter is not a comma (`box[]`), which the text parser would
+/// split wrongly.
+pub async fn array_elements(client: &Client, type_oids: &[u32]) -> Result<HashMap<u32, u32>> {
+    let oids: Vec<i64> = type_oids.iter().map(|o| *o as i64).collect();
+    let rows = client
+        .query(
+            "SELECT t.oid::int8, t.typelem::int8 FROM pg_type t \
+             JOIN pg_type e ON e.oid = t.typelem \
+             WHERE t.oid::int8 = ANY($1) AND t.typlen = -1 AND t.typtype <> 'd' \
+             AND e.typdelim = ','",
+            &[&oids],
+        )
+        .await
+        .map_err(SourceError::pg("reading array element types"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as u32))
+        .collect())
 }
 
 /// Describes `schema.table`.
@@ -67,16 +97,22 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<PgTa
             message: "no such table in PostgreSQL".into(),
         });
     }
-    let columns: Vec<PgColumn> = rows
+    let mut columns: Vec<PgColumn> = rows
         .iter()
         .map(|r| PgColumn {
             name: r.get(0),
             type_oid: r.get::<_, i64>(1) as u32,
             type_mod: r.get::<_, i64>(2) as i32,
+            elem_oid: 0,
             not_null: r.get(3),
             type_name: r.get(4),
         })
         .collect();
+    let oids: Vec<u32> = columns.iter().map(|c| c.type_oid).collect();
+    let elems = array_elements(client, &oids).await?;
+    for c in &mut columns {
+        c.elem_oid = elems.get(&c.type_oid).copied().unwrap_or(0);
+    }
     // The primary key, else the REPLICA IDENTITY USING INDEX index.
     let key_rows = client
         .query(

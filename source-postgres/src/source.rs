@@ -812,11 +812,14 @@ async fn evolve(
         });
     }
     let mut pg = m.pg.clone();
+    let oids: Vec<u32> = added.iter().map(|c| c.type_oid).collect();
+    let elems = crate::schema::array_elements(client, &oids).await?;
     for c in &added {
         pg.columns.push(crate::schema::PgColumn {
             name: c.name.clone(),
             type_oid: c.type_oid,
             type_mod: c.type_mod,
+            elem_oid: elems.get(&c.type_oid).copied().unwrap_or(0),
             not_null: false,
             type_name: String::new(),
         });

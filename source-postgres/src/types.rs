@@ -7,22 +7,38 @@
 //! | numeric (unbounded) | Utf8 (its exact text) |
 //! | real, double precision | Float32, Float64 |
 //! | boolean | Boolean |
-//! | text, varchar, char, name, uuid, json, jsonb, enums, time, arrays, anything else | Utf8 (text form) |
+//! | text, varchar, char, name, uuid, json, jsonb, enums, time, anything else | Utf8 (text form) |
 //! | date | Date32 |
 //! | timestamp | Timestamp(µs) |
 //! | timestamptz | Timestamp(µs, UTC) |
 //! | bytea | Binary |
+//! | an array of any of these (`int4[]`, `numeric(10,2)[]`, `text[]`, enum arrays, ...) | List of the element's type (item field `element`, elements nullable) |
+//!
+//! Arrays are one-dimensional in Delta: a multi-dimensional value is an error naming the
+//! table, column and value (see [`crate::array`]). Domains over array types, and arrays of
+//! `box` (whose elements are separated by `;`), stay text.
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BinaryBuilder, StringArray};
+use arrow::array::{ArrayRef, BinaryBuilder, ListArray, StringArray};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::util::display::FormatOptions;
 
 use crate::error::{Result, SourceError};
 
-/// The Arrow type of a PostgreSQL column (by type OID and modifier).
+/// The Arrow type of a PostgreSQL column: by type OID and modifier, and for an array column
+/// by the element type (`elem_oid` not 0; an array column's modifier is its element's).
+pub fn column_type(type_oid: u32, type_mod: i32, elem_oid: u32) -> DataType {
+    if elem_oid != 0 {
+        freshet_common::schema::list_of(arrow_type(elem_oid, type_mod))
+    } else {
+        arrow_type(type_oid, type_mod)
+    }
+}
+
+/// The Arrow type of a scalar PostgreSQL type (by type OID and modifier).
 pub fn arrow_type(type_oid: u32, type_mod: i32) -> DataType {
     match type_oid {
         21 => DataType::Int16,
@@ -62,6 +78,7 @@ pub fn type_name(t: &DataType) -> String {
         DataType::Timestamp(_, Some(_)) => "timestamp".into(),
         DataType::Binary => "binary".into(),
         DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
+        DataType::List(f) => format!("array<{}>", type_name(f.data_type())),
         _ => "string".into(),
     }
 }
@@ -80,6 +97,34 @@ pub fn array_from_text(
         message,
     };
     match to {
+        DataType::List(field) => {
+            let mut lengths = Vec::with_capacity(values.len());
+            let mut elements: Vec<Option<String>> = Vec::new();
+            for v in values {
+                let parsed = match v {
+                    Some(text) => crate::array::parse(text).map_err(bad)?,
+                    None => Vec::new(),
+                };
+                lengths.push(parsed.len());
+                elements.extend(parsed);
+            }
+            // Elements convert exactly as scalars of the element type do.
+            let refs: Vec<Option<&str>> = elements.iter().map(|e| e.as_deref()).collect();
+            let items =
+                array_from_text(&refs, field.data_type(), table, column).map_err(|e| match e {
+                    SourceError::Value { message, .. } => bad(format!("array element: {message}")),
+                    other => other,
+                })?;
+            let nulls = NullBuffer::from(values.iter().map(Option::is_some).collect::<Vec<_>>());
+            let list = ListArray::try_new(
+                field.clone(),
+                OffsetBuffer::from_lengths(lengths),
+                items,
+                Some(nulls).filter(|n| n.null_count() > 0),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            Ok(Arc::new(list))
+        }
         DataType::Utf8 => Ok(Arc::new(StringArray::from(values.to_vec()))),
         DataType::Binary => {
             let mut b = BinaryBuilder::new();
@@ -198,5 +243,73 @@ mod tests {
                 .value(0)
                 .is_infinite()
         );
+    }
+
+    #[test]
+    fn arrays_become_lists_of_the_element_type() {
+        use freshet_common::schema::list_of;
+        // numeric(10,2)[]: the modifier is the element's.
+        let t = column_type(1231, ((10 << 16) | 2) + 4, 1700);
+        assert_eq!(t, list_of(DataType::Decimal128(10, 2)));
+        assert_eq!(type_name(&t), "array<decimal(10,2)>");
+        assert_eq!(column_type(23, -1, 0), DataType::Int32);
+
+        let t = column_type(1007, -1, 23);
+        let a = array_from_text(&[Some("{1,NULL,-3}"), None, Some("{}")], &t, "t", "c").unwrap();
+        let l = a.as_list::<i32>();
+        assert_eq!((l.len(), l.null_count()), (3, 1));
+        let first = l.value(0);
+        let first = first.as_primitive::<arrow::datatypes::Int32Type>();
+        assert_eq!(
+            first.iter().collect::<Vec<_>>(),
+            vec![Some(1), None, Some(-3)]
+        );
+        assert_eq!(l.value(2).len(), 0);
+        assert!(!l.is_null(2), "an empty array is not NULL");
+
+        let tz = list_of(DataType::Timestamp(
+            TimeUnit::Microsecond,
+            Some("UTC".into()),
+        ));
+        let a = array_from_text(
+            &[Some(r#"{"2024-01-02 03:04:05.000006+00"}"#)],
+            &tz,
+            "t",
+            "c",
+        )
+        .unwrap();
+        assert_eq!(
+            a.as_list::<i32>()
+                .value(0)
+                .as_primitive::<TimestampMicrosecondType>()
+                .value(0),
+            1_704_164_645_000_006
+        );
+        let bytes = list_of(DataType::Binary);
+        let a = array_from_text(&[Some(r#"{"\\x00ff",NULL}"#)], &bytes, "t", "c").unwrap();
+        assert_eq!(
+            a.as_list::<i32>().value(0).as_binary::<i32>().value(0),
+            &[0u8, 255]
+        );
+        let bools = list_of(DataType::Boolean);
+        let a = array_from_text(&[Some("{t,f}")], &bools, "t", "c").unwrap();
+        assert!(a.as_list::<i32>().value(0).as_boolean().value(0));
+
+        let e = array_from_text(
+            &[Some("{{1,2},{3,4}}")],
+            &list_of(DataType::Int32),
+            "s.t",
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("'s.t'") && e.contains("'c'") && e.contains("{{1,2},{3,4}}"),
+            "{e}"
+        );
+        let e = array_from_text(&[Some("{1,x}")], &list_of(DataType::Int32), "s.t", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'c'") && e.contains("array element"), "{e}");
     }
 }

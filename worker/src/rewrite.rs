@@ -44,7 +44,7 @@ pub fn writer_props(def: &TableDef) -> WriterProperties {
     let sorting = def
         .local_key()
         .iter()
-        .filter_map(|k| schema.index_of(k).ok())
+        .filter_map(|k| leaf_index(&schema, k))
         .map(|i| SortingColumn {
             column_idx: i as i32,
             descending: false,
@@ -57,6 +57,33 @@ pub fn writer_props(def: &TableDef) -> WriterProperties {
         .set_statistics_truncate_length(None)
         .set_sorting_columns(Some(sorting))
         .build()
+}
+
+/// Parquet leaf columns an Arrow type is stored in (a list of scalars: one).
+pub fn leaf_count(t: &arrow::datatypes::DataType) -> usize {
+    use arrow::datatypes::DataType;
+    match t {
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => leaf_count(f.data_type()),
+        DataType::Struct(fs) => fs.iter().map(|f| leaf_count(f.data_type())).sum(),
+        _ => 1,
+    }
+}
+
+/// The Parquet leaf column index of top-level column `name`: `sorting_columns` and column
+/// chunks count leaves, not fields, and nested columns before the key shift them.
+pub fn leaf_index(schema: &arrow::datatypes::Schema, name: &str) -> Option<usize> {
+    let i = schema.index_of(name).ok()?;
+    Some(
+        schema.fields()[..i]
+            .iter()
+            .map(|f| leaf_count(f.data_type()))
+            .sum(),
+    )
 }
 
 /// Decodes the table spec of a request into a definition.

@@ -181,16 +181,20 @@ async fn plan_groups(
         return Ok(Err("not a single-column key, or no inputs".into()));
     }
     let key_name = &local_key[0];
-    let key_idx = file_schema.index_of(key_name).expect("key column");
-    if !int_key_type(file_schema.field(key_idx).data_type())
-        || file_schema
-            .fields()
-            .iter()
-            .any(|f| f.data_type().is_nested())
-        || out_descr.num_columns() != file_schema.fields().len()
+    let key_field = file_schema.field_with_name(key_name).expect("key column");
+    // Lists of scalars (PostgreSQL arrays) are one leaf column each: their chunks copy like
+    // any other. Deeper nesting (structs, lists of lists) is left to the full path.
+    let flat = |t: &DataType| match t {
+        DataType::List(f) | DataType::LargeList(f) => !f.data_type().is_nested(),
+        t => !t.is_nested(),
+    };
+    if !int_key_type(key_field.data_type())
+        || !file_schema.fields().iter().all(|f| flat(f.data_type()))
     {
         return Ok(Err("key type or nested columns".into()));
     }
+    // Sorting columns name the key by its leaf index.
+    let key_idx = crate::rewrite::leaf_index(&file_schema, key_name).expect("key column");
     let has_floats = file_schema
         .fields()
         .iter()
@@ -477,8 +481,16 @@ pub fn stats_from_footer(
     let rgs = meta.row_groups();
     let se = |e| Error::data("footer statistics", e);
     let mut cols: Vec<ArrayRef> = Vec::new();
+    let mut fields = Vec::new();
     let mut nulls = serde_json::Map::new();
     for field in schema.fields() {
+        // Like `file_stats` (and deltalake): no statistics for nested columns; their leaf
+        // chunks count element nulls, not row nulls.
+        if field.data_type().is_nested() {
+            continue;
+        }
+        // Min/max columns are nullable even where the table's are not.
+        fields.push(field.as_ref().clone().with_nullable(true));
         let conv = StatisticsConverter::try_new(field.name(), schema, descr).map_err(se)?;
         let mins = conv.row_group_mins(rgs).map_err(se)?;
         let maxs = conv.row_group_maxes(rgs).map_err(se)?;
@@ -489,21 +501,14 @@ pub fn stats_from_footer(
         );
         cols.push(concat(&[mins.as_ref(), maxs.as_ref()]).map_err(|e| Error::data("concat", e))?);
     }
-    // Min/max columns are nullable even where the table's are not.
-    let loose = Arc::new(arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ));
+    let loose = Arc::new(arrow::datatypes::Schema::new(fields));
     let bounds = RecordBatch::try_new(loose, cols).map_err(|e| Error::data("bounds", e))?;
     let mut stats = file_stats(&bounds);
     let num_records: u64 = rgs.iter().map(|r| r.num_rows() as u64).sum();
     stats["numRecords"] = serde_json::Value::from(num_records);
     stats["nullCount"] = serde_json::Value::Object(nulls);
     let key = &def.local_key()[0];
-    let k = schema.index_of(key).expect("key column");
+    let k = bounds.schema().index_of(key).expect("key column");
     let n = rgs.len();
     let keys = as_i64(bounds.column(k).as_ref()).unwrap_or_default();
     let min_key = keys.first().copied().flatten().unwrap_or_default();
@@ -951,6 +956,164 @@ mod tests {
         // Only the copied groups' bytes and the touched group were read, not the whole file.
         assert_eq!(done.files[0].min_key_json, r#"["0"]"#);
         assert_eq!(done.files[0].max_key_json, r#"["104"]"#);
+    }
+
+    /// Rows of a table with list columns: (id, tags, nums) with tags/nums as text.
+    async fn read_list_rows(store: &Arc<dyn ObjectStore>, path: &str) -> Vec<String> {
+        let bytes = store
+            .get(&Path::from(path))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for b in ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            let fmt = arrow::util::display::FormatOptions::default().with_null("null");
+            let cols: Vec<_> = b
+                .columns()
+                .iter()
+                .map(|c| arrow::util::display::ArrayFormatter::try_new(c, &fmt).unwrap())
+                .collect();
+            for i in 0..b.num_rows() {
+                out.push(
+                    cols.iter()
+                        .map(|c| c.value(i).to_string())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                );
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    #[allow(clippy::await_holding_lock)]
+    async fn list_columns_take_the_row_group_path_and_match_the_full_path() {
+        use arrow::array::{ListBuilder, StringBuilder};
+        use freshet_common::schema::list_of;
+        let _guard = lock();
+        set_row_group_rows(10);
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        // A list column before the key: leaf and field indexes agree only by construction.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("tags", list_of(DataType::Utf8), true),
+            Field::new("id", DataType::Int64, false),
+            Field::new("nums", list_of(DataType::Int32), true),
+        ]));
+        let d = TableDef::new(
+            "t",
+            "memory:///t",
+            schema,
+            vec!["id".into()],
+            vec![],
+            1 << 30,
+        )
+        .unwrap();
+        let changes =
+            |ids: Vec<i64>, ops: Vec<i8>| {
+                let mut tags = ListBuilder::new(StringBuilder::new())
+                    .with_field(Arc::new(Field::new("element", DataType::Utf8, true)));
+                let mut nums = ListBuilder::new(arrow::array::Int32Builder::new())
+                    .with_field(Arc::new(Field::new("element", DataType::Int32, true)));
+                for &k in &ids {
+                    match k % 3 {
+                        0 => {
+                            tags.append_null();
+                            nums.append(true);
+                        }
+                        1 => {
+                            tags.append_value([Some(format!("a{k}")), None]);
+                            nums.append_value([Some(k as i32), None, Some(-1)]);
+                        }
+                        _ => {
+                            tags.append_value([Some("x,\"y\"".to_string())]);
+                            nums.append_null();
+                        }
+                    }
+                }
+                let s = freshet_common::changes::change_schema(&d);
+                let b = RecordBatch::try_new(
+                    s.clone(),
+                    vec![
+                        Arc::new(tags.finish()),
+                        Arc::new(Int64Array::from(ids)),
+                        Arc::new(nums.finish()),
+                        Arc::new(Int8Array::from(ops)),
+                    ],
+                )
+                .unwrap();
+                freshet_common::ipc::encode(&s, &[b]).unwrap()
+            };
+        let req = |inputs: Vec<InputFile>, ipc: Vec<u8>| RewriteRequest {
+            cycle_id: "c".into(),
+            task_id: 1,
+            attempt: 1,
+            epoch: 1,
+            table: Some(TableSpec {
+                name: d.name.clone(),
+                uri: d.uri.clone(),
+                schema_ipc: freshet_common::ipc::encode_schema(&d.schema).unwrap(),
+                primary_key: d.primary_key.clone(),
+                partition_columns: vec![],
+            }),
+            inputs,
+            partition_values: Default::default(),
+            changes_ipc: ipc,
+            target_file_size: d.target_file_size,
+        };
+        let ids: Vec<i64> = (0..100).collect();
+        let base = rewrite_with(&store, &req(vec![], changes(ids, vec![0; 100])), "w", false)
+            .await
+            .unwrap();
+        let inputs: Vec<InputFile> = base
+            .files
+            .iter()
+            .map(|f| InputFile {
+                path: f.path.clone(),
+                size: f.size,
+            })
+            .collect();
+        // Update 41 and 95, delete 42, insert 120.
+        let r = req(inputs, changes(vec![41, 42, 95, 120], vec![0, 1, 0, 0]));
+        let batches = freshet_common::ipc::decode(&r.changes_ipc).unwrap().1;
+        let ch = concat_batches(&freshet_common::changes::change_schema(&d), &batches).unwrap();
+        let done = try_rewrite(&store, &d, &r, &ch)
+            .await
+            .unwrap()
+            .expect("row-group path taken with list columns");
+        assert_eq!(done.groups_copied, 8);
+        assert_eq!(
+            (
+                done.counts.updated,
+                done.counts.deleted,
+                done.counts.inserted
+            ),
+            (2, 1, 1)
+        );
+        let fast = rewrite_with(&store, &r, "w", true).await.unwrap();
+        let full = rewrite_with(&store, &r, "w", false).await.unwrap();
+        assert_eq!(fast.files.len(), 1);
+        assert_eq!(
+            read_list_rows(&store, &fast.files[0].path).await,
+            read_list_rows(&store, &full.files[0].path).await
+        );
+        let rows = read_list_rows(&store, &fast.files[0].path).await;
+        assert_eq!(rows.len(), 100);
+        assert_eq!(rows[1], r#"[a1, null]|1|[1, null, -1]"#);
+        assert_eq!(rows[2], r#"[x,"y"]|2|null"#);
+        let sa: serde_json::Value = serde_json::from_str(&fast.files[0].stats_json).unwrap();
+        let sb: serde_json::Value = serde_json::from_str(&full.files[0].stats_json).unwrap();
+        assert_eq!(sa, sb);
+        assert!(sa["nullCount"].get("tags").is_none(), "{sa}");
+        assert!(sa["minValues"].get("nums").is_none(), "{sa}");
+        assert_eq!(sa["minValues"]["id"], 0);
+        assert_eq!(sa["maxValues"]["id"], 120);
     }
 
     #[tokio::test]
