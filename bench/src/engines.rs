@@ -1,5 +1,5 @@
 //! The three contenders, each run in its own process (`run-one`) on its own table copy:
-//! a Freshet cycle (embedded coordinator + N workers over loopback gRPC), delta-rs MERGE,
+//! a Freshet cycle (coordinator in the process, N worker processes over loopback gRPC), delta-rs MERGE,
 //! and a full rewrite (read all, apply, write all).
 
 use std::collections::HashMap;
@@ -19,11 +19,10 @@ use freshet_common::table::TableDef;
 use freshet_coordinator::Coordinator;
 use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
-use freshet_worker::Worker;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use crate::data::{self, Changes, Dist, Shape, TABLE};
+use crate::procs::WorkerProcs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -51,10 +50,13 @@ pub struct RunResult {
     pub cycle_ms: f64,
     /// Freshet: durable staging of the batch (ingest acknowledgement).
     pub ingest_ms: f64,
-    /// User + system CPU of the process over the measured section.
+    /// User + system CPU over the measured section (Freshet: coordinator + workers).
     pub cpu_s: f64,
-    /// Peak RSS of the process (before the contents check).
+    /// Peak RSS of the process (before the contents check); for Freshet, the coordinator's.
     pub peak_rss_mib: f64,
+    /// Freshet: the largest peak RSS of a worker process.
+    #[serde(default)]
+    pub worker_peak_rss_mib: f64,
     pub files_rewritten: u64,
     pub files_total: u64,
     pub files_added: u64,
@@ -139,7 +141,7 @@ pub async fn start_cluster(
     shape: &Shape,
     workers: usize,
     interval_ms: u64,
-) -> Result<(Arc<Coordinator>, watch::Sender<bool>)> {
+) -> Result<(Arc<Coordinator>, WorkerProcs)> {
     let mut config = Config::default();
     config.tables = vec![data::table_config(uri, shape)];
     config.cycle.interval_ms = interval_ms;
@@ -147,21 +149,10 @@ pub async fn start_cluster(
     config.catalog.uri = Some(format!("{uri}/_freshet_catalog"));
     config.ingest.max_batch_rows = 10_000_000;
     config.ingest.max_batch_bytes = 1 << 30;
-    let (stop, stop_rx) = watch::channel(false);
-    let mut eps = Vec::new();
-    for i in 0..workers {
-        let (l, addr) = freshet_worker::bind("127.0.0.1:0").await?;
-        // One task at a time per worker: N workers = N-way parallelism.
-        let w = Worker::new(format!("w{i}"), 1, config.storage.options.clone());
-        let mut rx = stop_rx.clone();
-        tokio::spawn(freshet_worker::serve(w, l, 1 << 30, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-        eps.push(format!("http://{addr}"));
-    }
-    config.cycle.workers = eps;
+    let procs = WorkerProcs::spawn(workers)?;
+    config.cycle.workers = procs.endpoints();
     let coordinator = Coordinator::start(config).await?;
-    Ok((coordinator, stop))
+    Ok((coordinator, procs))
 }
 
 pub fn ingest_request(batch: &RecordBatch) -> Result<IngestRequest> {
@@ -182,22 +173,25 @@ async fn run_freshet(
     workers: usize,
     r: &mut RunResult,
 ) -> Result<()> {
-    let (coordinator, stop) = start_cluster(uri, shape, workers, 3_600_000).await?;
+    let (coordinator, procs) = start_cluster(uri, shape, workers, 3_600_000).await?;
     let req = ingest_request(&ch.with_op()?)?;
     let (cpu0, _) = rusage();
+    let wcpu0 = procs.cpu_s();
     let t0 = Instant::now();
     coordinator.ingest(req).await?;
     let t1 = Instant::now();
     let rec = coordinator.trigger(TABLE).await?;
     let t2 = Instant::now();
     let (cpu1, _) = rusage();
+    let wcpu1 = procs.cpu_s();
+    r.worker_peak_rss_mib = procs.peak_rss_kib() as f64 / 1024.0;
     if rec.state != "committed" {
         bail!("cycle {}: {} {}", rec.id, rec.state, rec.error);
     }
     r.wall_ms = (t2 - t0).as_secs_f64() * 1e3;
     r.ingest_ms = (t1 - t0).as_secs_f64() * 1e3;
     r.cycle_ms = (t2 - t1).as_secs_f64() * 1e3;
-    r.cpu_s = cpu1 - cpu0;
+    r.cpu_s = (cpu1 - cpu0) + (wcpu1 - wcpu0);
     r.files_rewritten = rec.files_rewritten;
     r.files_total = rec.files_total;
     r.files_added = rec.files_added;
@@ -210,7 +204,7 @@ async fn run_freshet(
         .collect();
     r.notes = format!("cycle {} ms: {}", rec.duration_ms, phases.join(", "));
     coordinator.shutdown();
-    let _ = stop.send(true);
+    drop(procs);
     Ok(())
 }
 

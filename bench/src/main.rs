@@ -3,6 +3,7 @@
 
 mod data;
 mod engines;
+mod procs;
 mod report;
 mod sustained;
 
@@ -109,6 +110,12 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
+    /// Serve one worker until killed, after printing `listening <endpoint>` (used by runs).
+    #[command(hide = true)]
+    ServeWorker {
+        #[arg(long)]
+        id: String,
+    },
     /// A tiny end-to-end run (seconds, debug build): the three contenders must agree.
     Smoke {
         /// Where the tiny tables go (default: <temp dir>/freshet-bench-smoke).
@@ -166,6 +173,10 @@ fn compare(
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::ServeWorker { id } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(procs::serve_worker(id))?;
+        }
         Cmd::Gen { table } => {
             let rt = tokio::runtime::Runtime::new()?;
             let dir = rt.block_on(data::ensure_base(&table.data, &table.shape(), true))?;

@@ -41,7 +41,7 @@ pub fn compare_markdown(results: &[RunResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rows | layout | changes | dist | engine | wall s | vs MERGE | cycle s | CPU s | vs MERGE | files rewritten | MB read | MB written | write amp. | peak RSS MiB | same contents |"
+        "| rows | layout | changes | dist | engine | wall s | vs MERGE | cycle s | CPU s | vs MERGE | files rewritten | MB read | MB written | write amp. | peak RSS MiB (Freshet: coordinator / worker) | same contents |"
     );
     let _ = writeln!(
         s,
@@ -67,7 +67,7 @@ pub fn compare_markdown(results: &[RunResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.1} | {} | {}/{} | {} | {} | {:.1} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.1} | {} | {}/{} | {} | {} | {:.1} | {} | {} |",
             r.rows,
             if r.partitioned { "partitioned" } else { "flat" },
             r.changes,
@@ -83,7 +83,11 @@ pub fn compare_markdown(results: &[RunResult]) -> String {
             mb(r.bytes_read),
             mb(r.bytes_written),
             r.write_amplification,
-            r.peak_rss_mib,
+            if r.engine == "freshet" {
+                format!("{:.0} / {:.0}", r.peak_rss_mib, r.worker_peak_rss_mib)
+            } else {
+                format!("{:.0}", r.peak_rss_mib)
+            },
             match same {
                 Some(true) => "yes",
                 Some(false) => "NO",
@@ -98,12 +102,12 @@ pub fn sustained_markdown(r: &Sustained) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate/s | seconds | workers | batches | cycles | freshness p50 / p90 / p99 / max ms | cycle p50 / p90 / max ms | drain after stop ms | keeps up | peak RSS MiB |"
+        "| rate/s | seconds | workers | batches | cycles | freshness p50 / p90 / p99 / max ms | cycle p50 / p90 / max ms | drain after stop ms | keeps up | peak RSS MiB coordinator / worker |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     let _ = writeln!(
         s,
-        "| {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {} | {:.0} |",
+        "| {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {} | {:.0} / {:.0} |",
         r.rate,
         r.seconds,
         r.workers,
@@ -119,6 +123,7 @@ pub fn sustained_markdown(r: &Sustained) -> String {
         r.drain_ms,
         if r.keeps_up { "yes" } else { "no" },
         r.peak_rss_mib,
+        r.worker_peak_rss_mib,
     );
     s
 }

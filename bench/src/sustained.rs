@@ -49,6 +49,9 @@ pub struct Sustained {
     pub unapplied_at_end: usize,
     pub keeps_up: bool,
     pub peak_rss_mib: f64,
+    /// The largest peak RSS of a worker process.
+    #[serde(default)]
+    pub worker_peak_rss_mib: f64,
     pub machine: serde_json::Value,
 }
 
@@ -76,7 +79,7 @@ pub async fn run(
     data::copy_table(&base, &dir)?;
     let uri = dir.display().to_string();
     let def = data::table_def(&uri, shape)?;
-    let (coordinator, stop) = engines::start_cluster(&uri, shape, workers, interval_ms).await?;
+    let (coordinator, procs) = engines::start_cluster(&uri, shape, workers, interval_ms).await?;
     let mut cycles_rx = coordinator.subscribe();
     let start = Instant::now();
 
@@ -178,7 +181,8 @@ pub async fn run(
         .map(|d| last_visible_at.saturating_duration_since(d).as_secs_f64() * 1e3)
         .unwrap_or(0.0);
     coordinator.shutdown();
-    let _ = stop.send(true);
+    let worker_rss = procs.peak_rss_kib();
+    drop(procs);
     let (_, rss) = engines::rusage();
 
     let freshness: Vec<(f64, f64)> = acked
@@ -228,6 +232,7 @@ pub async fn run(
         unapplied_at_end: unapplied,
         keeps_up,
         peak_rss_mib: rss as f64 / 1024.0,
+        worker_peak_rss_mib: worker_rss as f64 / 1024.0,
         machine: crate::report::machine(),
     })
 }

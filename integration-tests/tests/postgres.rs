@@ -868,8 +868,7 @@ async fn source_info(c: &Cluster) -> Vec<freshet_proto::admin::v1::SourceInfo> {
 }
 
 // Newlines and tabs in values are translated so each row stays on one psql line.
-const KV_PG: &str =
-    "SELECT id, coalesce(translate(v, '\n\t', '~^'), 'NULL') || ',' || n::text FROM {t} ORDER BY id";
+const KV_PG: &str = "SELECT id, coalesce(translate(v, '\n\t', '~^'), 'NULL') || ',' || n::text FROM {t} ORDER BY id";
 const KV_DELTA: &str = "SELECT id, coalesce(translate(v, '\n\t', '~^'), 'NULL') || ',' || CAST(n AS VARCHAR) FROM t ORDER BY id";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -902,7 +901,9 @@ async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survive
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("nokey"), "{}", e.message());
     let e = admin
-        .add_source(add(definition(&pg, dir.path(), &["a"]).replace("slot =", "slott =")))
+        .add_source(add(
+            definition(&pg, dir.path(), &["a"]).replace("slot =", "slott =")
+        ))
         .await
         .unwrap_err();
     assert!(e.message().contains("slott"), "{}", e.message());
@@ -922,7 +923,11 @@ async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survive
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let added: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(added[0]["origin"], "catalog", "{text}");
     assert_eq!(added[0]["tables"], serde_json::json!(["a"]), "{text}");
@@ -985,7 +990,10 @@ async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survive
     converges(&pg, &a_pg, &a_uri, KV_DELTA, "a after a restart").await;
     let info = source_info(&c).await;
     assert_eq!(info[0].origin, "catalog", "{info:?}");
-    assert_eq!(info[0].snapshot_rows, 0, "nothing is copied again: {info:?}");
+    assert_eq!(
+        info[0].snapshot_rows, 0,
+        "nothing is copied again: {info:?}"
+    );
     c.stop();
 }
 
@@ -1047,14 +1055,25 @@ async fn idle_tables_do_not_hold_wal_and_a_failing_source_retries_until_it_works
         assert!(Instant::now() < end, "{:?}", later.status());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(later.status().error.contains("later"), "{:?}", later.status());
+    assert!(
+        later.status().error.contains("later"),
+        "{:?}",
+        later.status()
+    );
     pg.psql(
         "CREATE TABLE later (id bigint PRIMARY KEY, v text, n int);
          INSERT INTO later SELECT g, 'l', g FROM generate_series(1, 100) g;",
     );
     let later_pg = KV_PG.replace("{t}", "later");
     let later_uri = dir.path().join("later").display().to_string();
-    converges(&pg, &later_pg, &later_uri, KV_DELTA, "a source that retried").await;
+    converges(
+        &pg,
+        &later_pg,
+        &later_uri,
+        KV_DELTA,
+        "a source that retried",
+    )
+    .await;
     let s = later.status();
     assert!(s.retries >= 1 && s.error.is_empty(), "{s:?}");
     later.stop();
