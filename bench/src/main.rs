@@ -107,6 +107,9 @@ enum Cmd {
         /// Cycle interval in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+        /// Key distribution of the changes.
+        #[arg(long, default_value = "uniform")]
+        dist: Dist,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -233,6 +236,7 @@ fn main() -> Result<()> {
             seconds,
             workers,
             interval_ms,
+            dist,
             out,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
@@ -245,8 +249,13 @@ fn main() -> Result<()> {
                     seconds,
                     workers,
                     interval_ms,
+                    dist,
                 ))?;
-                let stem = format!("sustained-{}-{r}", table.shape().name());
+                let stem = format!(
+                    "sustained-{}-{r}-{}",
+                    table.shape().name(),
+                    format!("{dist:?}").to_lowercase()
+                );
                 std::fs::write(
                     out.join(format!("{stem}.json")),
                     serde_json::to_string_pretty(&res)?,

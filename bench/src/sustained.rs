@@ -70,8 +70,8 @@ pub async fn run(
     seconds: u64,
     workers: usize,
     interval_ms: u64,
+    dist: Dist,
 ) -> Result<Sustained> {
-    let dist = Dist::Uniform;
     let base = data::ensure_base(root, shape, true).await?;
     let dir = root
         .join("runs")
