@@ -298,6 +298,27 @@ fn main() -> Result<()> {
             }
             println!("{}", report::compare_markdown(&all));
             println!("smoke: {} runs, all contenders agree", all.len());
+            // A few seconds of sustained load: every acknowledged batch becomes visible.
+            let rt = tokio::runtime::Runtime::new()?;
+            let s = rt.block_on(sustained::run(
+                &data,
+                &table.shape(),
+                400,
+                3,
+                2,
+                300,
+                Dist::Recent,
+            ))?;
+            println!("{}", report::sustained_markdown(&s));
+            if s.unapplied_at_end > 0 || s.batches == 0 {
+                bail!(
+                    "smoke: sustained run left {} of {} batches unapplied",
+                    s.unapplied_at_end,
+                    s.batches
+                );
+            }
+            report::sustained_svg(&s);
+            println!("smoke: sustained run applied all {} batches", s.batches);
         }
     }
     Ok(())
