@@ -1058,15 +1058,22 @@ async fn stream(
             }
             server_before = Some(server);
         }
-        let ev = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => {
-                repl.stop();
-                return Ok(());
+        let ev = if repl.is_running() {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => {
+                    repl.stop();
+                    return Ok(());
+                }
+                ev = repl.recv() => ev,
+                _ = tokio::time::sleep_until(next_tick) => continue,
             }
-            ev = repl.recv() => ev.map_err(SourceError::repl("streaming"))?,
-            _ = tokio::time::sleep_until(next_tick) => continue,
+        } else {
+            // The session ended: what it buffered, then its outcome (not raced with the
+            // timer, so the worker's error is reported rather than lost mid-join).
+            repl.recv().await
         };
+        let ev = ev.map_err(SourceError::repl("streaming"))?;
         let Some(ev) = ev else {
             if *stop.borrow() {
                 return Ok(());
