@@ -25,7 +25,9 @@ pub struct SourceConfig {
     pub publication: String,
     /// The logical replication slot (created when missing).
     pub slot: String,
-    /// Milliseconds between polls of the slot.
+    /// Milliseconds between standby status updates on the replication stream (the slot's
+    /// confirmed position is reported to PostgreSQL at most this often) and between
+    /// refreshes of the source's status (lag). The name is from when the slot was polled.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
     /// Milliseconds between heartbeats: while the mirrored tables are idle, the slot is

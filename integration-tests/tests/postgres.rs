@@ -266,6 +266,24 @@ async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
         })
         .collect();
     assert_eq!(truncates.len(), 1, "one truncate commit");
+
+    // A lost replication connection is an error: the source retries and streams on from
+    // the slot's confirmed position, nothing lost or doubled.
+    let retries = src.status().retries;
+    pg.psql(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'freshet_slot' AND active_pid IS NOT NULL",
+    );
+    pg.psql("INSERT INTO orders VALUES (9001, 'us', 3.25, 'after a lost connection', 4); UPDATE orders SET qty = 5 WHERE id = 9000;");
+    let end = Instant::now() + Duration::from_secs(30);
+    // The error shows, then the retry streams again.
+    while src.status().retries == retries || src.status().state != "streaming" {
+        assert!(Instant::now() < end, "no retry: {:?}", src.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    caught_up(&pg, &c, &src, &["orders"]).await;
+    let rows = delta_rows(&uri, ORDERS_DELTA).await;
+    assert_eq!(rows, pg_rows(&pg, ORDERS_PG));
+    assert_eq!(rows.len(), 2);
     src.stop();
     c.stop();
 }

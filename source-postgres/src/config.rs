@@ -10,6 +10,79 @@ pub fn pg_config(source: &SourceConfig) -> Result<tokio_postgres::Config> {
     source.pg_config_inner()
 }
 
+/// The replication connection's settings (`START_REPLICATION ... LOGICAL`, pgoutput), from
+/// the same connection string and password as [`pg_config`]: the first host (or
+/// `hostaddr`) and port, the user (default: `$USER`), the database (default: the user).
+/// No TLS, like the tokio-postgres connections (`NoTls`). The walsender formats the text
+/// values pgoutput sends with its session settings, so they are pinned to what the
+/// snapshot's connection uses (UTC, ISO dates, exact floats).
+pub fn replication_config(
+    source: &SourceConfig,
+    start_lsn: u64,
+) -> Result<pgwire_replication::ReplicationConfig> {
+    use tokio_postgres::config::Host;
+    let pg = pg_config(source)?;
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = match pg.get_user() {
+        Some(u) => u.to_string(),
+        None => std::env::var("USER").map_err(|_| {
+            SourceError::Config(format!(
+                "source '{}': the connection string needs user=",
+                source.name
+            ))
+        })?,
+    };
+    let dbname = pg.get_dbname().unwrap_or(&user).to_string();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let publication = source.publication.as_str();
+    let slot = source.slot.as_str();
+    let mut c = match (pg.get_hostaddrs().first(), pg.get_hosts().first()) {
+        (Some(addr), _) => pgwire_replication::ReplicationConfig::new(
+            addr.to_string(),
+            user,
+            password,
+            dbname,
+            slot,
+            publication,
+        ),
+        (None, Some(Host::Tcp(h))) => pgwire_replication::ReplicationConfig::new(
+            h.clone(),
+            user,
+            password,
+            dbname,
+            slot,
+            publication,
+        ),
+        #[cfg(unix)]
+        (None, Some(Host::Unix(dir))) => pgwire_replication::ReplicationConfig::unix(
+            dir.display().to_string(),
+            port,
+            user,
+            password,
+            dbname,
+            slot,
+            publication,
+        ),
+        (None, None) => {
+            return Err(SourceError::Config(format!(
+                "source '{}': the connection string needs host=",
+                source.name
+            )));
+        }
+    };
+    c.port = port;
+    c.tls = pgwire_replication::TlsConfig::disabled();
+    c.start_lsn = pgwire_replication::Lsn(start_lsn);
+    c.status_interval = std::time::Duration::from_millis(source.poll_ms.max(10));
+    c.idle_wakeup_interval = std::time::Duration::from_secs(10);
+    c.application_name = Some(format!("freshet-{}", source.name));
+    c.options = Some("-c TimeZone=UTC -c extra_float_digits=3 -c DateStyle=ISO,YMD".into());
+    Ok(c)
+}
+
 trait PgConfig {
     fn pg_config_inner(&self) -> Result<tokio_postgres::Config>;
 }
@@ -109,5 +182,50 @@ mod tests {
         c.slot = "bad-slot;".into();
         assert!(pg_config(&c).unwrap_err().to_string().contains("slot"));
         assert_eq!(c.tables[0].qualified(), ("public".into(), "t".into()));
+    }
+
+    #[test]
+    fn the_replication_connection_follows_the_connection_string() {
+        let mut c = SourceConfig {
+            name: "pg".into(),
+            kind: "postgres".into(),
+            connection: "host=db.example port=5433 user=u dbname=d".into(),
+            password_env: None,
+            password_file: None,
+            publication: "pub".into(),
+            slot: "slot".into(),
+            poll_ms: 250,
+            snapshot_batch_rows: 10,
+            heartbeat_ms: 10_000,
+            tables: vec![SourceTable {
+                source: "public.t".into(),
+                name: "t".into(),
+                uri: "/tmp/t".into(),
+                partition_by: vec![],
+                target_file_size: None,
+            }],
+        };
+        let r = replication_config(&c, 0x16_B374_D848).unwrap();
+        assert_eq!(
+            (
+                r.host.as_str(),
+                r.port,
+                r.user.as_str(),
+                r.database.as_str()
+            ),
+            ("db.example", 5433, "u", "d")
+        );
+        assert_eq!(
+            (r.slot.as_str(), r.publication.to_string()),
+            ("slot", "pub".to_string())
+        );
+        assert_eq!(r.start_lsn.as_u64(), 0x16_B374_D848);
+        assert_eq!(r.status_interval, std::time::Duration::from_millis(250));
+        assert_eq!(r.tls.mode, pgwire_replication::SslMode::Disable);
+        assert!(r.options.as_deref().unwrap().contains("TimeZone=UTC"));
+        c.connection = "host=/var/run/postgresql port=5999 user=u".into();
+        let r = replication_config(&c, 0).unwrap();
+        assert!(r.is_unix_socket());
+        assert_eq!((r.port, r.database.as_str()), (5999, "u"));
     }
 }

@@ -19,6 +19,13 @@ pub enum SourceError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The replication connection failed or ended.
+    #[error("replication connection ({context}): {source}")]
+    Replication {
+        context: String,
+        #[source]
+        source: pgwire_replication::PgWireError,
+    },
     /// A replication message could not be decoded.
     #[error("replication protocol: {0}")]
     Protocol(String),
@@ -39,5 +46,13 @@ impl SourceError {
     pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
         let context = context.into();
         move |source| SourceError::Postgres { context, source }
+    }
+
+    /// Wraps a replication connection error with what was being done.
+    pub fn repl(
+        context: impl Into<String>,
+    ) -> impl FnOnce(pgwire_replication::PgWireError) -> SourceError {
+        let context = context.into();
+        move |source| SourceError::Replication { context, source }
     }
 }

@@ -1,7 +1,7 @@
 //! The PostgreSQL CDC source: a consistent snapshot of each table, then logical
-//! replication (`pgoutput`, read from the slot with `pg_logical_slot_peek_binary_changes`
-//! and confirmed with `pg_replication_slot_advance` only after staging), staged into
-//! Freshet exactly once under sequences derived from commit LSNs.
+//! replication (`pgoutput` over the replication protocol, `START_REPLICATION ... LOGICAL`,
+//! with the slot's flush position reported only after staging), staged into Freshet
+//! exactly once under sequences derived from commit LSNs.
 
 pub mod array;
 pub mod config;

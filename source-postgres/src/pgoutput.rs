@@ -1,5 +1,5 @@
 //! A decoder of PostgreSQL's `pgoutput` logical-replication messages (protocol version 1),
-//! as returned by `pg_logical_slot_peek_binary_changes`. Values arrive in text form.
+//! as carried by the replication stream's XLogData messages. Values arrive in text form.
 
 use crate::error::{Result, SourceError};
 

@@ -1,7 +1,8 @@
 //! The source itself: set up the publication and slot, take the initial snapshot of every
-//! table, then poll the slot (`pg_logical_slot_peek_binary_changes`, pgoutput) and stage
-//! each committed transaction into Freshet under a sequence derived from its commit LSN,
-//! advancing the slot only past what is durably staged.
+//! table, then stream the slot over PostgreSQL's logical replication protocol
+//! (`START_REPLICATION ... LOGICAL`, pgoutput, through `pgwire-replication`) and stage each
+//! committed transaction into Freshet under a sequence derived from its commit LSN,
+//! reporting the slot's flush position only past what is durably staged (see [`stream`]).
 //!
 //! Sequences: `commit_lsn << 16 | n`, where `n` orders the pieces of one transaction for one
 //! table (rows, a TRUNCATE, more rows). The snapshot of a slot created at `L0` is staged at
@@ -27,6 +28,9 @@ use freshet_coordinator::Coordinator;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
+use pgwire_replication::{
+    FeedbackObserver, Lsn, ReplicationClient, ReplicationEvent, ReplicationMetrics,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
@@ -48,11 +52,13 @@ pub struct SourceStatus {
     pub confirmed_lsn: u64,
     /// WAL bytes between the server's current position and the confirmed one.
     pub lag_bytes: u64,
-    /// The server position up to which the last complete poll read (everything committed
-    /// before it is staged).
+    /// The server position up to which everything committed is staged: the end of the
+    /// last staged commit, or the WAL position of the last server keepalive received
+    /// between transactions (the walsender had decoded everything before it).
     pub polled_lsn: u64,
-    /// Milliseconds the source is behind: the age of the newest source commit read while
-    /// a backlog remains; 0 when caught up.
+    /// Milliseconds the source is behind: the age of the newest source commit read (or of
+    /// the last moment it was caught up, if newer) while a backlog remains; 0 when caught
+    /// up (everything the server had flushed one status interval earlier is staged).
     pub lag_ms: u64,
     /// Rows copied by the snapshot so far.
     pub snapshot_rows: u64,
@@ -79,7 +85,7 @@ impl PostgresSource {
         self.status.lock().expect("lock").clone()
     }
 
-    /// Stops polling.
+    /// Stops streaming.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
     }
@@ -924,6 +930,23 @@ impl Event {
     }
 }
 
+/// Streams the slot over the replication protocol (`START_REPLICATION ... LOGICAL` from the
+/// slot's confirmed position, pgoutput `proto_version 1` for the configured publication)
+/// and stages each transaction at its commit, in commit order.
+///
+/// The position reported to PostgreSQL (standby status update, which moves the slot's
+/// `confirmed_flush_lsn`) only ever advances to
+/// - the end of a commit record, once that transaction (and so every one before it: they
+///   are handled in order) is durably staged, i.e. after `apply` returned; or
+/// - the WAL position of a server keepalive received outside a transaction (the heartbeat,
+///   at most every `heartbeat_ms`). A logical walsender sends as `wal_end` the end of the
+///   last record it decoded (`sentPtr`), after the output of every transaction committed
+///   before it: all of those were received, and staged, before the keepalive is handled.
+///   A transaction sent after it commits at or after that position, so PostgreSQL (which
+///   skips only commits before the confirmed position) replays it after a restart.
+///
+/// Never a position inside a transaction. The stream's connection failing is an error: the
+/// supervisor retries, and streaming resumes from the slot's confirmed position.
 async fn stream(
     config: &SourceConfig,
     coordinator: &Arc<Coordinator>,
@@ -939,6 +962,9 @@ async fn stream(
         .map(|(i, m)| (m.pg.qualified.clone(), i))
         .collect();
     let mut relations: HashMap<u32, usize> = HashMap::new();
+    if !slot_free(client, config, stop).await? {
+        return Ok(());
+    }
     let start: Option<String> = client
         .query_one(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -947,54 +973,124 @@ async fn stream(
         .await
         .map_err(SourceError::pg("reading the slot"))?
         .get(0);
-    status.lock().expect("lock").confirmed_lsn =
-        start.and_then(|x| parse_lsn(&x).ok()).unwrap_or(0);
-    let mut boundary: Option<u64> = None;
-    let mut last_heartbeat = Instant::now();
-    loop {
-        if *stop.borrow() {
-            return Ok(());
+    let start = start.and_then(|x| parse_lsn(&x).ok()).unwrap_or(0);
+    {
+        // Everything committed before the confirmed position is staged.
+        let mut s = status.lock().expect("lock");
+        s.confirmed_lsn = start;
+        s.polled_lsn = s.polled_lsn.max(start);
+    }
+    // The status shows what was reported to PostgreSQL, as soon as it is written.
+    let metrics: Arc<std::sync::OnceLock<Arc<ReplicationMetrics>>> = Arc::default();
+    let observer = {
+        let metrics = metrics.clone();
+        let status = status.clone();
+        FeedbackObserver::new(move |_| {
+            if let Some(m) = metrics.get() {
+                let sent = m.last_applied_lsn().as_u64();
+                let mut s = status.lock().expect("lock");
+                s.confirmed_lsn = s.confirmed_lsn.max(sent);
+            }
+        })
+    };
+    let mut repl_config = crate::config::replication_config(config, start)?;
+    repl_config.feedback_observer = Some(observer);
+    let mut repl = ReplicationClient::connect(repl_config)
+        .await
+        .map_err(SourceError::repl("connecting"))?;
+    let _ = metrics.set(repl.metrics());
+    tokio::select! {
+        r = repl.wait_started() => r.map_err(SourceError::repl("starting replication"))?,
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    }
+    tracing::info!(source = %config.name, slot = %config.slot, from = %format_lsn(start), "streaming");
+
+    // The highest position handed to the client for reporting.
+    let mut reported = start;
+    let confirm = |repl: &ReplicationClient, reported: &mut u64, lsn: u64| {
+        if lsn > *reported {
+            repl.update_applied_lsn(Lsn(lsn));
+            *reported = lsn;
         }
-        // Read up to the server's flushed position as of now; when everything up to it was
-        // returned (fewer rows than the limit), the slot can be confirmed up to it even if
-        // the tail held no change for this publication.
-        let pos = client
-            .query_one(
-                "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text",
-                &[],
-            )
-            .await
-            .map_err(SourceError::pg("reading the server position"))?;
-        let upto = parse_lsn(pos.get(0))?;
-        let insert_now = parse_lsn(pos.get(1))?;
-        const LIMIT: i32 = 20_000;
-        let rows = client
-            .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
-                 'proto_version', '1', 'publication_names', $4)",
-                &[&config.slot, &format_lsn(upto), &LIMIT, &config.publication],
-            )
-            .await
-            .map_err(SourceError::pg("reading the slot"))?;
-        let drained = rows.len() < LIMIT as usize;
-        tracing::debug!(upto = %format_lsn(upto), rows = rows.len(), "slot polled");
-        let mut events: Vec<Event> = Vec::new();
-        let mut xid = 0u32;
-        let mut commit_ts = 0i64;
-        let mut last_end = None;
-        let mut last_commit_ms = None;
-        for r in &rows {
-            let data: &[u8] = r.get(0);
-            match decode(data)? {
-                Message::Begin {
-                    xid: x,
-                    commit_ts: ts,
-                    ..
-                } => {
-                    xid = x;
-                    commit_ts = ts;
-                    events.clear();
+    };
+    // The transaction being received: xid.
+    let mut open: Option<u32> = None;
+    let mut events: Vec<Event> = Vec::new();
+    // The newest keepalive position received outside a transaction (safe to confirm).
+    let mut heartbeat_at = start;
+    let mut last_heartbeat = Instant::now();
+    // Lag: the server's flushed position at the previous status refresh, the newest
+    // source commit read, and when everything was last read.
+    let mut server_before: Option<u64> = None;
+    let mut last_commit_ms: Option<i64> = None;
+    let mut caught_up_ms = now_ms();
+    let every = Duration::from_millis(config.poll_ms.max(10));
+    let mut next_tick = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= next_tick {
+            next_tick = tokio::time::Instant::now() + every;
+            // Heartbeat: while the mirrored tables are idle, move the slot past the
+            // server's other WAL so PostgreSQL can recycle it.
+            if heartbeat_at > reported
+                && last_heartbeat.elapsed() >= Duration::from_millis(config.heartbeat_ms)
+            {
+                confirm(&repl, &mut reported, heartbeat_at);
+                last_heartbeat = Instant::now();
+            }
+            let server: String = client
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .await
+                .map_err(SourceError::pg("reading the server position"))?
+                .get(0);
+            let server = parse_lsn(&server)?;
+            let sent = repl.metrics().last_applied_lsn().as_u64();
+            let mut s = status.lock().expect("lock");
+            s.confirmed_lsn = s.confirmed_lsn.max(sent);
+            // Caught up: everything the server had flushed at the previous refresh (one
+            // interval ago) was read and staged.
+            if let Some(before) = server_before {
+                if s.polled_lsn >= before {
+                    s.lag_bytes = 0;
+                    s.lag_ms = 0;
+                    caught_up_ms = now_ms();
+                } else {
+                    s.lag_bytes = server.saturating_sub(s.confirmed_lsn);
+                    let newest = last_commit_ms.unwrap_or(0).max(caught_up_ms);
+                    s.lag_ms = (now_ms() - newest).max(0) as u64;
                 }
+            }
+            server_before = Some(server);
+        }
+        let ev = if repl.is_running() {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => {
+                    repl.stop();
+                    return Ok(());
+                }
+                ev = repl.recv() => ev,
+                _ = tokio::time::sleep_until(next_tick) => continue,
+            }
+        } else {
+            // The session ended: what it buffered, then its outcome (not raced with the
+            // timer, so the worker's error is reported rather than lost mid-join).
+            repl.recv().await
+        };
+        let ev = ev.map_err(SourceError::repl("streaming"))?;
+        let Some(ev) = ev else {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            return Err(SourceError::Protocol(
+                "the server ended the replication stream".into(),
+            ));
+        };
+        match ev {
+            ReplicationEvent::Begin { xid, .. } => {
+                open = Some(xid);
+                events.clear();
+            }
+            ReplicationEvent::XLogData { data, .. } => match decode(&data)? {
                 Message::Relation {
                     oid,
                     namespace,
@@ -1068,83 +1164,83 @@ async fn stream(
                         }
                     }
                 }
-                Message::Commit {
-                    commit_lsn,
-                    end_lsn,
-                    ..
-                } => {
-                    // Each table skips what its own snapshot already holds.
-                    let todo: Vec<Event> = std::mem::take(&mut events)
-                        .into_iter()
-                        .filter(|e| !markers[e.table()].sees(xid))
-                        .collect();
-                    // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
-                    let origin_ms = commit_ts / 1000 + 946_684_800_000;
-                    if !todo.is_empty() {
-                        apply(coordinator, mirrors, todo, commit_lsn, Some(origin_ms)).await?;
-                        status.lock().expect("lock").transactions += 1;
-                    }
-                    last_commit_ms = Some(origin_ms);
-                    last_end = Some(end_lsn);
+                // Begin and Commit arrive as their own events; the rest is not needed.
+                Message::Begin { .. } | Message::Commit { .. } | Message::Other(_) => {}
+            },
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                let Some(xid) = open.take() else {
+                    return Err(SourceError::Protocol(format!(
+                        "a commit at {} without its begin",
+                        format_lsn(lsn.as_u64())
+                    )));
+                };
+                // Each table skips what its own snapshot already holds.
+                let todo: Vec<Event> = std::mem::take(&mut events)
+                    .into_iter()
+                    .filter(|e| !markers[e.table()].sees(xid))
+                    .collect();
+                // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
+                let origin_ms = commit_time_micros / 1000 + 946_684_800_000;
+                if !todo.is_empty() {
+                    apply(coordinator, mirrors, todo, lsn.as_u64(), Some(origin_ms)).await?;
+                    status.lock().expect("lock").transactions += 1;
                 }
-                Message::Other(_) => {}
+                last_commit_ms = Some(origin_ms);
+                // Only now, with the transaction durably staged, and only to the end of its
+                // commit record.
+                let end = end_lsn.as_u64();
+                confirm(&repl, &mut reported, end);
+                heartbeat_at = heartbeat_at.max(end);
+                let mut s = status.lock().expect("lock");
+                s.polled_lsn = s.polled_lsn.max(end);
             }
-        }
-        // Only now, with every transaction up to it durably staged, and only to the end of a
-        // commit record: a position inside one would make PostgreSQL skip that transaction.
-        let confirmed = status.lock().expect("lock").confirmed_lsn;
-        let mut target = last_end.filter(|t| *t > confirmed);
-        // Heartbeat: while the mirrored tables are idle, the last staged commit can lie far
-        // behind a busy server's WAL, which PostgreSQL keeps for the slot. The insert
-        // position read at an earlier poll is a record boundary; once a complete read (not
-        // cut by the row limit) went past it, every commit before it was decoded and
-        // staged, so the slot can be confirmed up to it.
-        if let Some(b) = boundary {
-            if drained
-                && upto >= b
-                && b > target.unwrap_or(confirmed)
-                && last_heartbeat.elapsed() >= Duration::from_millis(config.heartbeat_ms)
-            {
-                target = Some(b);
-                last_heartbeat = Instant::now();
-                boundary = None;
+            // Inside a transaction a keepalive's position may precede its commit: not used.
+            ReplicationEvent::KeepAlive { wal_end, .. } if open.is_none() => {
+                let at = wal_end.as_u64();
+                heartbeat_at = heartbeat_at.max(at);
+                let mut s = status.lock().expect("lock");
+                s.polled_lsn = s.polled_lsn.max(at);
             }
+            // Logical decoding messages (pg_logical_emit_message) are not mirrored.
+            // (pgwire-replication always asks for them: `messages 'true'`.)
+            _ => {}
         }
-        if boundary.is_none_or(|b| upto >= b) {
-            boundary = Some(insert_now);
+    }
+}
+
+/// Waits (up to 30 s) until no other connection streams from the slot: after a restart,
+/// the previous session's walsender may still hold it for a moment. `false`: stopped.
+async fn slot_free(
+    client: &Client,
+    config: &SourceConfig,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pid: Option<i32> = client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(SourceError::pg("reading the slot"))?
+            .get(0);
+        let Some(pid) = pid else {
+            return Ok(true);
+        };
+        if Instant::now() >= end {
+            return Err(SourceError::Protocol(format!(
+                "the replication slot '{}' is in use by another connection (PID {pid})",
+                config.slot
+            )));
         }
-        if let Some(target) = target {
-            let at: Option<String> = client
-                .query_one(
-                    "SELECT (pg_replication_slot_advance($1, $2::text::pg_lsn)).end_lsn::text",
-                    &[&config.slot, &format_lsn(target)],
-                )
-                .await
-                .map_err(SourceError::pg("confirming the slot position"))?
-                .get(0);
-            let at = at.and_then(|x| parse_lsn(&x).ok()).unwrap_or(target);
-            status.lock().expect("lock").confirmed_lsn = at;
-        }
-        {
-            // Lag: 0 when everything readable up to this poll's server position was staged.
-            let mut s = status.lock().expect("lock");
-            if drained {
-                s.lag_bytes = 0;
-                s.lag_ms = 0;
-                s.polled_lsn = upto;
-            } else {
-                s.lag_bytes = upto.saturating_sub(s.confirmed_lsn);
-                // Behind: how old the newest source commit read so far is.
-                if let Some(ms) = last_commit_ms {
-                    s.lag_ms = (now_ms() - ms).max(0) as u64;
-                }
-            }
-        }
-        if rows.is_empty() {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(config.poll_ms)) => {}
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-            }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(false),
         }
     }
 }
