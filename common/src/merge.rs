@@ -68,8 +68,6 @@ pub fn apply_changes(
     existing: &[RecordBatch],
     changes: &RecordBatch,
 ) -> Result<(RecordBatch, MergeCounts)> {
-    let existing = concat_batches(file_schema, existing)
-        .map_err(|e| Error::data("concatenating file rows", e))?;
     let ops = changes
         .column_by_name(OP_COLUMN)
         .ok_or_else(|| Error::Internal("changes lack __op".into()))?
@@ -99,8 +97,26 @@ pub fn apply_changes(
             .collect::<Result<_>>()?,
     )
     .map_err(|e| Error::data("row converter", e))?;
-    let old_keys = key_rows(&converter, &existing, local_key)?;
     let new_keys = key_rows(&converter, &change_rows, local_key)?;
+    let old_parts: Vec<Rows> = existing
+        .iter()
+        .map(|b| key_rows(&converter, b, local_key))
+        .collect::<Result<_>>()?;
+    if strictly_sorted(&old_parts) {
+        return merge_sorted(
+            file_schema,
+            existing,
+            &old_parts,
+            &change_rows,
+            &new_keys,
+            &ops,
+        );
+    }
+
+    // Unsorted input (files Freshet did not write): look changes up by key, then sort.
+    let existing = concat_batches(file_schema, existing)
+        .map_err(|e| Error::data("concatenating file rows", e))?;
+    let old_keys = key_rows(&converter, &existing, local_key)?;
 
     let mut changed: HashMap<arrow::row::Row<'_>, (usize, bool)> =
         HashMap::with_capacity(new_keys.num_rows());
@@ -152,6 +168,105 @@ pub fn apply_changes(
     let sorted = take_record_batch(&merged, &UInt32Array::from(order))
         .map_err(|e| Error::data("take", e))?;
     Ok((sorted, counts))
+}
+
+/// Whether the keys, across the batches in order, strictly increase.
+fn strictly_sorted(parts: &[Rows]) -> bool {
+    let mut prev: Option<arrow::row::Row<'_>> = None;
+    for p in parts {
+        for r in p.iter() {
+            if prev.is_some_and(|q| q >= r) {
+                return false;
+            }
+            prev = Some(r);
+        }
+    }
+    true
+}
+
+/// The merge of key-sorted existing rows with the changes: one pass over both in key
+/// order, and every output column gathered once (`interleave`) from the existing batches
+/// and the changes, without concatenating, filtering or sorting copies.
+fn merge_sorted(
+    file_schema: &SchemaRef,
+    existing: &[RecordBatch],
+    old_parts: &[Rows],
+    change_rows: &RecordBatch,
+    new_keys: &Rows,
+    ops: &arrow::array::PrimitiveArray<Int8Type>,
+) -> Result<(RecordBatch, MergeCounts)> {
+    use std::cmp::Ordering;
+    let mut order: Vec<usize> = (0..new_keys.num_rows()).collect();
+    order.sort_by(|a, b| new_keys.row(*a).cmp(&new_keys.row(*b)));
+    let changes_at = existing.len();
+    let mut counts = MergeCounts {
+        rows_read: existing.iter().map(|b| b.num_rows() as u64).sum(),
+        ..Default::default()
+    };
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(counts.rows_read as usize + order.len());
+    let mut old = old_parts
+        .iter()
+        .enumerate()
+        .flat_map(|(b, p)| p.iter().enumerate().map(move |(i, r)| (b, i, r)))
+        .peekable();
+    let mut j = 0;
+    loop {
+        let next_change = order.get(j).map(|c| (*c, new_keys.row(*c)));
+        let ord = match (old.peek(), &next_change) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((_, _, o)), Some((_, n))) => o.cmp(n),
+        };
+        let upsert = |c: usize| ops.value(c) == OP_UPSERT;
+        match ord {
+            Ordering::Less => {
+                let (b, i, _) = old.next().expect("peeked");
+                out.push((b, i));
+            }
+            Ordering::Greater => {
+                let (c, _) = next_change.expect("compared");
+                if upsert(c) {
+                    out.push((changes_at, c));
+                    counts.inserted += 1;
+                }
+                j += 1;
+            }
+            Ordering::Equal => {
+                old.next();
+                let (c, _) = next_change.expect("compared");
+                if upsert(c) {
+                    out.push((changes_at, c));
+                    counts.updated += 1;
+                } else {
+                    counts.deleted += 1;
+                }
+                j += 1;
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = (0..file_schema.fields().len())
+        .map(|k| {
+            let sources: Vec<&dyn Array> = existing
+                .iter()
+                .map(|b| b.column(k).as_ref())
+                .chain(std::iter::once(change_rows.column(k).as_ref()))
+                .collect();
+            arrow::compute::interleave(&sources, &out).map_err(|e| {
+                Error::data(
+                    format!("merging column '{}'", file_schema.field(k).name()),
+                    e,
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    let merged = RecordBatch::try_new_with_options(
+        file_schema.clone(),
+        columns,
+        &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(out.len())),
+    )
+    .map_err(|e| Error::data("upserted rows", e))?;
+    Ok((merged, counts))
 }
 
 /// Splits sorted rows into chunks of about `rows_per_file` rows, never splitting equal keys.
@@ -283,12 +398,40 @@ mod tests {
     proptest! {
         // The kernel equals a BTreeMap model: upserts replace or insert, deletes remove,
         // the output is sorted, and the counts add up.
+        // Both kernels: sorted input split into several batches (the one-pass merge), and
+        // shuffled input (the lookup-and-sort fallback); changes in any order.
         #[test]
         fn merge_equals_model(
             base in proptest::collection::btree_map(0i64..64, "[a-z]{1,3}", 0..40),
             ch in proptest::collection::btree_map(0i64..64, proptest::option::of("[a-z]{1,3}"), 0..40),
+            cuts in proptest::collection::vec(0usize..40, 0..4),
+            shuffle_base in any::<bool>(),
+            seed in any::<u64>(),
         ) {
-            let (out, counts) = apply_changes(&schema(), &["id".to_string()], &[rows(&base)], &changes(&ch)).unwrap();
+            let all = rows(&base);
+            let mut perm: Vec<u32> = (0..all.num_rows() as u32).collect();
+            let mut ch_perm: Vec<u32> = (0..ch.len() as u32).collect();
+            // A deterministic shuffle from the seed.
+            let mut x = seed | 1;
+            let mut shuffle = |v: &mut Vec<u32>| {
+                for i in (1..v.len()).rev() {
+                    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                    v.swap(i, (x % (i as u64 + 1)) as usize);
+                }
+            };
+            if shuffle_base { shuffle(&mut perm); }
+            shuffle(&mut ch_perm);
+            let all = take_record_batch(&all, &UInt32Array::from(perm)).unwrap();
+            let ch_batch = take_record_batch(&changes(&ch), &UInt32Array::from(ch_perm)).unwrap();
+            let mut at: Vec<usize> = cuts.into_iter().map(|c| c.min(all.num_rows())).collect();
+            at.sort();
+            let mut parts = Vec::new();
+            let mut from = 0;
+            for to in at.into_iter().chain([all.num_rows()]) {
+                parts.push(all.slice(from, to - from));
+                from = to;
+            }
+            let (out, counts) = apply_changes(&schema(), &["id".to_string()], &parts, &ch_batch).unwrap();
             let mut model = base.clone();
             let (mut ins, mut upd, mut del) = (0, 0, 0);
             for (k, v) in &ch {
