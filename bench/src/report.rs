@@ -102,7 +102,7 @@ pub fn sustained_markdown(r: &Sustained) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate/s | seconds | workers | batches | cycles | freshness p50 / p90 / p99 / max ms | cycle p50 / p90 / max ms | drain after stop ms | keeps up | peak RSS MiB coordinator / worker |"
+        "| rate/s | seconds | workers | batches | cycles | freshness p50 / p90 / p99 / max ms | cycle p50 / p90 / max ms | drain after stop ms | keeps up | peak RSS MiB: coordinator + load generator / worker |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     let _ = writeln!(
