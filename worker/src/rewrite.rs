@@ -16,9 +16,10 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
+use parquet::basic::{Compression, Encoding};
 use parquet::file::metadata::{KeyValue, SortingColumn};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 /// Rows per Parquet row group.
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
@@ -51,13 +52,32 @@ pub fn writer_props(def: &TableDef) -> WriterProperties {
             nulls_first: false,
         })
         .collect();
-    WriterProperties::builder()
+    let mut b = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(row_group_rows()))
         .set_statistics_truncate_length(None)
         .set_sorting_columns(Some(sorting))
-        .build()
+        // Dictionary encoding is most of the cost of writing a file (every value hashed and
+        // interned); a small dictionary page limit lets high-cardinality columns fall back
+        // to plain early while low-cardinality ones keep their dictionaries.
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT);
+    // Key columns are unique and, in Freshet's files, sorted: a dictionary never pays off,
+    // and integer keys delta-encode to a few bits per row.
+    for k in def.local_key() {
+        let path = ColumnPath::from(k.as_str());
+        b = b.set_column_dictionary_enabled(path.clone(), false);
+        if schema
+            .field_with_name(&k)
+            .is_ok_and(|f| f.data_type().is_integer())
+        {
+            b = b.set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+        }
+    }
+    b.build()
 }
+
+/// Dictionary page size at which a column chunk falls back to plain encoding.
+const DICTIONARY_PAGE_LIMIT: usize = 64 * 1024;
 
 /// Parquet leaf columns an Arrow type is stored in (a list of scalars: one).
 pub fn leaf_count(t: &arrow::datatypes::DataType) -> usize {
@@ -131,7 +151,7 @@ async fn read_file(
 }
 
 fn encode_parquet(def: &TableDef, batch: &RecordBatch) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
+    let mut buf = Vec::with_capacity(def.target_file_size as usize + (1 << 20));
     let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(writer_props(def)))
         .map_err(|e| Error::data("parquet writer", e))?;
     w.write(batch)

@@ -332,10 +332,11 @@ impl Output<'_> {
     fn file(&mut self) -> Result<&mut OpenFile> {
         if self.open.is_none() {
             let props = writer_props(self.def);
-            let (writer, factory) =
-                ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))
-                    .and_then(|w| w.into_serialized_writer())
-                    .map_err(|e| Error::data("parquet writer", e))?;
+            // Sized for a whole file up front: growing it would copy it again and again.
+            let buf = Vec::with_capacity(self.def.target_file_size as usize + (1 << 20));
+            let (writer, factory) = ArrowWriter::try_new(buf, self.schema.clone(), Some(props))
+                .and_then(|w| w.into_serialized_writer())
+                .map_err(|e| Error::data("parquet writer", e))?;
             self.open = Some(OpenFile {
                 writer,
                 factory,
