@@ -29,20 +29,30 @@ impl Catalog {
 
     /// Records a table.
     pub async fn save(&self, def: &TableDef) -> Result<()> {
-        let path = Path::from(format!("tables/{}.json", def.name));
-        let body = serde_json::to_vec_pretty(&def.to_config())
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        self.store
-            .put(&path, PutPayload::from(body))
+        self.put_json(&format!("tables/{}.json", def.name), &def.to_config())
             .await
-            .map_err(|e| Error::store(&path, e))?;
-        Ok(())
     }
 
     /// Records a source added at run time (its definition holds no password).
     pub async fn save_source(&self, source: &SourceConfig) -> Result<()> {
-        let path = Path::from(format!("sources/{}.json", source.name));
-        let body = serde_json::to_vec_pretty(source).map_err(|e| Error::Internal(e.to_string()))?;
+        self.put_json(&format!("sources/{}.json", source.name), source)
+            .await
+    }
+
+    /// Every source added at run time.
+    pub async fn load_sources(&self) -> Result<Vec<SourceConfig>> {
+        self.load_json("sources").await
+    }
+
+    /// Every recorded table.
+    pub async fn load(&self) -> Result<Vec<TableDef>> {
+        let configs: Vec<TableConfig> = self.load_json("tables").await?;
+        configs.into_iter().map(|c| c.to_def()).collect()
+    }
+
+    async fn put_json(&self, path: &str, value: &impl serde::Serialize) -> Result<()> {
+        let path = Path::from(path);
+        let body = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
         self.store
             .put(&path, PutPayload::from(body))
             .await
@@ -50,9 +60,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Every source added at run time.
-    pub async fn load_sources(&self) -> Result<Vec<SourceConfig>> {
-        let prefix = Path::from("sources");
+    /// Every entry under `prefix`, parsed; a broken entry is an error naming it.
+    async fn load_json<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
+        let prefix = Path::from(prefix);
         let metas: Vec<_> = self
             .store
             .list(Some(&prefix))
@@ -66,25 +76,6 @@ impl Catalog {
                 serde_json::from_slice(&bytes)
                     .map_err(|e| Error::Config(format!("catalog entry {}: {e}", m.location)))?,
             );
-        }
-        Ok(out)
-    }
-
-    /// Every recorded table.
-    pub async fn load(&self) -> Result<Vec<TableDef>> {
-        let prefix = Path::from("tables");
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::store(&prefix, e))?;
-        let mut out = Vec::new();
-        for m in metas {
-            let bytes = read_existing(&self.store, &m.location).await?;
-            let cfg: TableConfig = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Config(format!("catalog entry {}: {e}", m.location)))?;
-            out.push(cfg.to_def()?);
         }
         Ok(out)
     }
