@@ -87,15 +87,7 @@ pub fn reset_peak_rss() -> bool {
 
 /// This process's peak RSS (KiB) since start or the last [`reset_peak_rss`].
 pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or_else(|| rusage().1)
+    crate::procs::vm_hwm_kib("self").unwrap_or_else(|| rusage().1)
 }
 
 /// Path -> size of the table's current files.

@@ -60,16 +60,20 @@ impl WorkerProcs {
     pub fn peak_rss_kib(&self) -> u64 {
         self.procs
             .iter()
-            .filter_map(|(c, _)| std::fs::read_to_string(format!("/proc/{}/status", c.id())).ok())
-            .filter_map(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
+            .filter_map(|(c, _)| vm_hwm_kib(&c.id().to_string()))
             .max()
             .unwrap_or(0)
     }
+}
+
+/// The peak RSS (VmHWM, KiB) of process `pid` (`self` for this one).
+pub fn vm_hwm_kib(pid: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 impl Drop for WorkerProcs {

@@ -209,6 +209,7 @@ fn merge_sorted(
         .enumerate()
         .flat_map(|(b, p)| p.iter().enumerate().map(move |(i, r)| (b, i, r)))
         .peekable();
+    let upsert = |c: usize| ops.value(c) == OP_UPSERT;
     let mut j = 0;
     loop {
         let next_change = order.get(j).map(|c| (*c, new_keys.row(*c)));
@@ -218,7 +219,6 @@ fn merge_sorted(
             (None, Some(_)) => Ordering::Greater,
             (Some((_, _, o)), Some((_, n))) => o.cmp(n),
         };
-        let upsert = |c: usize| ops.value(c) == OP_UPSERT;
         match ord {
             Ordering::Less => {
                 let (b, i, _) = old.next().expect("peeked");

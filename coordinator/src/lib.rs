@@ -127,10 +127,21 @@ pub enum SourceOrigin {
 }
 
 struct RunningSource {
-    name: String,
-    tables: Vec<String>,
+    def: SourceConfig,
     origin: SourceOrigin,
     source: Arc<dyn Source>,
+}
+
+impl RunningSource {
+    /// Its state, with where its definition comes from.
+    fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
+        let mut info = self.source.info();
+        info.origin = match self.origin {
+            SourceOrigin::Config => "config".into(),
+            SourceOrigin::Catalog => "catalog".into(),
+        };
+        info
+    }
 }
 
 /// Marker object whose presence pauses a table (so pauses survive leader changes).
@@ -385,20 +396,19 @@ impl Coordinator {
         }
         {
             let running = self.inner.sources.lock().expect("lock");
-            for r in running.iter().filter(|r| r.name != def.name) {
+            for r in running.iter().filter(|r| r.def.name != def.name) {
                 for t in &def.tables {
-                    if r.tables.contains(&t.name) {
+                    if r.def.tables.iter().any(|o| o.name == t.name) {
                         return Err(invalid(format!(
                             "table '{}' is already fed by source '{}'",
-                            t.name, r.name
+                            t.name, r.def.name
                         )));
                     }
                 }
-                let info = r.source.info();
-                if info.slot == def.slot {
+                if r.def.slot == def.slot {
                     return Err(invalid(format!(
                         "slot '{}' is already used by source '{}'",
-                        def.slot, r.name
+                        def.slot, r.def.name
                     )));
                 }
             }
@@ -409,7 +419,7 @@ impl Coordinator {
             let mut running = self.inner.sources.lock().expect("lock");
             running
                 .iter()
-                .position(|r| r.name == def.name)
+                .position(|r| r.def.name == def.name)
                 .map(|i| running.remove(i))
         };
         if let Some(old) = old {
@@ -423,28 +433,23 @@ impl Coordinator {
             }
         }
         let source = factory.start(self.clone(), def.clone());
-        let mut info = source.info();
-        info.origin = "catalog".into();
-        self.register_source(def, SourceOrigin::Catalog, source);
-        Ok(info)
+        Ok(self.register_source(def, SourceOrigin::Catalog, source))
     }
 
-    fn register_source(&self, def: SourceConfig, origin: SourceOrigin, source: Arc<dyn Source>) {
-        self.inner
-            .sources
-            .lock()
-            .expect("lock")
-            .push(RunningSource {
-                name: def.name.clone(),
-                tables: def.tables.iter().map(|t| t.name.clone()).collect(),
-                origin,
-                source,
-            });
-    }
-
-    /// Registers a source started by the caller (stopped with the term).
-    pub fn add_source(&self, def: SourceConfig, source: Arc<dyn Source>) {
-        self.register_source(def, SourceOrigin::Config, source);
+    fn register_source(
+        &self,
+        def: SourceConfig,
+        origin: SourceOrigin,
+        source: Arc<dyn Source>,
+    ) -> freshet_proto::admin::v1::SourceInfo {
+        let running = RunningSource {
+            def,
+            origin,
+            source,
+        };
+        let info = running.info();
+        self.inner.sources.lock().expect("lock").push(running);
+        info
     }
 
     /// The running sources.
@@ -454,14 +459,7 @@ impl Coordinator {
             .lock()
             .expect("lock")
             .iter()
-            .map(|r| {
-                let mut info = r.source.info();
-                info.origin = match r.origin {
-                    SourceOrigin::Config => "config".into(),
-                    SourceOrigin::Catalog => "catalog".into(),
-                };
-                info
-            })
+            .map(RunningSource::info)
             .collect()
     }
 

@@ -147,17 +147,17 @@ impl PgConfig for SourceConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn passwords_never_show_and_names_are_checked() {
-        let mut c = SourceConfig {
+    /// A one-table source on `connection`.
+    fn source(connection: &str, poll_ms: u64) -> SourceConfig {
+        SourceConfig {
             name: "pg".into(),
             kind: "postgres".into(),
-            connection: "host=h user=u dbname=d".into(),
-            password_env: Some("FRESHET_TEST_NO_SUCH_VAR".into()),
+            connection: connection.into(),
+            password_env: None,
             password_file: None,
             publication: "pub".into(),
             slot: "slot".into(),
-            poll_ms: 100,
+            poll_ms,
             snapshot_batch_rows: 10,
             heartbeat_ms: 10_000,
             tables: vec![SourceTable {
@@ -167,7 +167,13 @@ mod tests {
                 partition_by: vec![],
                 target_file_size: None,
             }],
-        };
+        }
+    }
+
+    #[test]
+    fn passwords_never_show_and_names_are_checked() {
+        let mut c = source("host=h user=u dbname=d", 100);
+        c.password_env = Some("FRESHET_TEST_NO_SUCH_VAR".into());
         let e = pg_config(&c).unwrap_err().to_string();
         assert!(e.contains("FRESHET_TEST_NO_SUCH_VAR"), "{e}");
         c.connection = "host=h password=hunter2".into();
@@ -186,25 +192,7 @@ mod tests {
 
     #[test]
     fn the_replication_connection_follows_the_connection_string() {
-        let mut c = SourceConfig {
-            name: "pg".into(),
-            kind: "postgres".into(),
-            connection: "host=db.example port=5433 user=u dbname=d".into(),
-            password_env: None,
-            password_file: None,
-            publication: "pub".into(),
-            slot: "slot".into(),
-            poll_ms: 250,
-            snapshot_batch_rows: 10,
-            heartbeat_ms: 10_000,
-            tables: vec![SourceTable {
-                source: "public.t".into(),
-                name: "t".into(),
-                uri: "/tmp/t".into(),
-                partition_by: vec![],
-                target_file_size: None,
-            }],
-        };
+        let mut c = source("host=db.example port=5433 user=u dbname=d", 250);
         let r = replication_config(&c, 0x16_B374_D848).unwrap();
         assert_eq!(
             (

@@ -5,14 +5,14 @@
 //! reporting the slot's flush position only past what is durably staged (see [`stream`]).
 //!
 //! Sequences: `commit_lsn << 16 | n`, where `n` orders the pieces of one transaction for one
-//! table (rows, a TRUNCATE, more rows). The snapshot of a slot created at `L0` is staged at
-//! `L0 << 16 | 1..`, after a truncate at `L0 << 16`, so it sorts before every streamed
-//! transaction (all commit after `L0`). This needs LSNs below 2^47 (128 TiB of WAL).
+//! table (rows, a TRUNCATE, more rows). This needs LSNs below 2^47 (128 TiB of WAL).
 //!
-//! The seam: the slot is created first (consistent point `L0`), then the snapshot is read
-//! in a REPEATABLE READ transaction whose `pg_current_snapshot()` is recorded. A streamed
-//! transaction whose xid that snapshot already sees is skipped; every other one is applied,
-//! so nothing is missed or applied twice.
+//! The seam, per table (see [`snapshot`]): the server's WAL insert position `L` is read,
+//! then the table is copied in a REPEATABLE READ transaction whose `pg_current_snapshot()`
+//! is recorded beside it, and staged at `(L - 1) << 16 | k` after a truncate. A streamed
+//! transaction whose xid that snapshot already sees is skipped for that table; every
+//! other one commits at or after `L`, sorts after the copy and is applied, so nothing is
+//! missed or applied twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -148,21 +148,27 @@ impl freshet_coordinator::SourceFactory for PostgresFactory {
 pub async fn check(config: &SourceConfig) -> Result<()> {
     let client = connect(config).await?;
     for t in &config.tables {
-        let (schema, table) = t.qualified();
-        let pg = describe(&client, &schema, &table).await?;
-        let spec = SchemaSpec {
-            fields: pg.column_specs(),
-        };
-        TableDef::new(
-            &t.name,
-            &t.uri,
-            spec.to_arrow()?,
-            pg.key.clone(),
-            t.partition_by.clone(),
-            t.target_file_size.unwrap_or(DEFAULT_TARGET_FILE_SIZE),
-        )?;
+        describe_table(&client, t).await?;
     }
     Ok(())
+}
+
+/// The PostgreSQL table as it is now, and the Freshet table that mirrors that shape.
+async fn describe_table(client: &Client, t: &SourceTable) -> Result<(PgTable, TableDef)> {
+    let (schema, table) = t.qualified();
+    let pg = describe(client, &schema, &table).await?;
+    let spec = SchemaSpec {
+        fields: pg.column_specs(),
+    };
+    let def = TableDef::new(
+        &t.name,
+        &t.uri,
+        spec.to_arrow()?,
+        pg.key.clone(),
+        t.partition_by.clone(),
+        t.target_file_size.unwrap_or(DEFAULT_TARGET_FILE_SIZE),
+    )?;
+    Ok((pg, def))
 }
 
 /// What is recorded beside a table once its snapshot is staged.
@@ -194,8 +200,8 @@ fn seq(lsn: u64, n: u64) -> u64 {
 struct Mirror {
     cfg: SourceTable,
     pg: PgTable,
+    /// The change schema of the Freshet table: its columns, then the op column.
     schema: SchemaRef,
-    types: Vec<DataType>,
     key_idx: Vec<usize>,
 }
 
@@ -204,8 +210,9 @@ type Row = (i8, Vec<Value>);
 
 impl Mirror {
     fn batch(&self, rows: &[Row]) -> Result<RecordBatch> {
-        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.types.len() + 1);
-        for (i, t) in self.types.iter().enumerate() {
+        let fields = self.schema.fields();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(fields.len());
+        for (i, f) in fields[..fields.len() - 1].iter().enumerate() {
             let vals: Vec<Option<&str>> = rows
                 .iter()
                 .map(|(_, v)| match v.get(i).unwrap_or(&Value::Null) {
@@ -220,7 +227,7 @@ impl Mirror {
                 .collect::<Result<_>>()?;
             cols.push(array_from_text(
                 &vals,
-                t,
+                f.data_type(),
                 &self.pg.qualified,
                 &self.pg.columns[i].name,
             )?);
@@ -342,20 +349,7 @@ async fn prepare(
     let client = connect(config).await?;
     let mut mirrors = Vec::new();
     for t in &config.tables {
-        let (schema, table) = t.qualified();
-        let pg = describe(&client, &schema, &table).await?;
-        let spec = SchemaSpec {
-            fields: pg.column_specs(),
-        };
-        let arrow_schema = spec.to_arrow()?;
-        let def = TableDef::new(
-            &t.name,
-            &t.uri,
-            arrow_schema,
-            pg.key.clone(),
-            t.partition_by.clone(),
-            t.target_file_size.unwrap_or(DEFAULT_TARGET_FILE_SIZE),
-        )?;
+        let (pg, def) = describe_table(&client, t).await?;
         match coordinator.create_table(def.clone()).await {
             Ok(_) | Err(freshet_common::error::Error::TableExists(_)) => {}
             Err(e) => return Err(e.into()),
@@ -364,16 +358,10 @@ async fn prepare(
         let mut m = Mirror {
             cfg: t.clone(),
             schema: change_schema(&current),
-            types: current
-                .schema
-                .fields()
-                .iter()
-                .map(|f| f.data_type().clone())
-                .collect(),
             key_idx: Vec::new(),
             pg,
         };
-        reconcile(&client, coordinator, &mut m, &def).await?;
+        reconcile(&client, coordinator, &mut m, &current, &def).await?;
         m.key_idx =
             m.pg.key
                 .iter()
@@ -398,21 +386,17 @@ async fn reconcile(
     client: &Client,
     coordinator: &Arc<Coordinator>,
     m: &mut Mirror,
+    current: &TableDef,
     wanted: &TableDef,
 ) -> Result<()> {
-    let current = coordinator.table(&m.cfg.name)?.def.clone();
-    let have: Vec<(String, DataType)> = current
-        .schema
-        .fields()
-        .iter()
-        .map(|f| (f.name().clone(), f.data_type().clone()))
-        .collect();
-    let want: Vec<(String, DataType)> = wanted
-        .schema
-        .fields()
-        .iter()
-        .map(|f| (f.name().clone(), f.data_type().clone()))
-        .collect();
+    let columns_of = |d: &TableDef| -> Vec<(String, DataType)> {
+        d.schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect()
+    };
+    let (have, want) = (columns_of(current), columns_of(wanted));
     if have == want && current.primary_key == wanted.primary_key {
         return Ok(());
     }
@@ -481,7 +465,7 @@ async fn ensure_publication(
         .iter()
         .map(|m| {
             let (s, t) = m.cfg.qualified();
-            format!("\"{s}\".\"{t}\"")
+            format!("{}.{}", quote_ident(&s), quote_ident(&t))
         })
         .collect();
     if !exists {
@@ -613,24 +597,21 @@ async fn run(
 /// see (one that began before the `ALTER PUBLICATION` could otherwise have its changes to
 /// the table decoded as unpublished).
 async fn wait_for_older_transactions(client: &Client) -> Result<()> {
-    let horizon: i64 = client
-        .query_one(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
-            &[],
-        )
-        .await
-        .map_err(SourceError::pg("reading the transaction horizon"))?
-        .get(0);
-    let mut waited = 0u64;
-    loop {
-        let xmin: i64 = client
+    let bound = |f: &'static str| async move {
+        let v: i64 = client
             .query_one(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8",
+                &format!("SELECT {f}(pg_current_snapshot())::text::int8"),
                 &[],
             )
             .await
             .map_err(SourceError::pg("reading running transactions"))?
             .get(0);
+        Ok::<_, SourceError>(v)
+    };
+    let horizon = bound("pg_snapshot_xmax").await?;
+    let mut waited = 0u64;
+    loop {
+        let xmin = bound("pg_snapshot_xmin").await?;
         if xmin >= horizon {
             return Ok(());
         }
@@ -708,11 +689,7 @@ async fn snapshot(
         .snapshot_batch_rows
         .max(1)
         .max((estimate.max(0) as usize).div_ceil(60_000));
-    let cols: Vec<String> =
-        m.pg.columns
-            .iter()
-            .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
-            .collect();
+    let cols: Vec<String> = m.pg.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let copy = tx
         .copy_out(&format!(
             "COPY {} ({}) TO STDOUT",
@@ -775,12 +752,18 @@ async fn snapshot(
     Ok(marker)
 }
 
+/// `schema.table` as a quoted SQL identifier.
 fn quote(qualified: &str) -> String {
     qualified
         .split('.')
-        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .map(quote_ident)
         .collect::<Vec<_>>()
         .join(".")
+}
+
+/// One quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Evolves a mirrored table for columns added at the end in PostgreSQL. A column added
@@ -843,14 +826,7 @@ async fn evolve(
         current.target_file_size,
     )?;
     coordinator.add_columns(def).await?;
-    let def = coordinator.table(&m.cfg.name)?.def.clone();
-    m.types = def
-        .schema
-        .fields()
-        .iter()
-        .map(|f| f.data_type().clone())
-        .collect();
-    m.schema = change_schema(&def);
+    m.schema = change_schema(&coordinator.table(&m.cfg.name)?.def);
     m.pg = pg;
     tracing::info!(table = %m.cfg.name, added = ?names, "schema evolved");
     Ok(())
@@ -867,7 +843,7 @@ async fn fill_unchanged(client: &Client, m: &Mirror, new: &mut [Value]) -> Resul
         .collect();
     let cols: Vec<String> = missing
         .iter()
-        .map(|j| format!("\"{}\"::text", m.pg.columns[*j].name.replace('"', "\"\"")))
+        .map(|j| format!("{}::text", quote_ident(&m.pg.columns[*j].name)))
         .collect();
     let mut params: Vec<String> = Vec::new();
     let mut conds: Vec<String> = Vec::new();
@@ -881,8 +857,8 @@ async fn fill_unchanged(client: &Client, m: &Mirror, new: &mut [Value]) -> Resul
         };
         params.push(v.clone());
         conds.push(format!(
-            "\"{}\" = ${}::text::{}",
-            c.name.replace('"', "\"\""),
+            "{} = ${}::text::{}",
+            quote_ident(&c.name),
             n + 1,
             c.type_name
         ));

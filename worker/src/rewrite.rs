@@ -130,13 +130,7 @@ async fn read_file(
 ) -> Result<(Vec<RecordBatch>, u64)> {
     let location = Path::from(path);
     let ctx = || format!("table '{}', file {path}", def.name);
-    let bytes = store
-        .get(&location)
-        .await
-        .map_err(|e| Error::store(&location, e))?
-        .bytes()
-        .await
-        .map_err(|e| Error::store(&location, e))?;
+    let bytes = freshet_common::storage::read_existing(store, &location).await?;
     let size = bytes.len() as u64;
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .map_err(|e| Error::data(ctx(), e))?

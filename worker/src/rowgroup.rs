@@ -771,11 +771,7 @@ mod tests {
         store: &Arc<dyn ObjectStore>,
         path: &str,
     ) -> (Vec<(i64, Row)>, Arc<ParquetMetaData>, Bytes) {
-        let bytes = store
-            .get(&Path::from(path))
-            .await
-            .unwrap()
-            .bytes()
+        let bytes = freshet_common::storage::read_existing(store, &Path::from(path))
             .await
             .unwrap();
         let b = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap();
@@ -961,11 +957,7 @@ mod tests {
 
     /// Rows of a table with list columns: (id, tags, nums) with tags/nums as text.
     async fn read_list_rows(store: &Arc<dyn ObjectStore>, path: &str) -> Vec<String> {
-        let bytes = store
-            .get(&Path::from(path))
-            .await
-            .unwrap()
-            .bytes()
+        let bytes = freshet_common::storage::read_existing(store, &Path::from(path))
             .await
             .unwrap();
         let mut out = Vec::new();
