@@ -174,6 +174,7 @@ pub fn ingest_request(batch: &RecordBatch) -> Result<IngestRequest> {
             std::slice::from_ref(batch),
         )?)),
         op_column: "op".into(),
+        ..Default::default()
     })
 }
 

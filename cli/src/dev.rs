@@ -207,6 +207,7 @@ impl Demo {
                 table: "orders".into(),
                 payload: Some(Payload::ArrowIpc(bytes)),
                 op_column: "op".into(),
+                ..Default::default()
             })
             .await
             .map_err(|s| anyhow::anyhow!("demo ingest: {}", s.message()))?;

@@ -26,6 +26,16 @@ pub struct IngestArgs {
     /// Rows per batch.
     #[arg(long, default_value_t = 50_000)]
     batch_rows: usize,
+    /// Producer id for idempotent ingest (default: a new random id per run). Every batch is
+    /// sent with it and its number, so a batch retried after a lost reply is applied once.
+    #[arg(long, env = "FRESHET_PRODUCER_ID")]
+    producer_id: Option<String>,
+    /// First batch number (to resume a run under the same --producer-id).
+    #[arg(long, default_value_t = 1)]
+    first_batch: u64,
+    /// Attempts per batch when the coordinator is unavailable or the reply is lost.
+    #[arg(long, default_value_t = 8)]
+    attempts: u32,
     /// Files: .parquet, .csv, .ndjson / .jsonl / .json.
     #[arg(required = true)]
     files: Vec<PathBuf>,
@@ -112,6 +122,12 @@ pub async fn run(endpoint: &str, args: IngestArgs) -> anyhow::Result<()> {
         .await?
         .max_encoding_message_size(256 * 1024 * 1024);
     let mut total = 0u64;
+    let producer_id = args
+        .producer_id
+        .clone()
+        .unwrap_or_else(|| format!("freshet-ingest-{}", uuid::Uuid::new_v4()));
+    let mut batch_no = args.first_batch.max(1);
+    let mut duplicates = 0u64;
     for path in &args.files {
         let batches = read_file(path, read_schema.clone(), args.batch_rows)?;
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
@@ -134,20 +150,61 @@ pub async fn run(endpoint: &str, args: IngestArgs) -> anyhow::Result<()> {
                 b
             };
             let bytes = freshet_common::ipc::encode(&b.schema(), std::slice::from_ref(&b))?;
-            let resp = client
-                .ingest(IngestRequest {
-                    table: args.table.clone(),
-                    payload: Some(Payload::ArrowIpc(bytes)),
-                    op_column: args.op_column.clone(),
-                })
-                .await
-                .map_err(|s| anyhow::anyhow!("{}: {}", path.display(), s.message()))?
-                .into_inner();
+            let req = IngestRequest {
+                table: args.table.clone(),
+                payload: Some(Payload::ArrowIpc(bytes)),
+                op_column: args.op_column.clone(),
+                producer_id: producer_id.clone(),
+                producer_sequence: batch_no,
+            };
+            // Retried with the same producer sequence: applied once whatever the failures.
+            let mut attempt = 1;
+            let resp = loop {
+                match client.ingest(req.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(s)
+                        if attempt < args.attempts
+                            && matches!(
+                                s.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Unknown
+                                    | tonic::Code::DeadlineExceeded
+                                    | tonic::Code::Internal
+                            ) =>
+                    {
+                        bar.println(format!(
+                            "{}: batch {batch_no}: {} (attempt {attempt}, retrying)",
+                            path.display(),
+                            s.message()
+                        ));
+                        tokio::time::sleep(std::time::Duration::from_millis(250 << attempt.min(6)))
+                            .await;
+                        attempt += 1;
+                    }
+                    Err(s) => bail!(
+                        "{}: batch {batch_no} (producer '{producer_id}'): {}",
+                        path.display(),
+                        s.message()
+                    ),
+                }
+            };
+            duplicates += resp.duplicate as u64;
+            batch_no += 1;
             bar.inc(resp.rows);
             total += resp.rows;
         }
         bar.finish();
     }
-    eprintln!("ingested {total} rows into '{}'", args.table);
+    eprintln!(
+        "ingested {total} rows into '{}' as producer '{producer_id}', batches {}..{}{}",
+        args.table,
+        args.first_batch.max(1),
+        batch_no.saturating_sub(1),
+        if duplicates > 0 {
+            format!(" ({duplicates} already staged before)")
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }

@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// JSON log lines (log.json).
     #[arg(long)]
     log_json: bool,
+    /// Honour `[testing] store_faults` (fault injection into every object store; tests and
+    /// chaos runs only). Without this flag a configuration that sets it is refused.
+    #[arg(long)]
+    allow_fault_injection: bool,
 }
 
 impl ServeArgs {
@@ -45,6 +49,27 @@ impl ServeArgs {
         }
         if self.log_json {
             c.log.json = true;
+        }
+        if let Some(spec) = c.testing.store_faults.take() {
+            anyhow::ensure!(
+                self.allow_fault_injection,
+                "invalid configuration: [testing] store_faults is set; fault injection is for tests \
+                 and needs --allow-fault-injection"
+            );
+            spec.validate()
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            eprintln!(
+                "freshet: FAULT INJECTION ON: every object store of this process injects faults ({} rules)",
+                spec.rules.len()
+            );
+            freshet_common::faults::register(
+                "process",
+                freshet_common::faults::FaultPlan::new(spec),
+            );
+            c.storage.options.insert(
+                freshet_common::faults::FAULTS_OPTION.into(),
+                "process".into(),
+            );
         }
         Ok(c)
     }

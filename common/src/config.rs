@@ -34,6 +34,17 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
     /// Change-data-capture sources (PostgreSQL), run by the leader.
     pub sources: Vec<crate::source::SourceConfig>,
+    /// Test-only switches; refused unless the process is started with
+    /// `--allow-fault-injection`.
+    pub testing: TestingConfig,
+}
+
+/// Test-only switches (docs/configuration.md, "Testing"). Production configs never set them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Faults injected into every object store of the process.
+    pub store_faults: Option<crate::faults::FaultSpec>,
 }
 
 /// The coordinator's gRPC server.
@@ -191,11 +202,27 @@ impl Default for WorkerConfig {
 
 /// Object storage options, passed to every store (for example `aws_endpoint`,
 /// `aws_region`). Credentials are better left to the standard `AWS_*` variables.
-#[derive(Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// object_store options (key -> value).
     pub options: HashMap<String, String>,
+    /// Attempts per coordinator request to the object store (the coordinator retries
+    /// itself, re-checking its leader lease before every write attempt).
+    pub max_attempts: u32,
+    /// Longest one coordinator request may take, in milliseconds (also never longer than
+    /// what is left of the leader lease).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            options: HashMap::new(),
+            max_attempts: 4,
+            request_timeout_ms: 10_000,
+        }
+    }
 }
 
 impl std::fmt::Debug for StorageConfig {
@@ -215,6 +242,8 @@ impl std::fmt::Debug for StorageConfig {
             .collect();
         f.debug_struct("StorageConfig")
             .field("options", &redacted)
+            .field("max_attempts", &self.max_attempts)
+            .field("request_timeout_ms", &self.request_timeout_ms)
             .finish()
     }
 }

@@ -13,6 +13,7 @@ use crate::key::{Bound, Key, key_from_json, key_part_from_stat};
 use crate::schema::canonical_type;
 use crate::storage::{StorageOptions, log_store, table_url};
 use crate::table::TableDef;
+use deltalake::logstore::LogStoreRef;
 
 /// Tag on Freshet's Add actions holding the file's smallest local key (JSON).
 pub const TAG_MIN_KEY: &str = "freshet.minKey";
@@ -44,7 +45,11 @@ pub async fn open_or_create(
     options: &StorageOptions,
 ) -> Result<(DeltaTable, bool)> {
     let url = table_url(&def.name, &def.uri)?;
-    let store = log_store(&def.name, &url, options)?;
+    open_or_create_in(def, log_store(&def.name, &url, options)?).await
+}
+
+/// [`open_or_create`] on a given log store (say, one over a wrapped object store).
+pub async fn open_or_create_in(def: &TableDef, store: LogStoreRef) -> Result<(DeltaTable, bool)> {
     let mut table = DeltaTable::new(store);
     match table.load().await {
         Ok(()) => {
@@ -168,6 +173,25 @@ pub async fn applied_sequence(def: &TableDef, table: &DeltaTable) -> Result<u64>
         .await
         .map_err(|e| Error::delta(&def.name, e))?;
     Ok(v.unwrap_or(0).max(0) as u64)
+}
+
+/// The Delta `txn` app id recording an idempotent-ingest producer's last applied batch.
+pub fn producer_app_id(def: &TableDef, producer: &str) -> String {
+    format!("{}:producer:{producer}", def.app_id())
+}
+
+/// The producer's last batch sequence applied to the table (none when never seen).
+pub async fn producer_sequence(
+    def: &TableDef,
+    table: &DeltaTable,
+    producer: &str,
+) -> Result<Option<u64>> {
+    let snapshot = table.snapshot().map_err(|e| Error::delta(&def.name, e))?;
+    let v = snapshot
+        .transaction_version(table.log_store().as_ref(), producer_app_id(def, producer))
+        .await
+        .map_err(|e| Error::delta(&def.name, e))?;
+    Ok(v.map(|v| v.max(0) as u64))
 }
 
 /// Lists the active files with their key ranges.

@@ -68,6 +68,9 @@ pub enum Error {
     /// This coordinator is not the leader; the leader's address is given when known.
     #[error("this coordinator is not the leader; {}", match .leader { Some(l) => format!("the leader is at {l}"), None => "no leader is elected yet".to_string() })]
     NotLeader { leader: Option<String> },
+    /// A producer's batch sequence skips ahead of what was staged (a batch is missing).
+    #[error("out of order: {0}")]
+    OutOfOrder(String),
     /// Leadership was lost while working; nothing more is committed or acknowledged.
     #[error("leadership lost: {0}")]
     LeadershipLost(String),
@@ -135,6 +138,7 @@ impl Error {
             Error::TooLarge { .. } | Error::Backpressure { .. } => Code::ResourceExhausted,
             Error::TableNotFound(_) | Error::CycleNotFound(_) => Code::NotFound,
             Error::TableExists(_) => Code::AlreadyExists,
+            Error::OutOfOrder(_) => Code::FailedPrecondition,
             Error::CommitConflict { .. } => Code::Aborted,
             Error::Unavailable(_) | Error::NotLeader { .. } | Error::LeadershipLost(_) => {
                 Code::Unavailable

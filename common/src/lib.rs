@@ -6,6 +6,7 @@ pub mod config;
 pub mod delta;
 pub mod error;
 pub mod etcd;
+pub mod faults;
 pub mod http;
 pub mod ipc;
 pub mod key;

@@ -17,6 +17,20 @@ use crate::error::{Error, Result};
 /// Directory of staging segments, relative to the table root.
 pub const STAGING_DIR: &str = "_freshet/staging";
 
+/// Schema metadata key of a segment listing its producer marks (JSON).
+pub const PRODUCERS_METADATA: &str = "freshet.producers";
+
+/// An idempotent-ingest batch in a segment: its staging sequence and the producer's own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProducerMark {
+    /// The batch's staging sequence.
+    pub sequence: u64,
+    /// The producer's id.
+    pub producer: String,
+    /// The producer's sequence for the batch.
+    pub producer_sequence: u64,
+}
+
 /// A segment as listed in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
@@ -43,7 +57,9 @@ pub fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b))
 }
 
-/// Writes a segment; fails if one with that name exists (sequences are never reused).
+/// Writes a segment; fails if one with that name but other contents exists (sequences
+/// are never reused). One with the same contents is ours, from an attempt whose outcome
+/// was unknown (a source re-sending what was staged): the write is done.
 pub async fn write_segment(
     store: &Arc<dyn ObjectStore>,
     first: u64,
@@ -55,19 +71,47 @@ pub async fn write_segment(
         mode: PutMode::Create,
         ..Default::default()
     };
-    store
-        .put_opts(&path, PutPayload::from(bytes), opts)
+    let payload = bytes::Bytes::from(bytes);
+    match store
+        .put_opts(&path, PutPayload::from(payload.clone()), opts)
         .await
-        .map_err(|e| Error::store(&path, e))?;
-    Ok(path)
+    {
+        Ok(_) => Ok(path),
+        Err(e @ object_store::Error::AlreadyExists { .. }) => {
+            if crate::storage::read_object(store, &path).await?.as_ref() == Some(&payload) {
+                Ok(path)
+            } else {
+                Err(Error::store(&path, e))
+            }
+        }
+        Err(e) => Err(Error::store(&path, e)),
+    }
 }
 
 /// Reads a segment's batches.
 pub async fn read_segment(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Vec<RecordBatch>> {
+    Ok(read_segment_with_marks(store, path).await?.0)
+}
+
+/// Reads a segment's batches (without the segment's metadata) and its producer marks.
+pub async fn read_segment_with_marks(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+) -> Result<(Vec<RecordBatch>, Vec<ProducerMark>)> {
     let bytes = crate::storage::read_existing(store, path).await?;
-    crate::ipc::decode(&bytes)
-        .map(|(_, b)| b)
-        .map_err(|e| Error::data(format!("reading staging segment {path}"), e))
+    let context = || format!("reading staging segment {path}");
+    let (schema, batches) = crate::ipc::decode(&bytes).map_err(|e| Error::data(context(), e))?;
+    let marks = match schema.metadata().get(PRODUCERS_METADATA) {
+        Some(json) => serde_json::from_str(json).map_err(|e| Error::data(context(), e))?,
+        None => Vec::new(),
+    };
+    let plain = Arc::new(arrow::datatypes::Schema::new(schema.fields().clone()));
+    let batches = batches
+        .into_iter()
+        .map(|b| RecordBatch::try_new(plain.clone(), b.columns().to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::data(context(), e))?;
+    Ok((batches, marks))
 }
 
 /// Lists the segments, in sequence order.

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deltalake::logstore::LogStoreRef;
+use deltalake::logstore::{LogStoreRef, StorageConfig, logstore_with, object_store_factories};
 use deltalake::{DeltaTableBuilder, ObjectStore};
 use url::Url;
 
@@ -60,9 +60,33 @@ pub async fn read_existing(
     })
 }
 
+/// Wraps a table's root object store (below Delta's per-table prefix), e.g. with the
+/// coordinator's fenced retries.
+pub type StoreWrap = Arc<dyn Fn(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> + Send + Sync>;
+
 /// Builds the Delta log store of a table.
 pub fn log_store(table: &str, url: &Url, options: &StorageOptions) -> Result<LogStoreRef> {
+    log_store_wrapped(table, url, options, None)
+}
+
+/// Builds the Delta log store of a table over a wrapped root store: the fault plan its
+/// options name ([`crate::faults::FAULTS_OPTION`], tests only), then `wrap`.
+pub fn log_store_wrapped(
+    table: &str,
+    url: &Url,
+    options: &StorageOptions,
+    wrap: Option<&StoreWrap>,
+) -> Result<LogStoreRef> {
     let mut opts = options.clone();
+    let plan = match opts.remove(crate::faults::FAULTS_OPTION) {
+        Some(name) => Some(crate::faults::lookup(&name).ok_or_else(|| {
+            Error::Config(format!(
+                "storage option {} names fault plan '{name}', which is not registered",
+                crate::faults::FAULTS_OPTION
+            ))
+        })?),
+        None => None,
+    };
     // S3-compatible servers on plain HTTP (tests, MinIO) need this explicitly.
     if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
         if endpoint.starts_with("http://") {
@@ -70,9 +94,33 @@ pub fn log_store(table: &str, url: &Url, options: &StorageOptions) -> Result<Log
                 .or_insert_with(|| "true".into());
         }
     }
-    DeltaTableBuilder::from_url(url.clone())
-        .and_then(|b| b.with_storage_options(opts).build_storage())
-        .map_err(|e| Error::delta(table, e))
+    if plan.is_none() && wrap.is_none() {
+        return DeltaTableBuilder::from_url(url.clone())
+            .and_then(|b| b.with_storage_options(opts).build_storage())
+            .map_err(|e| Error::delta(table, e));
+    }
+    let config = StorageConfig::parse_options(opts).map_err(|e| Error::delta(table, e))?;
+    let scheme = Url::parse(&format!("{}://", url.scheme())).map_err(|e| Error::InvalidTable {
+        table: table.to_string(),
+        message: format!("bad uri '{url}': {e}"),
+    })?;
+    let factory = object_store_factories()
+        .get(&scheme)
+        .map(|f| f.value().clone())
+        .ok_or_else(|| Error::InvalidTable {
+            table: table.to_string(),
+            message: format!("no object store for '{url}'"),
+        })?;
+    let (mut root, _) = factory
+        .parse_url_opts(url, &config)
+        .map_err(|e| Error::delta(table, e))?;
+    if let Some(plan) = plan {
+        root = Arc::new(crate::faults::FaultStore::new(root, plan));
+    }
+    if let Some(wrap) = wrap {
+        root = wrap(root);
+    }
+    logstore_with(root, url, config).map_err(|e| Error::delta(table, e))
 }
 
 /// The object store rooted at the table's directory.

@@ -1,7 +1,6 @@
 //! One merge cycle of one table: pending changes → last change per key → plan → workers →
 //! one Delta commit → staging cleanup, with every phase timed into a cycle record.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +89,12 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             return Ok(());
         }
         let batches: Vec<_> = todo.iter().flat_map(|s| s.batches.iter().cloned()).collect();
+        // Each idempotent producer's last batch in this cycle, recorded in the commit.
+        let mut producers: std::collections::BTreeMap<String, u64> = Default::default();
+        for m in todo.iter().flat_map(|s| &s.producers) {
+            let v = producers.entry(m.producer.clone()).or_default();
+            *v = (*v).max(m.producer_sequence);
+        }
         rec.changes = batches.iter().map(|b| b.num_rows() as u64).sum();
         let partitions = last_change_per_key(def, &batches)?;
         rec.keys = partitions.iter().map(|p| p.batch.num_rows() as u64).sum();
@@ -109,7 +114,9 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         let mut dirs: Vec<String> = p.tasks.iter().map(|t| partition_dir(&def.partition_by, &t.partition_values)).collect();
         dirs.sort();
         dirs.dedup();
-        let inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs, aborted: false };
+        let read_version = table.version().map(|v| v as u64);
+        let inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs, aborted: false, read_version };
+        let log = table.log_store();
         orphans::write_record(&t.store, &inflight).await?;
 
         let spec = TableSpec {
@@ -187,7 +194,7 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
             let aborted = InflightRecord { aborted: true, ..inflight.clone() };
             orphans::write_record(&t.store, &aborted).await?;
-            orphans::sweep_later(t.store.clone(), aborted, HashSet::new(), grace);
+            orphans::sweep_later(t.store.clone(), log.clone(), aborted, grace);
             return Err(Error::Internal(format!("{} task(s) failed: {}", failed.len(), failed.join(" | "))));
         }
         inner.crash_point(CrashPoint::AfterRewrite)?;
@@ -206,21 +213,21 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             "firstSequence": rec.first_sequence, "lastSequence": rec.last_sequence,
             "epoch": inner.epoch, "coordinator": inner.node_id,
         });
-        let keep: HashSet<String> = added.iter().map(|f| f.path.clone()).collect();
         let actions = commit::actions(&removed, &added);
         // The last moment to find out that another coordinator leads now.
         inner.fence.check().await.inspect_err(|_| {
             let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
             let aborted = InflightRecord { aborted: true, ..inflight.clone() };
-            orphans::sweep_later(t.store.clone(), aborted, HashSet::new(), grace);
+            orphans::sweep_later(t.store.clone(), log.clone(), aborted, grace);
         })?;
-        rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &id, metrics).await.inspect_err(|_| {
+        rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &producers, &id, metrics, &inner.fence).await.inspect_err(|_| {
+            // Not committed (as far as the log says now): the sweep asks the log again.
             let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
             let aborted = InflightRecord { aborted: true, ..inflight.clone() };
-            let store = t.store.clone();
+            let (store, log) = (t.store.clone(), log.clone());
             tokio::spawn(async move {
                 let _ = orphans::write_record(&store, &aborted).await;
-                orphans::sweep_later(store, aborted, HashSet::new(), grace);
+                orphans::sweep_later(store, log, aborted, grace);
             });
         })?;
         rec.state = "committed".into();
@@ -229,9 +236,13 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
 
         if retried {
             // Earlier attempts may have left files (or still be writing them).
-            orphans::sweep_later(t.store.clone(), inflight, keep, Duration::from_millis(inner.config.cycle.orphan_grace_ms));
+            orphans::sweep_later(t.store.clone(), log, inflight, Duration::from_millis(inner.config.cycle.orphan_grace_ms));
         } else {
-            orphans::sweep(&t.store, &inflight, &keep).await?;
+            // One attempt per task, all committed: no file to sweep. A record left behind is
+            // swept by the next recovery, which keeps what the log references.
+            if let Err(e) = orphans::delete_record(&t.store, &id).await {
+                tracing::warn!(error = %e, "committed; could not delete the in-flight record");
+            }
         }
         Ok(())
     }

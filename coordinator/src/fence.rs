@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use etcd_client::Client;
 use freshet_common::error::{Error, Result};
 
+/// Kept between a check and the write it guards (the time the write may take to start).
+const MARGIN: Duration = Duration::from_millis(500);
+
 /// A leader's proof of leadership, or nothing to prove (single coordinator, no etcd).
 pub struct Fence {
     etcd: Option<EtcdFence>,
@@ -90,14 +93,24 @@ impl Fence {
                 "this coordinator's term ended".into(),
             ));
         }
-        // Keep a margin for the time between this check and the write it guards.
-        let margin = Duration::from_millis(500);
-        if Instant::now() + margin >= *f.valid_until.lock().expect("lock") {
+        if Instant::now() + MARGIN >= *f.valid_until.lock().expect("lock") {
             return Err(Error::LeadershipLost(
                 "the leader lease may have expired (no keep-alive answered in time)".into(),
             ));
         }
         Ok(())
+    }
+
+    /// How long the lease is certainly still valid, less the safety margin (`None`: no
+    /// lease to respect). A write that may take longer must not start.
+    pub fn valid_for(&self) -> Option<Duration> {
+        let f = self.etcd.as_ref()?;
+        let until = *f.valid_until.lock().expect("lock");
+        Some(
+            until
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(MARGIN),
+        )
     }
 
     /// Full check before a commit: local, then etcd confirms the lease and that our key

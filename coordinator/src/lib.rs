@@ -6,6 +6,7 @@ pub mod commit;
 pub mod cycle;
 pub mod election;
 pub mod fence;
+pub mod fenced_store;
 pub mod grpc;
 pub mod history;
 pub mod membership;
@@ -27,11 +28,11 @@ use std::time::Duration;
 
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use freshet_common::config::Config;
-use freshet_common::delta::{applied_sequence, files, open_or_create};
+use freshet_common::delta::{applied_sequence, files, open_or_create_in, producer_sequence};
 use freshet_common::error::{Error, Result};
 use freshet_common::schema::SchemaSpec;
 use freshet_common::source::SourceConfig;
-use freshet_common::storage::{table_store, table_url};
+use freshet_common::storage::{log_store_wrapped, table_url};
 use freshet_common::table::TableDef;
 use freshet_proto::admin::v1::{CycleRecord, TableInfo};
 use freshet_proto::ingest::v1::{IngestRequest, IngestResponse};
@@ -173,6 +174,32 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// A table's Delta log store, over the coordinator's bounded, fenced object store.
+    pub fn log_store(&self, def: &TableDef) -> Result<deltalake::logstore::LogStoreRef> {
+        let storage = &self.config.storage;
+        let policy = fenced_store::RequestPolicy {
+            max_attempts: storage.max_attempts,
+            attempt_timeout: Duration::from_millis(storage.request_timeout_ms.max(1)),
+            backoff: Duration::from_millis(100),
+        };
+        let mut options = storage.options.clone();
+        // Retries happen in the FencedStore (which re-checks the lease between them), not
+        // inside object_store, where they could go on for minutes.
+        options
+            .entry("max_retries".into())
+            .or_insert_with(|| "0".into());
+        let fence = self.fence.clone();
+        let wrap: freshet_common::storage::StoreWrap = Arc::new(move |inner| {
+            Arc::new(fenced_store::FencedStore::new(inner, fence.clone(), policy))
+        });
+        log_store_wrapped(
+            &def.name,
+            &table_url(&def.name, &def.uri)?,
+            &options,
+            Some(&wrap),
+        )
+    }
+
     /// Fails (or aborts the process) at an armed crash point.
     pub fn crash_point(&self, p: CrashPoint) -> Result<()> {
         let armed = *self.crash_at.lock().expect("lock");
@@ -502,14 +529,15 @@ impl Coordinator {
     }
 
     async fn open_table(&self, def: TableDef) -> Result<(Arc<TableRuntime>, bool)> {
-        let opts = &self.inner.config.storage.options;
-        let (delta, adopted) = open_or_create(&def, opts).await?;
-        let store = table_store(&def.name, &table_url(&def.name, &def.uri)?, opts)?;
+        let log = self.inner.log_store(&def)?;
+        let store = log.object_store(None);
+        let (delta, adopted) = open_or_create_in(&def, log).await?;
         let grace = Duration::from_millis(self.inner.config.cycle.orphan_grace_ms);
         let rec = recovery::recover(&def, &store, &delta, grace).await?;
         let (tx, rx) = mpsc::channel(1024);
         let t = TableRuntime::new(def, store, delta, tx);
         t.pending.lock().expect("lock").segments = rec.pending;
+        *t.producers.lock().expect("lock") = rec.producers;
         let paused = t.store.head(&Path::from(PAUSED_MARKER)).await.is_ok();
         t.paused.store(paused, Ordering::SeqCst);
         {
@@ -576,6 +604,10 @@ impl Coordinator {
             return Err(Error::Unavailable("coordinator stopped".into()));
         }
         let t = self.table(&req.table)?;
+        let producer = producer_of(&req)?;
+        if let Some((p, _)) = &producer {
+            self.load_producer(&t, p).await?;
+        }
         let pending_bytes = t.pending.lock().expect("lock").bytes();
         if pending_bytes > self.inner.config.ingest.max_pending_bytes {
             return Err(Error::Backpressure {
@@ -599,18 +631,37 @@ impl Coordinator {
                 reply,
                 sequence: None,
                 origin_ms: None,
+                producer,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
-        let sequence = rx
+        let staged = rx
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))??;
         Ok(IngestResponse {
-            sequence,
+            sequence: staged.sequence,
             rows,
             upserts: valid.upserts,
             deletes: valid.deletes,
+            duplicate: staged.duplicate,
         })
+    }
+
+    /// Learns a producer's last applied batch from the Delta log the first time this term
+    /// sees it (what is staged and not applied, recovery and the stager know).
+    async fn load_producer(&self, t: &Arc<TableRuntime>, producer: &str) -> Result<()> {
+        if t.producers.lock().expect("lock").contains_key(producer) {
+            return Ok(());
+        }
+        let delta = t.delta.lock().await;
+        if let Some(last) = producer_sequence(&t.def, &delta, producer).await? {
+            t.producers
+                .lock()
+                .expect("lock")
+                .entry(producer.to_string())
+                .or_insert(stage::ProducerState { last, sequence: 0 });
+        }
+        Ok(())
     }
 
     /// Stages changes that are already in the table's change schema (from a trusted source
@@ -645,11 +696,14 @@ impl Coordinator {
                 reply,
                 sequence: Some(sequence),
                 origin_ms,
+                producer: None,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("staging stopped".into()))?
+        Ok(rx
+            .await
+            .map_err(|_| Error::Unavailable("staging stopped".into()))??
+            .sequence)
     }
 
     /// Runs cycles until no staged segment starts below `before` (a barrier before an
@@ -699,7 +753,17 @@ impl Coordinator {
             "truncate": true, "filesRemoved": removed.len(), "lastSequence": sequence,
             "epoch": self.inner.epoch, "coordinator": self.inner.node_id,
         });
-        let v = commit::commit(&t.def, &mut delta, actions, sequence, &id, metrics).await?;
+        let v = commit::commit(
+            &t.def,
+            &mut delta,
+            actions,
+            sequence,
+            &Default::default(),
+            &id,
+            metrics,
+            &self.inner.fence,
+        )
+        .await?;
         tracing::info!(table = %table, version = v, files = removed.len(), "table truncated");
         Ok(v)
     }
@@ -870,6 +934,25 @@ impl Coordinator {
             freshness_p99_ms: lags.1,
             freshness_window: lags.2,
         })
+    }
+}
+
+/// The producer id and sequence of an idempotent ingest request, checked.
+fn producer_of(req: &IngestRequest) -> Result<Option<(String, u64)>> {
+    let bad = |message: String| Error::invalid(&req.table, message);
+    match (req.producer_id.as_str(), req.producer_sequence) {
+        ("", 0) => Ok(None),
+        ("", _) => Err(bad(
+            "producer_sequence is set but producer_id is empty".into()
+        )),
+        (_, 0) => Err(bad(
+            "producer_id is set: producer_sequence must be 1 or more".into(),
+        )),
+        (p, _) if p.len() > 128 || p.chars().any(|c| c.is_control()) => Err(bad(format!(
+            "producer_id must be 1-128 printable characters (got {} bytes)",
+            p.len()
+        ))),
+        (p, s) => Ok(Some((p.to_string(), s))),
     }
 }
 

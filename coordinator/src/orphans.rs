@@ -1,8 +1,11 @@
-//! Files of abandoned tasks. Before dispatching, a cycle records its id, the sequence it
-//! would commit and the directories it writes to in `_freshet/inflight/<cycle>.json`. Files
-//! a worker writes are named `fr-<cycle>-...`, so after a grace period (abandoned attempts may
-//! still be writing) every such file that the cycle did not commit is deleted. After a crash,
-//! recovery decides from the `txn` version whether each recorded cycle committed.
+//! Files of abandoned tasks. Before dispatching, a cycle records its id, the Delta version it
+//! planned on, the sequence it would commit and the directories it writes to in
+//! `_freshet/inflight/<cycle>.json`. Files a worker writes are named `fr-<cycle>-...`, so
+//! after a grace period (abandoned attempts may still be writing) such files are deleted,
+//! except every file the Delta log references: that is decided from the log at sweep time
+//! (the Add actions of the commits after the planned version), never from what the cycle
+//! believed, so a commit whose reply was lost keeps its files. When the log cannot be read
+//! the sweep deletes nothing and fails (to be retried).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use deltalake::logstore::LogStore;
 use freshet_common::error::{Error, Result};
 
 /// Directory of in-flight cycle records.
@@ -30,6 +34,9 @@ pub struct InflightRecord {
     /// Set when the cycle ended without committing.
     #[serde(default)]
     pub aborted: bool,
+    /// The Delta version the cycle planned on (its commit, if any, comes after it).
+    #[serde(default)]
+    pub read_version: Option<u64>,
 }
 
 fn record_path(cycle_id: &str) -> Path {
@@ -68,58 +75,124 @@ pub async fn list_records(store: &Arc<dyn ObjectStore>) -> Result<Vec<InflightRe
     Ok(out)
 }
 
-/// Deletes the cycle's files not in `keep`, then its record.
-pub async fn sweep(
-    store: &Arc<dyn ObjectStore>,
+/// The cycle's files that the Delta log references (Add actions after the planned version
+/// carrying the cycle's marker); `None` when that cannot be known (no planned version, or a
+/// commit in the range is gone), in which case nothing may be deleted.
+pub async fn referenced_files(
+    log: &dyn LogStore,
     rec: &InflightRecord,
-    keep: &HashSet<String>,
-) -> Result<usize> {
-    let marker = format!("fr-{}-", rec.cycle_id);
-    let mut deleted = 0;
-    for dir in &rec.dirs {
-        let prefix = if dir.is_empty() {
-            None
-        } else {
-            Some(Path::from(dir.trim_end_matches('/')))
+) -> Result<Option<HashSet<String>>> {
+    let Some(from) = rec.read_version else {
+        return Ok(None);
+    };
+    let store_err = |e: deltalake::DeltaTableError| {
+        Error::Unavailable(format!(
+            "reading the Delta log to sweep cycle {}: {e}",
+            rec.cycle_id
+        ))
+    };
+    let latest = log.get_latest_version(from).await.map_err(store_err)?;
+    let marker = output_marker(&rec.cycle_id);
+    let mut out = HashSet::new();
+    for v in from + 1..=latest {
+        let Some(bytes) = log.read_commit_entry(v).await.map_err(store_err)? else {
+            return Ok(None);
         };
-        let metas: Vec<_> = store
-            .list_with_delimiter(prefix.as_ref())
-            .await
-            .map_err(|e| Error::store(dir, e))?
-            .objects;
-        for m in metas {
-            let name = m.location.filename().unwrap_or_default();
-            if name.starts_with(&marker) && !keep.contains(m.location.as_ref()) {
-                match store.delete(&m.location).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
-                    Err(e) => return Err(Error::store(&m.location, e)),
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let action: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+                Error::Internal(format!("commit {v} of the Delta log is not JSON: {e}"))
+            })?;
+            if let Some(path) = action.pointer("/add/path").and_then(|p| p.as_str()) {
+                let name = path.rsplit('/').next().unwrap_or(path);
+                if name.starts_with(&marker) {
+                    out.insert(path.to_string());
                 }
             }
         }
     }
-    let path = record_path(&rec.cycle_id);
-    match store.delete(&path).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(Error::store(&path, e)),
+    Ok(Some(out))
+}
+
+/// The file-name prefix of every file a cycle's tasks write.
+pub fn output_marker(cycle_id: &str) -> String {
+    format!("fr-{cycle_id}-")
+}
+
+/// Deletes the cycle's files that the log does not reference, then its record.
+pub async fn sweep(
+    store: &Arc<dyn ObjectStore>,
+    log: &dyn LogStore,
+    rec: &InflightRecord,
+) -> Result<usize> {
+    let marker = output_marker(&rec.cycle_id);
+    let mut deleted = 0;
+    match referenced_files(log, rec).await? {
+        Some(keep) => {
+            for dir in &rec.dirs {
+                let prefix = if dir.is_empty() {
+                    None
+                } else {
+                    Some(Path::from(dir.trim_end_matches('/')))
+                };
+                let metas: Vec<_> = store
+                    .list_with_delimiter(prefix.as_ref())
+                    .await
+                    .map_err(|e| Error::store(dir, e))?
+                    .objects;
+                for m in metas {
+                    let name = m.location.filename().unwrap_or_default();
+                    if name.starts_with(&marker) && !keep.contains(m.location.as_ref()) {
+                        match store.delete(&m.location).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                            Err(e) => return Err(Error::store(&m.location, e)),
+                        }
+                    }
+                }
+            }
+        }
+        None => tracing::warn!(
+            cycle_id = %rec.cycle_id,
+            "cannot tell from the Delta log which of the cycle's files it references; leaving them"
+        ),
     }
+    delete_record(store, &rec.cycle_id).await?;
     Ok(deleted)
 }
 
-/// Sweeps after `grace`, in the background.
+/// Deletes a cycle's record (once nothing of it is left to sweep).
+pub async fn delete_record(store: &Arc<dyn ObjectStore>, cycle_id: &str) -> Result<()> {
+    let path = record_path(cycle_id);
+    match store.delete(&path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(Error::store(&path, e)),
+    }
+}
+
+/// Sweeps after `grace`, in the background, retrying while the store or log errs.
 pub fn sweep_later(
     store: Arc<dyn ObjectStore>,
+    log: Arc<dyn LogStore>,
     rec: InflightRecord,
-    keep: HashSet<String>,
     grace: Duration,
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;
-        match sweep(&store, &rec, &keep).await {
-            Ok(n) if n > 0 => {
-                tracing::info!(cycle_id = %rec.cycle_id, files = n, "deleted files of abandoned tasks")
+        let mut wait = Duration::from_secs(1);
+        for _ in 0..10 {
+            match sweep(&store, log.as_ref(), &rec).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(cycle_id = %rec.cycle_id, files = n, "deleted files of abandoned tasks");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(cycle_id = %rec.cycle_id, error = %e, "orphan sweep failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(cycle_id = %rec.cycle_id, error = %e, "orphan sweep failed"),
         }
+        // The record stays: the next term's recovery sweeps it.
     });
 }

@@ -2,18 +2,19 @@
 //! applied; older segments are deleted, newer ones are loaded as pending; in-flight records
 //! of cycles that never committed get their files swept after the grace period.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deltalake::DeltaTable;
-use freshet_common::delta::{applied_sequence, files};
+use freshet_common::delta::{applied_sequence, producer_sequence};
 use freshet_common::error::Result;
-use freshet_common::staging::{delete_segment, list_segments, read_segment};
+use freshet_common::staging::{delete_segment, list_segments, read_segment_with_marks};
 use freshet_common::table::TableDef;
 use object_store::ObjectStore;
 
 use crate::orphans;
+use crate::stage::ProducerState;
 use crate::tables::PendingSegment;
 
 /// What recovery found.
@@ -24,6 +25,8 @@ pub struct Recovered {
     pub next_seq: u64,
     /// The applied sequence (txn version).
     pub applied: u64,
+    /// Idempotent-ingest producers with batches pending, at their last staged batch.
+    pub producers: HashMap<String, ProducerState>,
 }
 
 /// Recovers one table's staging state from its Delta log and staging log.
@@ -36,6 +39,7 @@ pub async fn recover(
     let applied = applied_sequence(def, table).await?;
     let mut pending = Vec::new();
     let mut max_seen = applied;
+    let mut producers: HashMap<String, ProducerState> = HashMap::new();
     for seg in list_segments(store).await? {
         max_seen = max_seen.max(seg.last);
         if seg.last <= applied {
@@ -43,34 +47,53 @@ pub async fn recover(
             delete_segment(store, &seg.path).await?;
             continue;
         }
-        let batches = read_segment(store, &seg.path).await?;
+        let (mut batches, marks) = read_segment_with_marks(store, &seg.path).await?;
+        // A producer's batch staged twice (its first write took effect but the reply was
+        // lost, so it was retried) is applied once: the later copy is dropped.
+        let mut repeated = HashSet::new();
+        let mut kept = Vec::new();
+        for m in marks {
+            let known = match producers.get(&m.producer) {
+                Some(p) => Some(p.last),
+                None => producer_sequence(def, table, &m.producer).await?,
+            };
+            if known.is_some_and(|last| m.producer_sequence <= last) {
+                repeated.insert(m.sequence);
+                continue;
+            }
+            producers.insert(
+                m.producer.clone(),
+                ProducerState {
+                    last: m.producer_sequence,
+                    sequence: m.sequence,
+                },
+            );
+            kept.push(m);
+        }
+        if !repeated.is_empty() {
+            tracing::info!(table = %def.name, segment = %seg.path, batches = repeated.len(), "dropping repeated producer batches");
+            batches.retain(|b| batch_sequence(b).is_none_or(|s| !repeated.contains(&s)));
+        }
         let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+        let bytes = batches
+            .iter()
+            .map(|b| b.get_array_memory_size() as u64)
+            .sum();
         pending.push(PendingSegment {
             first: seg.first,
             last: seg.last,
             path: seg.path,
             batches,
             rows,
-            bytes: seg.size,
+            bytes,
             acked_at_ms: chrono::Utc::now().timestamp_millis(),
+            producers: kept,
         });
     }
-    let active: HashSet<String> = files(def, table)?.into_iter().map(|f| f.path).collect();
+    // Every recorded cycle is swept after the grace period; the log decides which of its
+    // files are referenced (a committed cycle keeps them, an abandoned one loses them).
     for rec in orphans::list_records(store).await? {
-        if !rec.aborted && applied >= rec.last_sequence {
-            // It committed; whatever its failed attempts left stays (harmless, unreferenced).
-            orphans::sweep(
-                store,
-                &orphans::InflightRecord {
-                    dirs: vec![],
-                    ..rec
-                },
-                &HashSet::new(),
-            )
-            .await?;
-        } else {
-            orphans::sweep_later(store.clone(), rec, active.clone(), grace);
-        }
+        orphans::sweep_later(store.clone(), table.log_store(), rec, grace);
     }
     if !pending.is_empty() {
         tracing::info!(table = %def.name, applied, segments = pending.len(), "recovered staged changes to apply");
@@ -79,5 +102,14 @@ pub async fn recover(
         pending,
         next_seq: max_seen + 1,
         applied,
+        producers,
     })
+}
+
+/// The staging sequence of a staged batch (every row of one batch has the same).
+fn batch_sequence(b: &arrow::record_batch::RecordBatch) -> Option<u64> {
+    use arrow::array::AsArray;
+    let col = b.column_by_name(freshet_common::changes::SEQ_COLUMN)?;
+    let seqs = col.as_primitive_opt::<arrow::datatypes::UInt64Type>()?;
+    (!seqs.is_empty()).then(|| seqs.value(0))
 }

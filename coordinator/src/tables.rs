@@ -1,6 +1,6 @@
 //! A served table at run time: its definition, stores, Delta handle and pending changes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +12,8 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 use tokio::sync::{Notify, mpsc};
 
-use crate::stage::StageRequest;
+use crate::stage::{ProducerState, StageRequest};
+use freshet_common::staging::ProducerMark;
 
 /// A staged segment not yet applied, kept in memory so cycles need not re-read it.
 #[derive(Debug, Clone)]
@@ -27,10 +28,12 @@ pub struct PendingSegment {
     pub batches: Vec<RecordBatch>,
     /// Rows.
     pub rows: u64,
-    /// Encoded bytes.
+    /// Bytes held in memory.
     pub bytes: u64,
     /// When it was acknowledged (ms since the epoch).
     pub acked_at_ms: i64,
+    /// The idempotent-ingest batches in it.
+    pub producers: Vec<ProducerMark>,
 }
 
 /// What is staged and not yet applied.
@@ -72,6 +75,8 @@ pub struct TableRuntime {
     pub last_cycle: Mutex<Option<CycleRecord>>,
     /// Ids of persisted cycle records, newest first (to bound them).
     pub history_ids: Mutex<VecDeque<String>>,
+    /// Idempotent-ingest producers seen in this term: their last staged or applied batch.
+    pub producers: Mutex<HashMap<String, ProducerState>>,
     /// Turns true when this runtime is replaced (schema change): its loops end.
     pub closed: tokio::sync::watch::Sender<bool>,
 }
@@ -94,6 +99,7 @@ impl TableRuntime {
             paused: AtomicBool::new(false),
             last_cycle: Mutex::new(None),
             history_ids: Mutex::new(VecDeque::new()),
+            producers: Mutex::new(HashMap::new()),
             closed: tokio::sync::watch::channel(false).0,
         })
     }

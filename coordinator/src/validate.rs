@@ -357,6 +357,7 @@ mod tests {
             table: "t".into(),
             payload: Some(Payload::JsonRows(text.into())),
             op_column: String::new(),
+            ..Default::default()
         };
         validate(&def(), &req, &IngestConfig::default())
     }
@@ -488,6 +489,7 @@ mod tests {
             table: "t".into(),
             payload: Some(Payload::JsonRows("[]".repeat(10))),
             op_column: String::new(),
+            ..Default::default()
         };
         let limits = IngestConfig {
             max_batch_bytes: 5,

@@ -239,6 +239,7 @@ pub fn request(table: &str, partitioned: bool, changes: &[Change]) -> IngestRequ
             freshet_common::ipc::encode(&b.schema(), &[b.clone()]).unwrap(),
         )),
         op_column: "op".into(),
+        ..Default::default()
     }
 }
 

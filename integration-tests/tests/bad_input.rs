@@ -17,6 +17,7 @@ fn arrow_req(cols: Vec<(&str, ArrayRef)>) -> IngestRequest {
             freshet_common::ipc::encode(&b.schema(), &[b.clone()]).unwrap(),
         )),
         op_column: "op".into(),
+        ..Default::default()
     }
 }
 
@@ -25,6 +26,7 @@ fn json_req(text: &str) -> IngestRequest {
         table: "t".into(),
         payload: Some(Payload::JsonRows(text.into())),
         op_column: String::new(),
+        ..Default::default()
     }
 }
 
@@ -99,6 +101,7 @@ async fn invalid_batches_are_rejected_and_nothing_is_staged() {
                 table: "t".into(),
                 payload: Some(Payload::ArrowIpc(b"not arrow".to_vec())),
                 op_column: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "not a valid Arrow IPC stream",
@@ -108,6 +111,7 @@ async fn invalid_batches_are_rejected_and_nothing_is_staged() {
                 table: "t".into(),
                 payload: None,
                 op_column: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "no payload",
@@ -131,6 +135,7 @@ async fn invalid_batches_are_rejected_and_nothing_is_staged() {
                 table: "nope".into(),
                 payload: Some(Payload::JsonRows("[]".into())),
                 op_column: String::new(),
+                ..Default::default()
             },
             Code::NotFound,
             "no table named 'nope'",

@@ -45,6 +45,7 @@ async fn ingest_cycle_query_and_an_independent_reader_agree() {
                 table: "t".into(),
                 payload: Some(Payload::JsonRows(json)),
                 op_column: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap();
