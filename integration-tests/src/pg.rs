@@ -85,12 +85,29 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
-        let log = dir.path().join("postgres.log");
-        let sock = dir.path().display().to_string();
-        let port_s = port.to_string();
+        let mut pg = Postgres {
+            port: free_port(),
+            dir,
+            child: None,
+            bin,
+        };
+        pg.run_server();
+        pg
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the server process on the data directory and port; waits until it accepts
+    /// connections.
+    fn run_server(&mut self) {
+        let data_s = self.data_dir().display().to_string();
+        let log = self.dir.path().join("postgres.log");
+        let sock = self.dir.path().display().to_string();
+        let port_s = self.port.to_string();
         let child = as_postgres(
-            &bin.join("postgres"),
+            &self.bin.join("postgres"),
             &[
                 "-D",
                 &data_s,
@@ -113,18 +130,19 @@ impl Postgres {
             ],
         )
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap(),
+        )
         .spawn()
         .unwrap();
-        let pg = Postgres {
-            port,
-            dir,
-            child: Some(child),
-            bin,
-        };
+        self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            let ok = Command::new(pg.bin.join("pg_isready"))
+            let ok = Command::new(self.bin.join("pg_isready"))
                 .args(["-h", "127.0.0.1", "-p", &port_s, "-U", "postgres"])
                 .stdout(Stdio::null())
                 .status()
@@ -140,7 +158,83 @@ impl Postgres {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        pg
+    }
+
+    /// Stops the server (fast shutdown, so the data directory is cleanly shut down).
+    fn stop_server(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        // The child may be `runuser`, which does not pass SIGINT on: pg_ctl signals the
+        // postmaster itself and waits until it is gone.
+        let data_s = self.data_dir().display().to_string();
+        let _ = as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["stop", "-D", &data_s, "-m", "fast", "-w", "-t", "30"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Moves the server's next transaction id to `epoch:xid` (64-bit `epoch << 32 | xid`)
+    /// with `pg_resetwal -e -x`, so a test can reach an xid wraparound quickly. Every
+    /// existing row is frozen first (a jump of more than 2^31 xids would otherwise make
+    /// rows written since initdb look like they are from the future), the server is
+    /// stopped, the `pg_xact` and `pg_subtrans` segments that `xid` falls in are created
+    /// (zero-filled, as the pg_resetwal documentation asks), and the server is started
+    /// again on the same port. Call it before any slot exists.
+    pub fn set_next_xid(&mut self, epoch: u32, xid: u32) {
+        for db in ["template1", "postgres"] {
+            run_sql_in(&self.bin.join("psql"), self.port, db, "VACUUM FREEZE");
+        }
+        self.stop_server();
+        let data = self.data_dir();
+        // pg_xact: 2 bits per xid, 32 pages of 8 KiB per segment; pg_subtrans: 4 bytes per xid.
+        for (sub, per_segment) in [("pg_xact", 32 * 8192 * 4), ("pg_subtrans", 32 * 8192 / 4)] {
+            let file = data.join(sub).join(format!("{:04X}", xid / per_segment));
+            if !file.exists() {
+                std::fs::write(&file, vec![0u8; 32 * 8192]).unwrap();
+                if is_root() {
+                    let ok = Command::new("chown")
+                        .args(["postgres", &file.display().to_string()])
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok, "chown of {} failed", file.display());
+                }
+            }
+        }
+        let data_s = data.display().to_string();
+        let out = as_postgres(
+            &self.bin.join("pg_resetwal"),
+            &[
+                "-e",
+                &epoch.to_string(),
+                "-x",
+                &xid.to_string(),
+                "-D",
+                &data_s,
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_resetwal failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.run_server();
     }
 
     /// A libpq connection string for database `postgres` as user `postgres`.
@@ -169,27 +263,18 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGINT: fast shutdown.
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop_server();
     }
 }
 
 /// Runs SQL with `psql` against the server on `port` (usable from workload threads);
 /// panics with psql's error on failure.
 pub fn run_sql(psql: &Path, port: u16, sql: &str) -> String {
+    run_sql_in(psql, port, "postgres", sql)
+}
+
+/// [`run_sql`] in database `db`.
+fn run_sql_in(psql: &Path, port: u16, db: &str, sql: &str) -> String {
     let out = Command::new(psql)
         .args([
             "-h",
@@ -199,7 +284,7 @@ pub fn run_sql(psql: &Path, port: u16, sql: &str) -> String {
             "-U",
             "postgres",
             "-d",
-            "postgres",
+            db,
             "-v",
             "ON_ERROR_STOP=1",
             "-qAt",

@@ -1097,3 +1097,46 @@ async fn idle_tables_do_not_hold_wal_and_a_failing_source_retries_until_it_works
     later.stop();
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_after_the_xid_wraps_around_are_mirrored() {
+    let _serial = SERIAL.lock().await;
+    let mut pg = Postgres::start();
+    // Epoch 7, a few thousand xids before the 32-bit counter wraps.
+    pg.set_next_xid(7, 0xffff_f000);
+    let full_xid = |pg: &Postgres| -> u64 {
+        pg.psql("SELECT pg_current_xact_id()")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(full_xid(&pg) >> 32, 7);
+    pg.psql(
+        "CREATE TABLE wrap (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO wrap SELECT g, 'v' || g, g FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["wrap"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["wrap"]).await;
+    // A change before the wrap, then past it: the snapshot's xids are of epoch 7, these of 8.
+    pg.psql("UPDATE wrap SET n = -1 WHERE id = 1");
+    pg.psql(
+        "DO $$ BEGIN FOR i IN 1..5000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+    );
+    assert_eq!(full_xid(&pg) >> 32, 8, "the xid counter did not wrap");
+    pg.psql(
+        "INSERT INTO wrap VALUES (1000, 'after the wrap', 1);
+         UPDATE wrap SET v = 'updated after the wrap' WHERE id <= 10;
+         DELETE FROM wrap WHERE id BETWEEN 20 AND 29;",
+    );
+    caught_up(&pg, &c, &src, &["wrap"]).await;
+    let uri = dir.path().join("wrap").display().to_string();
+    let want = pg_rows(&pg, &KV_PG.replace("{t}", "wrap"));
+    assert_eq!(delta_rows(&uri, KV_DELTA).await, want);
+    src.stop();
+    c.stop();
+}

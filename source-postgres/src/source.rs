@@ -183,12 +183,44 @@ struct SnapshotMarker {
 }
 
 impl SnapshotMarker {
-    /// Whether the snapshot already contains transaction `xid` (32-bit, from pgoutput).
-    fn sees(&self, xid: u32) -> bool {
-        // Compare in the snapshot's epoch (no wraparound between slot and snapshot).
-        let full = (self.xmin & !0xffff_ffff) | xid as u64;
-        full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
+    /// Whether the snapshot already contains the transaction with 64-bit id `xid` (the
+    /// snapshot's bounds are 64-bit too: `pg_current_snapshot()`).
+    fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
     }
+}
+
+/// The 64-bit transaction id whose low 32 bits are `xid` (as pgoutput sends it), taking
+/// the epoch from `reference`, a 64-bit xid read from the server (its next xid) at about
+/// the time `xid` was decoded: the candidate nearest to it.
+///
+/// Like PostgreSQL's `FullTransactionIdFromAllowableAt`, this relies on every xid still
+/// to be decoded lying less than 2^31 behind the server's next xid (wraparound protection;
+/// the slot's `catalog_xmin` holds `datfrozenxid` back). Unlike it, `xid` may also be a
+/// little *newer* than `reference` (assigned after the reference was read), as long as it
+/// is less than 2^31 newer.
+fn full_xid(xid: u32, reference: u64) -> u64 {
+    let delta = xid.wrapping_sub(reference as u32) as i32 as i64;
+    let full = reference as i64 + delta;
+    // Nearest would be before xid 0: only the first epoch can hold it.
+    if full < 0 {
+        (full + (1 << 32)) as u64
+    } else {
+        full as u64
+    }
+}
+
+/// The server's next 64-bit transaction id (nothing is assigned by reading it).
+async fn next_full_xid(client: &Client) -> Result<u64> {
+    let v: i64 = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+            &[],
+        )
+        .await
+        .map_err(SourceError::pg("reading the next transaction id"))?
+        .get(0);
+    Ok(v as u64)
 }
 
 const MARKER: &str = "_freshet/source.json";
@@ -989,8 +1021,11 @@ async fn stream(
             *reported = lsn;
         }
     };
-    // The transaction being received: xid.
-    let mut open: Option<u32> = None;
+    // The transaction being received: its 64-bit xid.
+    let mut open: Option<u64> = None;
+    // Where 32-bit xids from the stream take their epoch from (see `full_xid`): the
+    // server's next xid, read again at every status refresh.
+    let mut xid_reference = next_full_xid(client).await?;
     let mut events: Vec<Event> = Vec::new();
     // The newest keepalive position received outside a transaction (safe to confirm).
     let mut heartbeat_at = start;
@@ -1013,12 +1048,16 @@ async fn stream(
                 confirm(&repl, &mut reported, heartbeat_at);
                 last_heartbeat = Instant::now();
             }
-            let server: String = client
-                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            let row = client
+                .query_one(
+                    "SELECT pg_current_wal_flush_lsn()::text, \
+                     pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+                    &[],
+                )
                 .await
-                .map_err(SourceError::pg("reading the server position"))?
-                .get(0);
-            let server = parse_lsn(&server)?;
+                .map_err(SourceError::pg("reading the server position"))?;
+            let server = parse_lsn(row.get(0))?;
+            xid_reference = row.get::<_, i64>(1) as u64;
             let sent = repl.metrics().last_applied_lsn().as_u64();
             let mut s = status.lock().expect("lock");
             s.confirmed_lsn = s.confirmed_lsn.max(sent);
@@ -1063,7 +1102,7 @@ async fn stream(
         };
         match ev {
             ReplicationEvent::Begin { xid, .. } => {
-                open = Some(xid);
+                open = Some(full_xid(xid, xid_reference));
                 events.clear();
             }
             ReplicationEvent::XLogData { data, .. } => match decode(&data)? {
@@ -1277,4 +1316,59 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(xmin: u64, xmax: u64, xip: Vec<u64>) -> SnapshotMarker {
+        SnapshotMarker {
+            source: "s".into(),
+            slot: "slot".into(),
+            consistent_lsn: 0,
+            xmin,
+            xmax,
+            xip,
+        }
+    }
+
+    #[test]
+    fn xids_take_the_epoch_nearest_the_reference() {
+        let e = |epoch: u64, xid: u64| epoch << 32 | xid;
+        // Same epoch, either side of the reference.
+        assert_eq!(full_xid(100, e(7, 200)), e(7, 100));
+        assert_eq!(full_xid(300, e(7, 200)), e(7, 300));
+        // The counter wrapped after the reference was read: the next epoch.
+        assert_eq!(full_xid(5, e(7, 0xffff_fff0)), e(8, 5));
+        // An xid from before the wrap, decoded after it: the previous epoch.
+        assert_eq!(full_xid(0xffff_fff0, e(8, 5)), e(7, 0xffff_fff0));
+        // Up to 2^31 behind.
+        assert_eq!(full_xid(6, e(8, 0x8000_0005)), e(8, 6));
+        // Epoch 0 has no epoch before it.
+        assert_eq!(full_xid(0xffff_ff00, 1000), 0xffff_ff00);
+    }
+
+    #[test]
+    fn a_transaction_after_the_xid_wraps_is_not_seen_by_an_older_snapshot() {
+        let epoch7 = 7u64 << 32;
+        let m = marker(
+            epoch7 | 0xffff_ff00,
+            epoch7 | 0xffff_ff10,
+            vec![epoch7 | 0xffff_ff05],
+        );
+        // Decoded a little after the wrap (the server's next xid is in epoch 8).
+        let reference = 8u64 << 32 | 100;
+        let sees = |xid: u32| m.sees(full_xid(xid, reference));
+        // xid 5 of epoch 8 began after the snapshot.
+        assert!(!sees(5));
+        // So did one just before the wrap, at or above the snapshot's xmax.
+        assert!(!sees(0xffff_ff10));
+        assert!(!sees(0xffff_fff0));
+        // Running when the snapshot was taken: not in it.
+        assert!(!sees(0xffff_ff05));
+        // Ended before the snapshot: in it.
+        assert!(sees(0xffff_fe00));
+        assert!(sees(0xffff_ff0a));
+    }
 }
