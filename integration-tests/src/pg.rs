@@ -237,6 +237,41 @@ impl Postgres {
         self.run_server();
     }
 
+    /// Makes commits that ask for synchronous replication (`synchronous_commit = on`; the
+    /// server's default here is `off`) wait for a standby that never connects: such a
+    /// transaction writes its commit record and then hangs, still running (in the proc
+    /// array, invisible to new snapshots), until [`Postgres::release_held_commits`].
+    pub fn hold_synchronous_commits(&self) {
+        self.psql("ALTER SYSTEM SET synchronous_standby_names = 'freshet_absent_standby'");
+        self.psql("SELECT pg_reload_conf()");
+    }
+
+    /// Runs `sql` in its own session with `synchronous_commit = on`, on a thread (it hangs
+    /// while commits are held); the thread returns psql's output.
+    pub fn spawn_synchronous(&self, sql: &str) -> std::thread::JoinHandle<String> {
+        let (psql, port) = (self.psql_bin(), self.port);
+        let sql = format!("SET synchronous_commit = on; {sql}");
+        std::thread::spawn(move || run_sql(&psql, port, &sql))
+    }
+
+    /// How many committed transactions are waiting for the absent standby.
+    pub fn held_commits(&self) -> usize {
+        self.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Cancels the waits of held commits (their transactions stay committed: PostgreSQL
+    /// warns that they already committed locally, then ends them) and holds no more.
+    pub fn release_held_commits(&self) {
+        self.psql(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        );
+        self.psql("ALTER SYSTEM RESET synchronous_standby_names");
+        self.psql("SELECT pg_reload_conf()");
+    }
+
     /// A libpq connection string for database `postgres` as user `postgres`.
     pub fn conninfo(&self) -> String {
         format!(

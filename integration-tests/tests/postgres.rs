@@ -831,6 +831,58 @@ async fn unchanged_toasted_values_keep_their_value() {
     c.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_keeps_unchanged_toasted_values() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    // REPLICA IDENTITY DEFAULT: an update that changes the key sends the old key only.
+    pg.psql(
+        "CREATE TABLE big (id bigint PRIMARY KEY, payload text, n int);
+         ALTER TABLE big ALTER COLUMN payload SET STORAGE EXTERNAL;
+         INSERT INTO big SELECT g, repeat(md5(g::text), 1000), 0 FROM generate_series(1, 20) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["big"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["big"]).await;
+    let uri = dir.path().join("big").display().to_string();
+    let pg_sql =
+        "SELECT id, md5(payload) || ',' || length(payload) || ',' || n FROM big ORDER BY id";
+    let delta_sql = "SELECT id, md5(payload) || ',' || CAST(length(payload) AS VARCHAR) || ',' || CAST(n AS VARCHAR) FROM t ORDER BY id";
+    // Key changes leaving the 32 KB payloads untouched (pgoutput: 'unchanged'): alone, with
+    // another column, followed by another update in the same transaction, and one whose
+    // row is deleted by a later transaction.
+    pg.psql("UPDATE big SET id = id + 1000 WHERE id <= 5");
+    pg.psql("UPDATE big SET id = 2000, n = 9 WHERE id = 6");
+    pg.psql("BEGIN; UPDATE big SET id = 3000 WHERE id = 7; UPDATE big SET n = 1 WHERE id = 3000; COMMIT;");
+    pg.psql("UPDATE big SET id = 4000 WHERE id = 8");
+    pg.psql("DELETE FROM big WHERE id = 4000");
+    caught_up(&pg, &c, &src, &["big"]).await;
+    assert_eq!(delta_rows(&uri, delta_sql).await, pg_rows(&pg, pg_sql));
+
+    // A key change whose transaction is decoded while it is not yet visible to other
+    // sessions (its commit record is written, it waits for a synchronous standby): the
+    // value must still be the row's, not a missing row's.
+    pg.hold_synchronous_commits();
+    let held = pg.spawn_synchronous("UPDATE big SET id = 5000 WHERE id = 9");
+    let end = Instant::now() + Duration::from_secs(30);
+    while pg.held_commits() == 0 {
+        assert!(Instant::now() < end, "the commit was not held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for the stream to receive and handle it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.release_held_commits();
+    held.join().unwrap();
+    caught_up(&pg, &c, &src, &["big"]).await;
+    assert_eq!(delta_rows(&uri, delta_sql).await, pg_rows(&pg, pg_sql));
+    src.stop();
+    c.stop();
+}
+
 /// One source definition in TOML, as `freshet source add` sends it.
 fn definition(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> String {
     let mut s = format!(

@@ -14,6 +14,24 @@ pub enum Value {
     Text(String),
 }
 
+/// The old tuple of an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldTuple {
+    /// `K`: the replica identity's columns; every other column is null, whatever its value.
+    Key(Vec<Value>),
+    /// `O`: the whole old row (REPLICA IDENTITY FULL).
+    Row(Vec<Value>),
+}
+
+impl OldTuple {
+    /// The tuple's values, in column order.
+    pub fn values(&self) -> &[Value] {
+        match self {
+            OldTuple::Key(v) | OldTuple::Row(v) => v,
+        }
+    }
+}
+
 /// A column of a relation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelationColumn {
@@ -74,7 +92,7 @@ pub enum Message {
         /// Relation OID.
         oid: u32,
         /// Old key or row, when sent.
-        old: Option<Vec<Value>>,
+        old: Option<OldTuple>,
         /// The new row.
         new: Vec<Value>,
     },
@@ -229,8 +247,11 @@ pub fn decode(data: &[u8]) -> Result<Message> {
             let oid = r.u32()?;
             let mut kind = r.u8()?;
             let mut old = None;
-            if kind == b'K' || kind == b'O' {
-                old = Some(r.tuple()?);
+            if kind == b'K' {
+                old = Some(OldTuple::Key(r.tuple()?));
+                kind = r.u8()?;
+            } else if kind == b'O' {
+                old = Some(OldTuple::Row(r.tuple()?));
                 kind = r.u8()?;
             }
             if kind != b'N' {
@@ -317,7 +338,7 @@ mod tests {
             decode(&u).unwrap(),
             Message::Update {
                 oid: 16384,
-                old: Some(vec![Value::Text("7".into()), Value::Null]),
+                old: Some(OldTuple::Key(vec![Value::Text("7".into()), Value::Null])),
                 new: vec![Value::Unchanged, Value::Null],
             }
         );

@@ -39,7 +39,7 @@ use crate::copy::CopyText;
 
 use crate::config::{SourceConfig, SourceTable};
 use crate::error::{Result, SourceError};
-use crate::pgoutput::{Message, Value, decode, format_lsn, parse_lsn};
+use crate::pgoutput::{Message, OldTuple, Value, decode, format_lsn, parse_lsn};
 use crate::schema::{PgTable, describe};
 use crate::types::array_from_text;
 
@@ -864,22 +864,32 @@ async fn evolve(
     Ok(())
 }
 
-/// Fills unchanged TOASTed values (pgoutput's `u`, sent without the old row unless the
-/// table has REPLICA IDENTITY FULL) from the row as PostgreSQL holds it now. The value may
-/// be newer than this transaction's; every later change of the row follows in the stream,
-/// so the Delta table converges to PostgreSQL's content. A row deleted since reads as null
-/// until its delete arrives.
-async fn fill_unchanged(client: &Client, m: &Mirror, new: &mut [Value]) -> Result<()> {
+/// Fills unchanged TOASTed values (pgoutput's `u`, sent without the old value unless the
+/// table has REPLICA IDENTITY FULL) from the row as PostgreSQL holds it now under the new
+/// key, once transaction `xid` (which made this change) is visible. `false`: no row has
+/// that key any more.
+///
+/// Why the current row: the old value is not in the stream (a key-only old tuple carries
+/// nulls outside the key), and Freshet's own copy of the old key's row is split between
+/// staged segments and Delta files that the source cannot read by key. The current row is
+/// exact for an unchanged column *if* it is read after `xid` is visible: before that (its
+/// commit record is in the WAL, so it can be decoded, while it still waits, e.g. for a
+/// synchronous standby) a key change's new key does not exist yet for other sessions.
+/// Read after, the value is this transaction's or a later one's, and every later change
+/// of the row follows in the stream, so the table converges to PostgreSQL's content. A
+/// row that is gone was deleted or moved by such a later transaction.
+async fn fill_unchanged(client: &Client, m: &Mirror, xid: u64, new: &mut [Value]) -> Result<bool> {
     let missing: Vec<usize> = (0..new.len())
         .filter(|j| new[*j] == Value::Unchanged)
         .collect();
     let cols: Vec<String> = missing
         .iter()
-        .map(|j| format!("{}::text", quote_ident(&m.pg.columns[*j].name)))
+        .enumerate()
+        .map(|(n, j)| format!("{}::text AS c{n}", quote_ident(&m.pg.columns[*j].name)))
         .collect();
-    let mut params: Vec<String> = Vec::new();
+    let mut params: Vec<String> = vec![xid.to_string()];
     let mut conds: Vec<String> = Vec::new();
-    for (n, k) in m.key_idx.iter().enumerate() {
+    for k in &m.key_idx {
         let c = &m.pg.columns[*k];
         let Value::Text(v) = &new[*k] else {
             return Err(SourceError::Protocol(format!(
@@ -891,12 +901,19 @@ async fn fill_unchanged(client: &Client, m: &Mirror, new: &mut [Value]) -> Resul
         conds.push(format!(
             "{} = ${}::text::{}",
             quote_ident(&c.name),
-            n + 1,
+            params.len(),
             c.type_name
         ));
     }
+    // One statement, one snapshot: whether `xid` is visible, and the row as of then.
     let sql = format!(
-        "SELECT {} FROM {} WHERE {}",
+        "SELECT v.visible, r.found, {} FROM \
+         (SELECT pg_visible_in_snapshot($1::text::xid8, pg_current_snapshot()) AS visible) v \
+         LEFT JOIN LATERAL (SELECT true AS found, {} FROM {} WHERE {}) r ON v.visible",
+        (0..missing.len())
+            .map(|n| format!("r.c{n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         cols.join(", "),
         quote(&m.pg.qualified),
         conds.join(" AND ")
@@ -905,23 +922,35 @@ async fn fill_unchanged(client: &Client, m: &Mirror, new: &mut [Value]) -> Resul
         .iter()
         .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect();
-    let row = client
-        .query_opt(&sql, &refs)
-        .await
-        .map_err(SourceError::pg(format!(
-            "reading unchanged values of {}",
-            m.pg.qualified
-        )))?;
+    let started = Instant::now();
+    let mut logged = Instant::now();
+    let row = loop {
+        let row = client
+            .query_one(&sql, &refs)
+            .await
+            .map_err(SourceError::pg(format!(
+                "reading unchanged values of {}",
+                m.pg.qualified
+            )))?;
+        if row.get::<_, bool>(0) {
+            break row;
+        }
+        if logged.elapsed() >= Duration::from_secs(10) {
+            logged = Instant::now();
+            tracing::info!(table = %m.cfg.name, xid, waited_s = started.elapsed().as_secs(), "waiting for a decoded transaction to become visible (a synchronous standby?)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if row.get::<_, Option<bool>>(1).is_none() {
+        return Ok(false);
+    }
     for (n, j) in missing.iter().enumerate() {
-        new[*j] = match &row {
-            Some(r) => match r.get::<_, Option<String>>(n) {
-                Some(s) => Value::Text(s),
-                None => Value::Null,
-            },
+        new[*j] = match row.get::<_, Option<String>>(n + 2) {
+            Some(s) => Value::Text(s),
             None => Value::Null,
         };
     }
-    Ok(())
+    Ok(true)
 }
 
 /// One decoded transaction's work, in order.
@@ -1154,18 +1183,39 @@ async fn stream(
                     let mut new = new;
                     if let Some(old) = &old {
                         // A changed key is a delete of the old key plus an insert.
-                        if m.key_of(old) != m.key_of(&new) {
-                            push(&mut events, &relations, oid, (OP_DELETE, old.clone()));
+                        if m.key_of(old.values()) != m.key_of(&new) {
+                            let gone = old.values().to_vec();
+                            push(&mut events, &relations, oid, (OP_DELETE, gone));
                         }
-                        // Unchanged TOASTed values keep the old value (sent with REPLICA IDENTITY FULL).
-                        for (j, v) in new.iter_mut().enumerate() {
-                            if *v == Value::Unchanged && !matches!(old[j], Value::Unchanged) {
-                                *v = old[j].clone();
+                        // Unchanged TOASTed values keep the old value, but only a whole old
+                        // row (REPLICA IDENTITY FULL) has it: a key-only old tuple (a key
+                        // change under the default identity) holds nulls there instead.
+                        if let OldTuple::Row(row) = old {
+                            for (j, v) in new.iter_mut().enumerate() {
+                                if *v == Value::Unchanged && !matches!(row[j], Value::Unchanged) {
+                                    *v = row[j].clone();
+                                }
                             }
                         }
                     }
                     if new.contains(&Value::Unchanged) {
-                        fill_unchanged(client, m, &mut new).await?;
+                        let Some(xid) = open else {
+                            return Err(SourceError::Protocol(
+                                "an update outside a transaction".into(),
+                            ));
+                        };
+                        if !fill_unchanged(client, m, xid, &mut new).await? {
+                            // The row is gone: a later transaction, still to come in the
+                            // stream, deleted it or moved it to another key. A delete
+                            // (which needs the key only) converges the same way.
+                            for v in new.iter_mut() {
+                                if *v == Value::Unchanged {
+                                    *v = Value::Null;
+                                }
+                            }
+                            push(&mut events, &relations, oid, (OP_DELETE, new));
+                            continue;
+                        }
                     }
                     push(&mut events, &relations, oid, (OP_UPSERT, new));
                 }
