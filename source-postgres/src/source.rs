@@ -235,6 +235,35 @@ struct Mirror {
     /// The change schema of the Freshet table: its columns, then the op column.
     schema: SchemaRef,
     key_idx: Vec<usize>,
+    /// The WAL position read after `pg` was described: a transaction committed before it
+    /// may show an older, shorter shape (it ran before a column was added); one committed
+    /// at or after it cannot, so a shape missing columns of `pg` there is a drop.
+    shape_lsn: u64,
+}
+
+/// How many columns `new` appends to `old`: `Some(n)` when `new` is `old` followed by `n`
+/// more columns (0: the same), `None` for any other change (a column dropped, the last one
+/// included, renamed, retyped or moved). The one rule for which column changes are
+/// mirrored without stopping, since a Delta table can only grow at the end.
+fn appended<T: PartialEq>(old: &[T], new: &[T]) -> Option<usize> {
+    (new.len() >= old.len() && new[..old.len()] == *old).then(|| new.len() - old.len())
+}
+
+/// A column as a relation change is judged by: name, type and type modifier.
+type ColumnShape<'a> = (&'a str, u32, i32);
+
+fn relation_shape(columns: &[crate::pgoutput::RelationColumn]) -> Vec<ColumnShape<'_>> {
+    columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_oid, c.type_mod))
+        .collect()
+}
+
+fn table_shape(pg: &PgTable) -> Vec<ColumnShape<'_>> {
+    pg.columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_oid, c.type_mod))
+        .collect()
 }
 
 /// A change row: op and values in PostgreSQL column order.
@@ -392,6 +421,7 @@ async fn prepare(
             schema: change_schema(&current),
             key_idx: Vec::new(),
             pg,
+            shape_lsn: 0,
         };
         reconcile(&client, coordinator, &mut m, &current, &def).await?;
         m.key_idx =
@@ -405,6 +435,16 @@ async fn prepare(
                 })
                 .collect();
         mirrors.push(m);
+    }
+    // Read after every table was described (see `Mirror::shape_lsn`).
+    let described: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(SourceError::pg("reading the server position"))?
+        .get(0);
+    let described = parse_lsn(&described)?;
+    for m in &mut mirrors {
+        m.shape_lsn = described;
     }
     ensure_publication(&client, config, &mirrors).await?;
     Ok((client, mirrors))
@@ -429,13 +469,12 @@ async fn reconcile(
             .collect()
     };
     let (have, want) = (columns_of(current), columns_of(wanted));
-    if have == want && current.primary_key == wanted.primary_key {
+    let same_key = current.primary_key == wanted.primary_key;
+    let added = appended(&have, &want).filter(|_| same_key);
+    if added == Some(0) {
         return Ok(());
     }
-    let extends = want.len() > have.len()
-        && want[..have.len()] == have[..]
-        && current.primary_key == wanted.primary_key;
-    if !extends {
+    if added.is_none() {
         let _ = coordinator.set_paused(&m.cfg.name, true).await;
         let show = |v: &[(String, DataType)]| {
             v.iter()
@@ -999,6 +1038,8 @@ async fn stream(
         .map(|(i, m)| (m.pg.qualified.clone(), i))
         .collect();
     let mut relations: HashMap<u32, usize> = HashMap::new();
+    // Per mirror, the columns of the last relation message of this session.
+    let mut shapes: HashMap<usize, Vec<crate::pgoutput::RelationColumn>> = HashMap::new();
     if !slot_free(client, config, stop).await? {
         return Ok(());
     }
@@ -1052,6 +1093,8 @@ async fn stream(
     };
     // The transaction being received: its 64-bit xid.
     let mut open: Option<u64> = None;
+    // Its commit position (from its Begin).
+    let mut open_lsn: u64 = 0;
     // Where 32-bit xids from the stream take their epoch from (see `full_xid`): the
     // server's next xid, read again at every status refresh.
     let mut xid_reference = next_full_xid(client).await?;
@@ -1130,8 +1173,9 @@ async fn stream(
             ));
         };
         match ev {
-            ReplicationEvent::Begin { xid, .. } => {
+            ReplicationEvent::Begin { xid, final_lsn, .. } => {
                 open = Some(full_xid(xid, xid_reference));
+                open_lsn = final_lsn.as_u64();
                 events.clear();
             }
             ReplicationEvent::XLogData { data, .. } => match decode(&data)? {
@@ -1147,28 +1191,50 @@ async fn stream(
                         continue;
                     };
                     let m = &mirrors[i];
-                    let common = columns.iter().zip(&m.pg.columns).all(|(a, b)| {
-                        a.name == b.name && a.type_oid == b.type_oid && a.type_mod == b.type_mod
-                    });
-                    if common && columns.len() > m.pg.columns.len() {
-                        // ALTER TABLE ADD COLUMN: evolve the Delta table first.
-                        evolve(client, coordinator, &mut mirrors[i], oid, &columns).await?;
-                    } else if !common {
-                        // A dropped, renamed or retyped column: writing on would be wrong.
+                    let rel = relation_shape(&columns);
+                    let known = table_shape(&m.pg);
+                    // Within this session, every relation message must extend the last one.
+                    let since_last = shapes
+                        .get(&i)
+                        .map(|last: &Vec<_>| appended(&relation_shape(last), &rel).is_some());
+                    let added = appended(&known, &rel);
+                    let compatible = since_last != Some(false)
+                        && (added.is_some()
+                            // Shorter: an older shape replayed, only from before the
+                            // table was described; later, columns were dropped.
+                            || (appended(&rel, &known).is_some() && open_lsn < m.shape_lsn));
+                    if !compatible {
+                        // A dropped (the last one too), renamed or retyped column: writing
+                        // on would be wrong.
                         let table = mirrors[i].cfg.name.clone();
+                        let dropped: Vec<&str> = known
+                            .iter()
+                            .filter(|k| !rel.iter().any(|r| r.0 == k.0))
+                            .map(|k| k.0)
+                            .collect();
                         let _ = coordinator.set_paused(&table, true).await;
                         return Err(SourceError::Table {
                             table: q,
                             message: format!(
-                                "its columns changed incompatibly in PostgreSQL (now: {}); the Freshet table '{table}' is paused and the source stopped before writing anything under the new shape",
+                                "its columns changed incompatibly in PostgreSQL (now: {}{}); the Freshet table '{table}' is paused and the source stopped before writing anything under the new shape",
                                 columns
                                     .iter()
                                     .map(|c| c.name.as_str())
                                     .collect::<Vec<_>>()
-                                    .join(", ")
+                                    .join(", "),
+                                if dropped.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; dropped: {}", dropped.join(", "))
+                                }
                             ),
                         });
                     }
+                    if added.is_some_and(|n| n > 0) {
+                        // ALTER TABLE ADD COLUMN: evolve the Delta table first.
+                        evolve(client, coordinator, &mut mirrors[i], oid, &columns).await?;
+                    }
+                    shapes.insert(i, columns);
                     // Fewer columns than known: an older shape replayed; rows are padded.
                     relations.insert(oid, i);
                 }
@@ -1381,6 +1447,19 @@ mod tests {
             xmax,
             xip,
         }
+    }
+
+    #[test]
+    fn only_columns_added_at_the_end_are_append_only() {
+        assert_eq!(appended(&["id", "a"], &["id", "a"]), Some(0));
+        assert_eq!(appended(&["id", "a"], &["id", "a", "b", "c"]), Some(2));
+        // Dropping the last column, or any other.
+        assert_eq!(appended(&["id", "a", "b"], &["id", "a"]), None);
+        assert_eq!(appended(&["id", "a", "b"], &["id", "b"]), None);
+        // Renamed or moved.
+        assert_eq!(appended(&["id", "a"], &["id", "x"]), None);
+        assert_eq!(appended(&["id", "a"], &["a", "id"]), None);
+        assert_eq!(appended(&["id", "a"], &["id", "x", "a"]), None);
     }
 
     #[test]
