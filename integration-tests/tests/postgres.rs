@@ -979,6 +979,95 @@ async fn a_key_change_keeps_unchanged_toasted_values() {
     c.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_committed_but_still_running_at_the_snapshot_is_not_lost() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE TABLE seam (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO seam SELECT g, 'v' || g, g FROM generate_series(1, 100) g;",
+    );
+    // The slot exists already (as for a table added to a running source), so that nothing
+    // but the snapshot's own wait runs between the source's start and the copy.
+    pg.psql("SELECT pg_create_logical_replication_slot('freshet_slot', 'pgoutput')");
+    pg.hold_synchronous_commits();
+    // An older transaction keeps the snapshot waiting for a while.
+    let older = pg.spawn_synchronous(
+        "SET synchronous_commit = off; BEGIN; SELECT pg_current_xact_id(); SELECT pg_sleep(4); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["seam"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while src.status().state != "snapshotting" {
+        assert!(Instant::now() < end, "{:?}", src.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While the snapshot waits: a transaction writes its commit record, then waits for the
+    // absent synchronous standby, still running.
+    let held = pg.spawn_synchronous(
+        "INSERT INTO seam VALUES (1000, 'held', 1); UPDATE seam SET v = 'held' WHERE id = 1;",
+    );
+    while pg.held_commits() == 0 {
+        assert!(Instant::now() < end, "the commit was not held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    older.join().unwrap();
+    // The table is copied (or the copy waits for the held transaction).
+    let end = Instant::now() + Duration::from_secs(5);
+    while src.status().state != "streaming" && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pg.held_commits(), 1);
+    pg.release_held_commits();
+    held.join().unwrap();
+    caught_up(&pg, &c, &src, &["seam"]).await;
+    let uri = dir.path().join("seam").display().to_string();
+    assert_eq!(
+        delta_rows(&uri, KV_DELTA).await,
+        pg_rows(&pg, &KV_PG.replace("{t}", "seam"))
+    );
+    src.stop();
+
+    // A table added later, while a transaction that changed it is held before its copy
+    // starts: the copy waits for it (it is committed in the WAL, before any position the
+    // copy could start from), then holds its changes.
+    pg.psql(
+        "CREATE TABLE seam2 (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO seam2 SELECT g, 'v' || g, g FROM generate_series(1, 100) g;",
+    );
+    pg.hold_synchronous_commits();
+    let held = pg.spawn_synchronous("UPDATE seam2 SET v = 'held' WHERE id <= 10;");
+    let end = Instant::now() + Duration::from_secs(30);
+    while pg.held_commits() == 0 {
+        assert!(Instant::now() < end, "the commit was not held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let src = freshet_source_postgres::start(
+        source(&pg, dir.path(), &["seam", "seam2"]),
+        c.coordinator.clone(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(src.status().state, "snapshotting", "{:?}", src.status());
+    pg.release_held_commits();
+    held.join().unwrap();
+    caught_up(&pg, &c, &src, &["seam", "seam2"]).await;
+    let uri = dir.path().join("seam2").display().to_string();
+    assert_eq!(
+        delta_rows(&uri, KV_DELTA).await,
+        pg_rows(&pg, &KV_PG.replace("{t}", "seam2"))
+    );
+    src.stop();
+    c.stop();
+}
+
 /// One source definition in TOML, as `freshet source add` sends it.
 fn definition(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> String {
     let mut s = format!(

@@ -8,11 +8,13 @@
 //! table (rows, a TRUNCATE, more rows). This needs LSNs below 2^47 (128 TiB of WAL).
 //!
 //! The seam, per table (see [`snapshot`]): the server's WAL insert position `L` is read,
-//! then the table is copied in a REPEATABLE READ transaction whose `pg_current_snapshot()`
-//! is recorded beside it, and staged at `(L - 1) << 16 | k` after a truncate. A streamed
-//! transaction whose xid that snapshot already sees is skipped for that table; every
-//! other one commits at or after `L`, sorts after the copy and is applied, so nothing is
-//! missed or applied twice.
+//! every transaction that has an xid then is waited for (including one whose commit record
+//! is written but that still waits, e.g. for a synchronous standby), then the table is
+//! copied in a REPEATABLE READ transaction whose `pg_current_snapshot()` is recorded beside
+//! it, and staged at `(L - 1) << 16 | k` after a truncate. Every transaction committed
+//! before `L` is in that snapshot. A streamed transaction whose xid the snapshot already
+//! sees is skipped for that table; every other one commits at or after `L`, sorts after
+//! the copy and is applied, so nothing is missed or applied twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -637,7 +639,6 @@ async fn run(
         .collect();
     if !missing.is_empty() {
         status.lock().expect("lock").state = "snapshotting".into();
-        wait_for_older_transactions(&client).await?;
         for i in missing {
             markers[i] = Some(snapshot(config, coordinator, &mirrors[i], status).await?);
             if *stop.borrow() {
@@ -663,8 +664,11 @@ async fn run(
     .await
 }
 
-/// Waits until every transaction running now has ended. A table just added to the
-/// publication is then published in every transaction that the table's snapshot does not
+/// Waits until every transaction that has an xid now has ended: those still running,
+/// and those that wrote their commit record but have not yet left the running set (a
+/// commit waiting for a synchronous standby is one; its commit is in the WAL, but
+/// snapshots still count it as running). See [`snapshot`] for why. It also makes a table
+/// just added to the publication published in every transaction its snapshot does not
 /// see (one that began before the `ALTER PUBLICATION` could otherwise have its changes to
 /// the table decoded as unpublished).
 async fn wait_for_older_transactions(client: &Client) -> Result<()> {
@@ -698,9 +702,21 @@ async fn wait_for_older_transactions(client: &Client) -> Result<()> {
 }
 
 /// Copies one table under its own REPEATABLE READ snapshot (COPY, staged in chunks) and
-/// records the snapshot beside it. The server's WAL insert position `L` is read before the
-/// snapshot is taken, so every transaction the snapshot misses commits at or after `L`:
-/// the copy is staged at `(L - 1) << 16 | k`, before all of them.
+/// records the snapshot beside it, staged at `(L - 1) << 16 | k` where `L` is the server's
+/// WAL insert position read first. The seam needs both halves of:
+///
+/// - every transaction the snapshot misses commits (its commit record starts) at or after
+///   `L`, so it is streamed and sorts after the copy; and
+/// - every transaction committed before `L` is in the snapshot.
+///
+/// A snapshot counts as running every transaction still in the server's running set,
+/// and a transaction writes its commit record *before* it leaves that set (a synchronous
+/// commit waits for its standby in between, for as long as the standby takes). So after
+/// reading `L` the copy first waits until every transaction that had an xid at that
+/// moment has ended ([`wait_for_older_transactions`]). Then a transaction committed before
+/// `L` had its xid before `L` was read, has ended and is visible to the snapshot taken
+/// next; and one the snapshot misses got its xid after `L` was read, so its commit record
+/// follows `L`.
 async fn snapshot(
     config: &SourceConfig,
     coordinator: &Arc<Coordinator>,
@@ -714,6 +730,8 @@ async fn snapshot(
         .map_err(SourceError::pg("reading the server position"))?
         .get(0);
     let base = parse_lsn(&l)?.saturating_sub(1);
+    // Only after `L` (see above).
+    wait_for_older_transactions(&client).await?;
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
