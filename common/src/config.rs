@@ -131,6 +131,10 @@ pub struct CycleConfig {
     pub history: usize,
     /// Static worker endpoints (`http://host:port`); embedded mode fills these in.
     pub workers: Vec<String>,
+    /// Most staged changes (bytes in memory) one cycle takes, so a backlog is worked off in
+    /// bounded cycles (never more than half of `server.max_message_bytes`, so every task's
+    /// request fits in a message); what is left goes into the next cycle at once.
+    pub max_changes_bytes: u64,
 }
 
 impl Default for CycleConfig {
@@ -143,6 +147,7 @@ impl Default for CycleConfig {
             orphan_grace_ms: 3_600_000,
             history: 1000,
             workers: Vec::new(),
+            max_changes_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -155,7 +160,9 @@ pub struct IngestConfig {
     pub max_batch_rows: usize,
     /// Most bytes in one batch's payload.
     pub max_batch_bytes: usize,
-    /// Most bytes staged but not yet applied, per table, before ingest pushes back.
+    /// Most bytes (decoded, in memory) staged but not yet applied, per table: beyond it
+    /// ingest is refused (RESOURCE_EXHAUSTED) and a CDC source waits; recovery keeps at most
+    /// this much in memory and reads the rest when a cycle takes it.
     pub max_pending_bytes: u64,
 }
 
@@ -164,7 +171,7 @@ impl Default for IngestConfig {
         IngestConfig {
             max_batch_rows: 1_000_000,
             max_batch_bytes: 64 * 1024 * 1024,
-            max_pending_bytes: 1024 * 1024 * 1024,
+            max_pending_bytes: 256 * 1024 * 1024,
         }
     }
 }

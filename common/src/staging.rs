@@ -114,6 +114,14 @@ pub async fn read_segment_with_marks(
     Ok((batches, marks))
 }
 
+/// The staging sequence of a staged batch (every row of one batch has the same).
+pub fn batch_sequence(b: &RecordBatch) -> Option<u64> {
+    use arrow::array::AsArray;
+    let col = b.column_by_name(crate::changes::SEQ_COLUMN)?;
+    let seqs = col.as_primitive_opt::<arrow::datatypes::UInt64Type>()?;
+    (!seqs.is_empty()).then(|| seqs.value(0))
+}
+
 /// Lists the segments, in sequence order.
 pub async fn list_segments(store: &Arc<dyn ObjectStore>) -> Result<Vec<SegmentInfo>> {
     let prefix = Path::from(STAGING_DIR);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use freshet_common::changes::{change_schema, last_change_per_key};
 use freshet_common::delta::{applied_sequence, files};
 use freshet_common::error::{Error, Result};
-use freshet_common::staging::delete_segment;
+use freshet_common::staging::{batch_sequence, delete_segment, read_segment_with_marks};
 use freshet_common::table::partition_dir;
 use freshet_proto::admin::v1::{CycleRecord, Phase, TaskRecord};
 use freshet_proto::worker::v1::{InputFile, RewriteRequest, TableSpec};
@@ -63,8 +63,28 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
     let mut phases = Phases::new();
     let mut table = t.delta.lock().await;
 
-    // Phase: read pending (in memory; what recovery or the stager put there).
-    let segments = t.pending.lock().expect("lock").segments.clone();
+    // Phase: read pending (what recovery or the stager put there), oldest first, up to the
+    // cycle's bound (at least one segment); the rest goes into the next cycle.
+    let cap = inner
+        .config
+        .cycle
+        .max_changes_bytes
+        .min(inner.config.server.max_message_bytes as u64 / 2)
+        .max(1);
+    let (segments, more) = {
+        let p = t.pending.lock().expect("lock");
+        let mut bytes = 0u64;
+        let n = p
+            .segments
+            .iter()
+            .take_while(|s| {
+                let fits = bytes == 0 || bytes + s.bytes <= cap;
+                bytes += s.bytes.max(1);
+                fits
+            })
+            .count();
+        (p.segments[..n].to_vec(), n < p.segments.len())
+    };
     if segments.is_empty() {
         return Ok(rec);
     }
@@ -88,7 +108,17 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             rec.delta_version = table.version().map(|v| v as i64).unwrap_or(-1);
             return Ok(());
         }
-        let batches: Vec<_> = todo.iter().flat_map(|s| s.batches.iter().cloned()).collect();
+        let mut batches = Vec::new();
+        for s in &todo {
+            match &s.batches {
+                Some(b) => batches.extend(b.iter().cloned()),
+                // Left in the store by recovery (beyond its memory budget): read it now.
+                None => {
+                    let (b, _) = read_segment_with_marks(&t.store, &s.path).await?;
+                    batches.extend(b.into_iter().filter(|b| batch_sequence(b).is_none_or(|q| !s.skip.contains(&q))));
+                }
+            }
+        }
         // Each idempotent producer's last batch in this cycle, recorded in the commit.
         let mut producers: std::collections::BTreeMap<String, u64> = Default::default();
         for m in todo.iter().flat_map(|s| &s.producers) {
@@ -263,6 +293,10 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
                 }
             }
             phases.end("cleanup");
+            if more {
+                // A backlog: the next bounded cycle starts at once.
+                t.wake.notify_one();
+            }
             rec.freshness_lag_ms =
                 (chrono::Utc::now().timestamp_millis() - oldest_ack).max(0) as u64;
         }

@@ -395,4 +395,46 @@ mod tests {
         assert!(e.to_string().contains("no answer within 50 ms"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(30));
     }
+
+    #[tokio::test]
+    async fn no_write_outlives_the_lease() {
+        // A store that hangs (a minute per request) under a lease with ~1.2 s left: the
+        // write is cut when the lease (less its margin) runs out, and no retry starts.
+        let raw: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let plan = FaultPlan::new(FaultSpec {
+            seed: 0,
+            rules: vec![FaultRule {
+                ops: vec![Op::PutIfAbsent],
+                latency_ms: 60_000,
+                ..Default::default()
+            }],
+        });
+        let s = FencedStore::new(
+            Arc::new(FaultStore::new(raw.clone(), plan)),
+            Arc::new(Fence::lease_only(Duration::from_millis(1200))),
+            RequestPolicy {
+                max_attempts: 10,
+                attempt_timeout: Duration::from_secs(30),
+                backoff: Duration::from_millis(10),
+            },
+        );
+        let started = std::time::Instant::now();
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let e = s
+            .put_opts(&Path::from("seg"), PutPayload::from("x"), create)
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(e.to_string().contains("lease"), "{e}");
+        assert!(
+            took < Duration::from_millis(1200),
+            "the write outlived the lease: {took:?}"
+        );
+        // Nothing was written, not even later.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(raw.head(&Path::from("seg")).await.is_err());
+    }
 }

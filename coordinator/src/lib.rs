@@ -533,7 +533,8 @@ impl Coordinator {
         let store = log.object_store(None);
         let (delta, adopted) = open_or_create_in(&def, log).await?;
         let grace = Duration::from_millis(self.inner.config.cycle.orphan_grace_ms);
-        let rec = recovery::recover(&def, &store, &delta, grace).await?;
+        let budget = self.inner.config.ingest.max_pending_bytes;
+        let rec = recovery::recover(&def, &store, &delta, grace, budget).await?;
         let (tx, rx) = mpsc::channel(1024);
         let t = TableRuntime::new(def, store, delta, tx);
         t.pending.lock().expect("lock").segments = rec.pending;
@@ -689,6 +690,7 @@ impl Coordinator {
                 ),
             ));
         }
+        self.wait_for_room(&t).await?;
         let (reply, rx) = oneshot::channel();
         t.stager
             .send(StageRequest {
@@ -704,6 +706,37 @@ impl Coordinator {
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))??
             .sequence)
+    }
+
+    /// Back-pressure for a source: waits while the table holds more than its pending limit
+    /// in memory (the source stops reading its stream meanwhile, and the database keeps the
+    /// changes), so a paused table with a busy source cannot grow the coordinator.
+    async fn wait_for_room(&self, t: &Arc<TableRuntime>) -> Result<()> {
+        let limit = self.inner.config.ingest.max_pending_bytes;
+        let mut stop = self.inner.stop.subscribe();
+        let mut closed = t.closed.subscribe();
+        let mut logged = false;
+        loop {
+            let held = t.pending.lock().expect("lock").bytes();
+            if held <= limit {
+                if logged {
+                    tracing::info!(table = %t.def.name, "pending changes below the limit; the source reads on");
+                }
+                return Ok(());
+            }
+            if !logged {
+                tracing::warn!(table = %t.def.name, held, limit, "pending changes over ingest.max_pending_bytes; the source waits");
+                logged = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.wait_for(|s| *s) => return Err(Error::Unavailable("coordinator stopped".into())),
+                _ = closed.wait_for(|s| *s) => return Err(Error::Unavailable(format!("table '{}' is being replaced", t.def.name))),
+            }
+            if self.inner.dead.load(Ordering::SeqCst) {
+                return Err(Error::Unavailable("coordinator stopped".into()));
+            }
+        }
     }
 
     /// Runs cycles until no staged segment starts below `before` (a barrier before an

@@ -9,7 +9,9 @@ use std::time::Duration;
 use deltalake::DeltaTable;
 use freshet_common::delta::{applied_sequence, producer_sequence};
 use freshet_common::error::Result;
-use freshet_common::staging::{delete_segment, list_segments, read_segment_with_marks};
+use freshet_common::staging::{
+    batch_sequence, delete_segment, list_segments, read_segment_with_marks,
+};
 use freshet_common::table::TableDef;
 use object_store::ObjectStore;
 
@@ -30,12 +32,16 @@ pub struct Recovered {
 }
 
 /// Recovers one table's staging state from its Delta log and staging log.
+/// Segments are read one at a time; at most `memory_budget` bytes of their batches stay in
+/// memory, the rest is read again by the cycle that takes it.
 pub async fn recover(
     def: &TableDef,
     store: &Arc<dyn ObjectStore>,
     table: &DeltaTable,
     grace: Duration,
+    memory_budget: u64,
 ) -> Result<Recovered> {
+    let mut held = 0u64;
     let applied = applied_sequence(def, table).await?;
     let mut pending = Vec::new();
     let mut max_seen = applied;
@@ -75,15 +81,20 @@ pub async fn recover(
             batches.retain(|b| batch_sequence(b).is_none_or(|s| !repeated.contains(&s)));
         }
         let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-        let bytes = batches
+        let bytes: u64 = batches
             .iter()
             .map(|b| b.get_array_memory_size() as u64)
             .sum();
+        let keep = held + bytes <= memory_budget;
+        if keep {
+            held += bytes;
+        }
         pending.push(PendingSegment {
             first: seg.first,
             last: seg.last,
             path: seg.path,
-            batches,
+            batches: keep.then_some(batches),
+            skip: repeated.into_iter().collect(),
             rows,
             bytes,
             acked_at_ms: chrono::Utc::now().timestamp_millis(),
@@ -104,12 +115,4 @@ pub async fn recover(
         applied,
         producers,
     })
-}
-
-/// The staging sequence of a staged batch (every row of one batch has the same).
-fn batch_sequence(b: &arrow::record_batch::RecordBatch) -> Option<u64> {
-    use arrow::array::AsArray;
-    let col = b.column_by_name(freshet_common::changes::SEQ_COLUMN)?;
-    let seqs = col.as_primitive_opt::<arrow::datatypes::UInt64Type>()?;
-    (!seqs.is_empty()).then(|| seqs.value(0))
 }

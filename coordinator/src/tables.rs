@@ -24,11 +24,15 @@ pub struct PendingSegment {
     pub last: u64,
     /// Where it is stored.
     pub path: Path,
-    /// Its rows ([`freshet_common::changes::staging_schema`]).
-    pub batches: Vec<RecordBatch>,
+    /// Its rows ([`freshet_common::changes::staging_schema`]); `None` while they are only
+    /// in the store (recovery beyond the memory budget), read by the cycle that takes it.
+    pub batches: Option<Vec<RecordBatch>>,
+    /// Staging sequences of batches to leave out when it is read (repeated producer
+    /// batches found by recovery).
+    pub skip: Vec<u64>,
     /// Rows.
     pub rows: u64,
-    /// Bytes held in memory.
+    /// Bytes its batches take in memory (whether or not they are held now).
     pub bytes: u64,
     /// When it was acknowledged (ms since the epoch).
     pub acked_at_ms: i64,
@@ -49,9 +53,13 @@ impl Pending {
         self.segments.iter().map(|s| s.rows).sum()
     }
 
-    /// Pending bytes.
+    /// Pending bytes held in memory.
     pub fn bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.bytes).sum()
+        self.segments
+            .iter()
+            .filter(|s| s.batches.is_some())
+            .map(|s| s.bytes)
+            .sum()
     }
 }
 

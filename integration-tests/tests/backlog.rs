@@ -1,0 +1,130 @@
+//! Memory stays bounded under a backlog: recovery keeps at most the pending limit in
+//! memory and cycles take bounded work (the rest stays in the staging log until taken), and
+//! a CDC source waits while its table is over the limit instead of growing the coordinator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, Int8Array, Int64Array, RecordBatch, StringArray};
+use freshet_common::changes::change_schema;
+use freshet_common::config::Config;
+use freshet_integration_tests::*;
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.tables = vec![table_config(dir, "t", false, 1 << 20)];
+    config.cycle.interval_ms = 3_600_000;
+    config.cycle.trigger_changes = u64::MAX;
+    config.cycle.orphan_grace_ms = 200;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_and_cycles_hold_a_bounded_backlog_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start_with(config(dir.path()), 1).await;
+    let mut model = BTreeMap::new();
+    let mut client = c.ingest_client().await;
+    for b in 0..30i64 {
+        let changes: Vec<Change> = (0..1000)
+            .map(|i| {
+                let k = b * 700 + i; // overlapping key ranges: order matters
+                (k, Some((format!("b{b}-{i}"), b)))
+            })
+            .collect();
+        client.ingest(request("t", false, &changes)).await.unwrap();
+        apply(&mut model, &changes);
+    }
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("t").unwrap())
+        .await
+        .unwrap();
+    let backlog = info.pending_bytes;
+    assert_eq!(info.pending_changes, 30_000);
+    c.stop();
+    drop(c);
+
+    // A successor whose memory budget is a quarter of the backlog.
+    let mut small = config(dir.path());
+    small.ingest.max_pending_bytes = backlog / 4;
+    small.cycle.max_changes_bytes = backlog / 5;
+    let c = Cluster::start_with(small, 1).await;
+    let t = c.coordinator.table("t").unwrap();
+    let info = c.coordinator.table_info(&t).await.unwrap();
+    assert_eq!(
+        info.pending_changes, 30_000,
+        "every staged change is pending"
+    );
+    assert!(
+        info.pending_bytes <= backlog / 4,
+        "recovery holds {} bytes in memory, budget {}",
+        info.pending_bytes,
+        backlog / 4
+    );
+    let mut cycles = 0;
+    loop {
+        let rec = c.coordinator.trigger("t").await.unwrap();
+        if rec.state == "noop" {
+            break;
+        }
+        assert_eq!(rec.state, "committed", "{rec:?}");
+        assert!(
+            rec.changes < 30_000,
+            "a cycle took the whole backlog: {}",
+            rec.changes
+        );
+        cycles += 1;
+        assert!(cycles < 100);
+    }
+    assert!(
+        cycles >= 2,
+        "{cycles} cycles for a backlog 5x the cycle bound"
+    );
+    assert_eq!(read_table(&t.def.uri).await, model);
+    assert!(list_files(&dir.path().join("t/_freshet/staging")).is_empty());
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_waits_while_its_table_is_over_the_pending_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.ingest.max_pending_bytes = 1;
+    let c = Cluster::start_with(cfg, 1).await;
+    let def = c.coordinator.table("t").unwrap().def.clone();
+    let uri = def.uri.clone();
+    let batch = move |k: i64| {
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![k])),
+            Arc::new(StringArray::from(vec![Some("x")])),
+            Arc::new(Int64Array::from(vec![Some(k)])),
+            Arc::new(Int8Array::from(vec![0i8])),
+        ];
+        RecordBatch::try_new(change_schema(&def), cols).unwrap()
+    };
+    assert_eq!(
+        c.coordinator
+            .stage_changes("t", batch(1), 10, None)
+            .await
+            .unwrap(),
+        10
+    );
+    // Now over the limit: the next transaction waits (the source stops reading).
+    let coordinator = c.coordinator.clone();
+    let waiting =
+        tokio::spawn(async move { coordinator.stage_changes("t", batch(2), 20, None).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "staged beyond the pending limit");
+    assert_eq!(c.coordinator.trigger("t").await.unwrap().state, "committed");
+    let staged = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the source goes on once the table is below its limit")
+        .unwrap()
+        .unwrap();
+    assert_eq!(staged, 20);
+    assert_eq!(c.coordinator.trigger("t").await.unwrap().state, "committed");
+    assert_eq!(read_table(&uri).await.len(), 2);
+    c.stop();
+}
