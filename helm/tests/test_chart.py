@@ -439,8 +439,8 @@ def test_toml_carries_every_config_value(rendered_sets: dict[str, Rendered]) -> 
     config = rendered_sets["s3-secret"].toml
     values = VALUE_SETS["s3-secret"]
     assert config["cluster"] == {"name": "freshet", "etcd_endpoints": ["http://etcd.etcd.svc:2379"], "lease_ttl_s": 10}
-    assert config["cycle"] == {"interval_ms": 2000, "trigger_changes": 100000, "max_attempts": 3, "task_timeout_ms": 300000, "orphan_grace_ms": 3600000, "history": 1000}
-    assert config["ingest"] == {"max_batch_rows": 1000000, "max_batch_bytes": 67108864, "max_pending_bytes": 1073741824}
+    assert config["cycle"] == {"interval_ms": 2000, "trigger_changes": 100000, "max_attempts": 3, "task_timeout_ms": 300000, "orphan_grace_ms": 3600000, "history": 1000, "max_changes_bytes": 134217728}
+    assert config["ingest"] == {"max_batch_rows": 1000000, "max_batch_bytes": 67108864, "max_pending_bytes": 268435456}
     assert config["server"]["max_message_bytes"] == 268435456
     assert config["worker"]["capacity"] == 2 and config["worker"]["shutdown_grace_ms"] == 30000
     assert config["storage"]["options"] == {"aws_region": "us-east-1", "aws_endpoint": "http://minio.minio.svc:9000", "aws_allow_http": "true", "aws_virtual_hosted_style_request": "false"}
