@@ -276,3 +276,45 @@ async fn a_batch_retried_after_a_lost_reply_is_applied_exactly_once() {
     assert_eq!(read_table(&cfg.uri).await, model);
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshet_ingest_sends_producer_sequences_so_a_rerun_stages_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _plan, cfg) = faulty_cluster(dir.path(), vec![]).await;
+    let file = dir.path().join("rows.ndjson");
+    std::fs::write(
+        &file,
+        "{\"id\": 1, \"v\": \"a\", \"n\": 1}\n{\"id\": 2, \"v\": \"b\", \"n\": 2}\n",
+    )
+    .unwrap();
+    let run = || {
+        let out = std::process::Command::new(freshet_bin())
+            .args(["ingest", "--endpoint", &c.endpoint, "--table", "t"])
+            .args(["--producer-id", "nightly-load", "--batch-rows", "1"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let first = run();
+    assert!(
+        first.contains("batches 1..2") && !first.contains("already"),
+        "{first}"
+    );
+    // The same load again (say, after a crash of the loader): nothing is staged twice.
+    let again = run();
+    assert!(again.contains("2 already staged before"), "{again}");
+    let t = c.coordinator.table("t").unwrap();
+    assert_eq!(
+        c.coordinator.table_info(&t).await.unwrap().pending_changes,
+        2
+    );
+    assert_eq!(c.coordinator.trigger("t").await.unwrap().state, "committed");
+    assert_eq!(read_table(&cfg.uri).await.len(), 2);
+    c.stop();
+}
