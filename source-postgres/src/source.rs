@@ -693,7 +693,7 @@ async fn wait_for_older_transactions(client: &Client) -> Result<()> {
         if waited % 50 == 0 && waited > 0 {
             tracing::info!(
                 waiting_for_xid = xmin,
-                "snapshot waits for transactions older than the publication change to end"
+                "the copy waits for transactions that had an xid when it began (a long transaction, or a commit waiting for a synchronous standby)"
             );
         }
         waited += 1;
