@@ -9,6 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use freshet_common::changes::{OP_DELETE, OP_UPSERT, change_schema};
 use freshet_common::config::IngestConfig;
 use freshet_common::error::{Error, Result};
+use freshet_common::ipc::{DecodeError, DecodeLimits, Exceeded, decode_bounded};
 use freshet_common::table::TableDef;
 use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
@@ -52,12 +53,10 @@ pub fn validate(def: &TableDef, req: &IngestRequest, limits: &IngestConfig) -> R
         }
         Some(Payload::ArrowIpc(bytes)) => {
             check_size(def, bytes.len(), limits)?;
-            let (schema, batches) = freshet_common::ipc::decode(bytes).map_err(|e| {
-                Error::invalid(
-                    table,
-                    format!("payload is not a valid Arrow IPC stream: {e}"),
-                )
-            })?;
+            // The decoded size is bounded too: compression can make a small payload huge.
+            let bounds = DecodeLimits::new(limits.max_batch_bytes, limits.max_batch_rows);
+            let (schema, batches) =
+                decode_bounded(bytes, &bounds).map_err(|e| refused_payload(table, e))?;
             concat_batches(&schema, &batches)
                 .map_err(|e| Error::invalid(table, format!("payload: {e}")))?
         }
@@ -77,6 +76,27 @@ pub fn validate(def: &TableDef, req: &IngestRequest, limits: &IngestConfig) -> R
         });
     }
     validate_batch(def, &batch, op_column)
+}
+
+/// The error for an Arrow payload [`decode_bounded`] refused, naming the setting it exceeds.
+fn refused_payload(table: &str, e: DecodeError) -> Error {
+    match e {
+        DecodeError::OverLimit { what, .. } => {
+            let setting = match what {
+                Exceeded::DecodedBytes => " (ingest.max_batch_bytes)",
+                Exceeded::Rows => " (ingest.max_batch_rows)",
+                Exceeded::Messages => "",
+            };
+            Error::TooLarge {
+                table: table.to_string(),
+                message: format!("payload {e}{setting}"),
+            }
+        }
+        DecodeError::Invalid(_) => Error::invalid(
+            table,
+            format!("payload is not a valid Arrow IPC stream: {e}"),
+        ),
+    }
 }
 
 fn check_size(def: &TableDef, len: usize, limits: &IngestConfig) -> Result<()> {
@@ -481,6 +501,50 @@ mod tests {
         .unwrap();
         let e = validate_batch(&d, &b, "op").unwrap_err().to_string();
         assert!(e.contains("column 'nums'"), "{e}");
+    }
+
+    #[test]
+    fn compressed_payloads_are_bounded_by_their_decoded_size() {
+        // 100,000 zeros: 800 KB once decoded, a few KB LZ4-compressed.
+        let b = RecordBatch::try_from_iter(vec![(
+            "id",
+            Arc::new(Int64Array::from(vec![0i64; 100_000])) as ArrayRef,
+        )])
+        .unwrap();
+        let bytes = freshet_common::ipc::encode(&b.schema(), &[b]).unwrap();
+        let req = |bytes: Vec<u8>| IngestRequest {
+            table: "t".into(),
+            payload: Some(Payload::ArrowIpc(bytes)),
+            op_column: String::new(),
+            ..Default::default()
+        };
+        let limits = IngestConfig {
+            max_batch_bytes: 100_000,
+            ..Default::default()
+        };
+        assert!(bytes.len() < limits.max_batch_bytes);
+        let e = validate(&def(), &req(bytes.clone()), &limits).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        let e = e.to_string();
+        assert!(
+            e.contains("payload declares 800256 bytes once decoded")
+                && e.contains("limit 100000 (ingest.max_batch_bytes)"),
+            "{e}"
+        );
+        // A length prefix that understates what its buffer decompresses to.
+        let mut forged = bytes;
+        let at = forged
+            .windows(8)
+            .position(|w| w == 800_000i64.to_le_bytes())
+            .unwrap();
+        forged[at..at + 8].copy_from_slice(&8i64.to_le_bytes());
+        let e = validate(&def(), &req(forged), &IngestConfig::default()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.to_string()
+                .contains("declares 8 bytes once decompressed but decompresses to 800000"),
+            "{e}"
+        );
     }
 
     #[test]

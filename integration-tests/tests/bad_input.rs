@@ -158,6 +158,96 @@ async fn invalid_batches_are_rejected_and_nothing_is_staged() {
     c.stop();
 }
 
+/// An ingest request of `rows` zeros in the key column: 8 bytes a row once decoded, a few
+/// hundredths of that LZ4-compressed.
+fn zeros_req(rows: usize) -> IngestRequest {
+    arrow_req(vec![(
+        "id",
+        Arc::new(Int64Array::from(vec![0i64; rows])) as ArrayRef,
+    )])
+}
+
+/// Rewrites the 8-byte uncompressed-length prefix `from` of the one LZ4 buffer of the
+/// request's payload that declares it (the prefix sits right before the frame's magic).
+fn forge_prefix(mut req: IngestRequest, from: i64, to: i64) -> IngestRequest {
+    let Some(Payload::ArrowIpc(bytes)) = &mut req.payload else {
+        unreachable!()
+    };
+    let (want, magic) = (from.to_le_bytes(), 0x184D_2204u32.to_le_bytes());
+    let hits: Vec<usize> = (0..bytes.len() - 12)
+        .filter(|&i| bytes[i..i + 8] == want && bytes[i + 8..i + 12] == magic)
+        .collect();
+    assert_eq!(hits.len(), 1, "one buffer declaring {from} bytes");
+    bytes[hits[0]..hits[0] + 8].copy_from_slice(&to.to_le_bytes());
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bombs_are_refused_before_decoding_and_nothing_is_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = freshet_common::config::Config::default();
+    config.tables = vec![table_config(dir.path(), "t", false, 1 << 20)];
+    config.cycle.interval_ms = 3_600_000;
+    config.ingest.max_batch_bytes = 1 << 20;
+    let c = Cluster::start_with(config, 1).await;
+    let mut ingest = c.ingest_client().await;
+    // A compressed payload within the limit (80 KB decoded) is accepted.
+    ingest.ingest(zeros_req(10_000)).await.unwrap();
+    let staging = dir.path().join("t/_freshet/staging");
+    let before = list_files(&staging);
+    assert_eq!(before.len(), 1);
+
+    // 1M rows: 8 MB once decoded, 8x the limit, in a payload of a few tens of KB.
+    let bomb = zeros_req(1_000_000);
+    let Some(Payload::ArrowIpc(b)) = &bomb.payload else {
+        unreachable!()
+    };
+    assert!(b.len() < 64 << 10, "{} bytes on the wire", b.len());
+    let cases: Vec<(&str, IngestRequest, Code, Vec<&str>)> = vec![
+        (
+            "honest LZ4 bomb",
+            bomb.clone(),
+            Code::ResourceExhausted,
+            vec![
+                "payload declares 8000256 bytes once decoded",
+                "limit 1048576 (ingest.max_batch_bytes)",
+            ],
+        ),
+        (
+            "prefix understating the decoded size",
+            forge_prefix(bomb, 8_000_000, 16),
+            Code::InvalidArgument,
+            vec!["buffer 1 declares 16 bytes once decompressed but decompresses to 8000000"],
+        ),
+        (
+            "prefix declaring a terabyte",
+            forge_prefix(zeros_req(1000), 8000, 1 << 40),
+            Code::ResourceExhausted,
+            vec![
+                "payload declares 1099511628032 bytes once decoded",
+                "(ingest.max_batch_bytes)",
+            ],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, req, code, want) in cases {
+        let outcome = match ingest.ingest(req).await {
+            Ok(r) => format!("accepted as sequence {}", r.into_inner().sequence),
+            Err(s) if s.code() == code && want.iter().all(|w| s.message().contains(w)) => continue,
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        };
+        eprintln!("{what}: want {code:?} naming {want:?}, got {outcome}");
+        wrong.push(what);
+    }
+    assert!(wrong.is_empty(), "wrong answers: {wrong:?}");
+    assert_eq!(
+        list_files(&staging),
+        before,
+        "nothing staged by refused batches"
+    );
+    c.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_definitions_are_checked() {
     let dir = tempfile::tempdir().unwrap();

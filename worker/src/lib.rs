@@ -9,7 +9,7 @@ pub mod rowgroup;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use freshet_common::error::{Error, Result};
@@ -40,6 +40,9 @@ pub struct Worker {
     in_flight: AtomicU64,
     newest_epoch: AtomicU64,
     draining: AtomicBool,
+    /// The largest message the worker's server accepts, which also bounds what a task's
+    /// changes may decode to; [`serve`] sets it.
+    max_message_bytes: AtomicUsize,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     /// Test fault injection.
     pub faults: Faults,
@@ -58,6 +61,9 @@ impl Worker {
             in_flight: AtomicU64::new(0),
             newest_epoch: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            max_message_bytes: AtomicUsize::new(
+                freshet_common::config::ServerConfig::default().max_message_bytes,
+            ),
             stores: Mutex::new(HashMap::new()),
             faults: Faults::default(),
             metrics: metrics::WorkerMetrics::default(),
@@ -139,7 +145,8 @@ impl Worker {
             .unwrap_or_default();
         let result = async {
             let store = self.store(&table.0, &table.1)?;
-            rewrite::rewrite(&store, &req, &self.id).await
+            let max = self.max_message_bytes.load(Ordering::SeqCst);
+            rewrite::rewrite_within(&store, &req, &self.id, max).await
         }
         .await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -204,6 +211,9 @@ pub async fn serve(
     max_message_bytes: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    worker
+        .max_message_bytes
+        .store(max_message_bytes, Ordering::SeqCst);
     let (reporter, health) = freshet_common::server::health();
     reporter
         .set_serving::<WorkerServiceServer<WorkerGrpc>>()
@@ -263,5 +273,66 @@ mod tests {
         let e = w.rewrite(request(6)).await.unwrap_err();
         assert!(e.to_string().contains("shutting down"), "{e}");
         assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn changes_that_decode_past_the_message_limit_are_refused() {
+        use arrow::array::{ArrayRef, Int8Array, Int64Array, RecordBatch, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        use freshet_proto::worker::v1::TableSpec;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        let def = freshet_common::table::TableDef::new(
+            "t",
+            "memory:///t",
+            schema.clone(),
+            vec!["id".into()],
+            vec![],
+            1 << 20,
+        )
+        .unwrap();
+        let cs = freshet_common::changes::change_schema(&def);
+        let changes = |rows: usize, with_v: bool| {
+            let mut cols: Vec<(&str, ArrayRef)> = vec![
+                ("id", Arc::new(Int64Array::from(vec![0i64; rows]))),
+                ("__op", Arc::new(Int8Array::from(vec![1i8; rows]))),
+            ];
+            if with_v {
+                cols.insert(1, ("v", Arc::new(StringArray::new_null(rows))));
+            }
+            let b = RecordBatch::try_from_iter(cols).unwrap();
+            freshet_common::ipc::encode(&b.schema(), &[b]).unwrap()
+        };
+        let req = |changes_ipc: Vec<u8>| RewriteRequest {
+            epoch: 1,
+            table: Some(TableSpec {
+                name: "t".into(),
+                uri: "memory:///t".into(),
+                schema_ipc: freshet_common::ipc::encode_schema(&schema).unwrap(),
+                primary_key: vec!["id".into()],
+                partition_columns: vec![],
+            }),
+            changes_ipc,
+            ..Default::default()
+        };
+        assert_eq!(cs.field(cs.fields().len() - 1).name(), "__op");
+        let w = Worker::new("w", 1, Default::default());
+        w.max_message_bytes.store(1 << 20, Ordering::SeqCst);
+        // 1M changes: 13 MB once decoded (keys, op, offsets), a few tens of KB on the wire.
+        let bomb = changes(1_000_000, true);
+        assert!(bomb.len() < 1 << 20);
+        let e = w.rewrite(req(bomb)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.to_string().contains("bytes once decoded")
+                && e.to_string()
+                    .contains("limit 1048576 (server.max_message_bytes)"),
+            "{e}"
+        );
+        // Columns the coordinator always sends must be there, so none is filled per row.
+        let e = w.rewrite(req(changes(10, false))).await.unwrap_err();
+        assert!(e.to_string().contains("task changes: no column 'v'"), "{e}");
     }
 }

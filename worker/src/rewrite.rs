@@ -160,13 +160,24 @@ fn encode_parquet(def: &TableDef, batch: &RecordBatch) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Runs one rewrite task against the table's object store.
+/// Runs one rewrite task against the table's object store, its changes decoding to at most
+/// the default `server.max_message_bytes`.
 pub async fn rewrite(
     store: &Arc<dyn ObjectStore>,
     req: &RewriteRequest,
     worker_id: &str,
 ) -> Result<RewriteResponse> {
     rewrite_with(store, req, worker_id, true).await
+}
+
+/// [`rewrite`], refusing changes that decode to more than `max_decoded_bytes`.
+pub async fn rewrite_within(
+    store: &Arc<dyn ObjectStore>,
+    req: &RewriteRequest,
+    worker_id: &str,
+    max_decoded_bytes: usize,
+) -> Result<RewriteResponse> {
+    rewrite_inner(store, req, worker_id, true, max_decoded_bytes).await
 }
 
 /// [`rewrite`], with the row-group path allowed or not (tests compare both).
@@ -176,13 +187,69 @@ pub async fn rewrite_with(
     worker_id: &str,
     row_groups: bool,
 ) -> Result<RewriteResponse> {
+    let max = freshet_common::config::ServerConfig::default().max_message_bytes;
+    rewrite_inner(store, req, worker_id, row_groups, max).await
+}
+
+/// Decodes a task's changes, at most `max_decoded_bytes` of them once decompressed.
+fn decode_changes(
+    def: &TableDef,
+    bytes: &[u8],
+    max_decoded_bytes: usize,
+) -> Result<Vec<RecordBatch>> {
+    use freshet_common::ipc::{DecodeError, DecodeLimits, decode_bounded};
+    let ctx = || format!("table '{}': task changes", def.name);
+    // The column check below puts every row's one-byte op in a declared buffer, so the
+    // byte bound bounds rows too.
+    let limits = DecodeLimits::new(max_decoded_bytes, max_decoded_bytes);
+    let batches = match decode_bounded(bytes, &limits) {
+        Ok((_, batches)) => batches,
+        Err(e @ DecodeError::OverLimit { .. }) => {
+            return Err(Error::TooLarge {
+                table: def.name.clone(),
+                message: format!("task changes {e} (server.max_message_bytes)"),
+            });
+        }
+        Err(e) => return Err(Error::data(ctx(), e)),
+    };
+    // Every column as the coordinator sends it: `conform` would otherwise fill a missing
+    // column or widen one, allocating per declared row what no declared buffer holds.
+    let schema = freshet_common::changes::change_schema(def);
+    for b in &batches {
+        for f in schema.fields() {
+            match b.column_by_name(f.name()) {
+                Some(c) if c.data_type() == f.data_type() => {}
+                Some(c) => {
+                    return Err(Error::data(
+                        ctx(),
+                        format!(
+                            "column '{}' is {}, expected {}",
+                            f.name(),
+                            c.data_type(),
+                            f.data_type()
+                        ),
+                    ));
+                }
+                None => return Err(Error::data(ctx(), format!("no column '{}'", f.name()))),
+            }
+        }
+    }
+    Ok(batches)
+}
+
+async fn rewrite_inner(
+    store: &Arc<dyn ObjectStore>,
+    req: &RewriteRequest,
+    worker_id: &str,
+    row_groups: bool,
+    max_decoded_bytes: usize,
+) -> Result<RewriteResponse> {
     let started = Instant::now();
     let def = table_def(req)?;
     let file_schema = def.file_schema();
     let local_key = def.local_key();
 
-    let (_, change_batches) = freshet_common::ipc::decode(&req.changes_ipc)
-        .map_err(|e| Error::data(format!("table '{}': task changes", def.name), e))?;
+    let change_batches = decode_changes(&def, &req.changes_ipc, max_decoded_bytes)?;
     let changes = arrow::compute::concat_batches(
         &freshet_common::changes::change_schema(&def),
         &change_batches
