@@ -220,6 +220,10 @@ pub struct StorageConfig {
     /// Longest one coordinator request may take, in milliseconds (also never longer than
     /// what is left of the leader lease).
     pub request_timeout_ms: u64,
+    /// URI prefixes every table must lie under (`s3://lake/shop`, `/data/lake`); empty
+    /// allows anything (local development only). Checked by coordinators and workers before
+    /// any I/O.
+    pub allowed_prefixes: Vec<String>,
 }
 
 impl Default for StorageConfig {
@@ -228,6 +232,7 @@ impl Default for StorageConfig {
             options: HashMap::new(),
             max_attempts: 4,
             request_timeout_ms: 10_000,
+            allowed_prefixes: Vec::new(),
         }
     }
 }
@@ -251,6 +256,7 @@ impl std::fmt::Debug for StorageConfig {
             .field("options", &redacted)
             .field("max_attempts", &self.max_attempts)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("allowed_prefixes", &self.allowed_prefixes)
             .finish()
     }
 }

@@ -77,6 +77,17 @@ pub enum Error {
     /// A deliberately injected crash point was hit (tests only).
     #[error("injected failure at {0}")]
     Injected(String),
+    /// A table URI lies outside `storage.allowed_prefixes`; nothing was read or written.
+    #[error("table '{table}': uri '{uri}' is not allowed: {message}")]
+    UriNotAllowed {
+        table: String,
+        uri: String,
+        message: String,
+    },
+    /// A request claims an authority (say, a leader epoch) that could not be verified; it
+    /// changed nothing.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -139,6 +150,7 @@ impl Error {
             Error::TableNotFound(_) | Error::CycleNotFound(_) => Code::NotFound,
             Error::TableExists(_) => Code::AlreadyExists,
             Error::OutOfOrder(_) => Code::FailedPrecondition,
+            Error::UriNotAllowed { .. } | Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::CommitConflict { .. } => Code::Aborted,
             Error::Unavailable(_) | Error::NotLeader { .. } | Error::LeadershipLost(_) => {
                 Code::Unavailable

@@ -11,6 +11,7 @@ pub mod http;
 pub mod ipc;
 pub mod key;
 pub mod merge;
+pub mod prefixes;
 pub mod schema;
 pub mod server;
 pub mod source;

@@ -416,6 +416,10 @@ impl Coordinator {
             ));
         };
         def.validate().map_err(invalid)?;
+        for t in &def.tables {
+            let allowed = &self.inner.config.storage.allowed_prefixes;
+            freshet_common::prefixes::check_uri(allowed, &t.name, &t.uri)?;
+        }
         if self.inner.config.sources.iter().any(|s| s.name == def.name) {
             return Err(invalid(
                 "defined in the configuration file; change it there".into(),
@@ -529,6 +533,11 @@ impl Coordinator {
     }
 
     async fn open_table(&self, def: TableDef) -> Result<(Arc<TableRuntime>, bool)> {
+        freshet_common::prefixes::check_uri(
+            &self.inner.config.storage.allowed_prefixes,
+            &def.name,
+            &def.uri,
+        )?;
         let log = self.inner.log_store(&def)?;
         let store = log.object_store(None);
         let (delta, adopted) = open_or_create_in(&def, log).await?;
@@ -561,6 +570,11 @@ impl Coordinator {
 
     /// Creates (or adopts) a table at run time and records it in the catalog.
     pub async fn create_table(&self, def: TableDef) -> Result<(TableInfo, bool)> {
+        freshet_common::prefixes::check_uri(
+            &self.inner.config.storage.allowed_prefixes,
+            &def.name,
+            &def.uri,
+        )?;
         if self
             .inner
             .tables

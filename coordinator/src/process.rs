@@ -20,6 +20,8 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
     // Fail at start, naming the problem, rather than at the first cycle.
     for t in &config.tables {
         let def = t.to_def()?;
+        // Outside storage.allowed_prefixes is refused before table_url creates a directory.
+        freshet_common::prefixes::check_uri(&config.storage.allowed_prefixes, &def.name, &def.uri)?;
         table_url(&def.name, &def.uri)?;
     }
     let clustered = !config.cluster.etcd_endpoints.is_empty();

@@ -6,14 +6,14 @@ pub mod process;
 pub mod registration;
 pub mod rewrite;
 pub mod rowgroup;
+pub mod stores;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use freshet_common::error::{Error, Result};
-use freshet_common::storage::{StorageOptions, table_store, table_url};
+use freshet_common::storage::StorageOptions;
 use freshet_proto::worker::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use freshet_proto::worker::v1::{InfoRequest, InfoResponse, RewriteRequest, RewriteResponse};
 use object_store::ObjectStore;
@@ -43,7 +43,7 @@ pub struct Worker {
     /// The largest message the worker's server accepts, which also bounds what a task's
     /// changes may decode to; [`serve`] sets it.
     max_message_bytes: AtomicUsize,
-    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    stores: stores::Stores,
     /// Test fault injection.
     pub faults: Faults,
     /// The worker's Prometheus metrics.
@@ -64,7 +64,7 @@ impl Worker {
             max_message_bytes: AtomicUsize::new(
                 freshet_common::config::ServerConfig::default().max_message_bytes,
             ),
-            stores: Mutex::new(HashMap::new()),
+            stores: stores::Stores::default(),
             faults: Faults::default(),
             metrics: metrics::WorkerMetrics::default(),
         })
@@ -92,15 +92,7 @@ impl Worker {
     }
 
     fn store(&self, table: &str, uri: &str) -> Result<Arc<dyn ObjectStore>> {
-        if let Some(s) = self.stores.lock().expect("lock").get(uri) {
-            return Ok(s.clone());
-        }
-        let store = table_store(table, &table_url(table, uri)?, &self.options)?;
-        self.stores
-            .lock()
-            .expect("lock")
-            .insert(uri.to_string(), store.clone());
-        Ok(store)
+        self.stores.get(table, uri, &self.options)
     }
 
     /// Runs one task.

