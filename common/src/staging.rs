@@ -19,6 +19,20 @@ pub const STAGING_DIR: &str = "_freshet/staging";
 
 /// Schema metadata key of a segment listing its producer marks (JSON).
 pub const PRODUCERS_METADATA: &str = "freshet.producers";
+/// Schema metadata key set ("true") on a segment that ends inside a source transaction
+/// staged in chunks: the transaction's later chunks follow in later segments.
+pub const OPEN_METADATA: &str = "freshet.open";
+
+/// What a segment holds.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentContents {
+    /// Its batches (without the segment's metadata).
+    pub batches: Vec<RecordBatch>,
+    /// Its idempotent-ingest batches.
+    pub marks: Vec<ProducerMark>,
+    /// It ends inside a chunked transaction.
+    pub open: bool,
+}
 
 /// An idempotent-ingest batch in a segment: its staging sequence and the producer's own.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,14 +104,15 @@ pub async fn write_segment(
 
 /// Reads a segment's batches.
 pub async fn read_segment(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Vec<RecordBatch>> {
-    Ok(read_segment_with_marks(store, path).await?.0)
+    Ok(read_segment_contents(store, path).await?.batches)
 }
 
-/// Reads a segment's batches (without the segment's metadata) and its producer marks.
-pub async fn read_segment_with_marks(
+/// Reads a segment: its batches (without the segment's metadata), producer marks and
+/// whether it ends inside a chunked transaction.
+pub async fn read_segment_contents(
     store: &Arc<dyn ObjectStore>,
     path: &Path,
-) -> Result<(Vec<RecordBatch>, Vec<ProducerMark>)> {
+) -> Result<SegmentContents> {
     let bytes = crate::storage::read_existing(store, path).await?;
     let context = || format!("reading staging segment {path}");
     let (schema, batches) = crate::ipc::decode(&bytes).map_err(|e| Error::data(context(), e))?;
@@ -111,7 +126,15 @@ pub async fn read_segment_with_marks(
         .map(|b| RecordBatch::try_new(plain.clone(), b.columns().to_vec()))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::data(context(), e))?;
-    Ok((batches, marks))
+    let open = schema
+        .metadata()
+        .get(OPEN_METADATA)
+        .is_some_and(|v| v == "true");
+    Ok(SegmentContents {
+        batches,
+        marks,
+        open,
+    })
 }
 
 /// The staging sequence of a staged batch (every row of one batch has the same).

@@ -1,21 +1,22 @@
 //! One merge cycle of one table: pending changes → last change per key → plan → workers →
 //! one Delta commit → staging cleanup, with every phase timed into a cycle record.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_common::changes::{change_schema, last_change_per_key};
-use freshet_common::delta::{applied_sequence, files};
+use freshet_common::delta::{FileEntry, applied_sequence, files};
 use freshet_common::error::{Error, Result};
-use freshet_common::staging::{batch_sequence, delete_segment, read_segment_with_marks};
+use freshet_common::staging::{batch_sequence, delete_segment, read_segment_contents};
 use freshet_common::table::partition_dir;
 use freshet_proto::admin::v1::{CycleRecord, Phase, TaskRecord};
-use freshet_proto::worker::v1::{InputFile, RewriteRequest, TableSpec};
+use freshet_proto::worker::v1::{InputFile, OutputFile, RewriteRequest, TableSpec};
 use tracing::Instrument;
 
 use crate::orphans::{self, InflightRecord};
 use crate::planner::plan;
-use crate::tables::TableRuntime;
+use crate::tables::{PendingSegment, TableRuntime};
 use crate::{CrashPoint, Inner, commit};
 
 struct Phases {
@@ -73,16 +74,7 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         .max(1);
     let (segments, more) = {
         let p = t.pending.lock().expect("lock");
-        let mut bytes = 0u64;
-        let n = p
-            .segments
-            .iter()
-            .take_while(|s| {
-                let fits = bytes == 0 || bytes + s.bytes <= cap;
-                bytes += s.bytes.max(1);
-                fits
-            })
-            .count();
+        let n = select(&p.segments, cap);
         (p.segments[..n].to_vec(), n < p.segments.len())
     };
     if segments.is_empty() {
@@ -108,47 +100,19 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             rec.delta_version = table.version().map(|v| v as i64).unwrap_or(-1);
             return Ok(());
         }
-        let mut batches = Vec::new();
-        for s in &todo {
-            match &s.batches {
-                Some(b) => batches.extend(b.iter().cloned()),
-                // Left in the store by recovery (beyond its memory budget): read it now.
-                None => {
-                    let (b, _) = read_segment_with_marks(&t.store, &s.path).await?;
-                    batches.extend(b.into_iter().filter(|b| batch_sequence(b).is_none_or(|q| !s.skip.contains(&q))));
-                }
-            }
-        }
         // Each idempotent producer's last batch in this cycle, recorded in the commit.
         let mut producers: std::collections::BTreeMap<String, u64> = Default::default();
         for m in todo.iter().flat_map(|s| &s.producers) {
             let v = producers.entry(m.producer.clone()).or_default();
             *v = (*v).max(m.producer_sequence);
         }
-        rec.changes = batches.iter().map(|b| b.num_rows() as u64).sum();
-        let partitions = last_change_per_key(def, &batches)?;
-        rec.keys = partitions.iter().map(|p| p.batch.num_rows() as u64).sum();
-        phases.end("reduce");
-
-        let active = files(def, &table)?;
-        let (total_bytes, total_rows) = active
+        let original = files(def, &table)?;
+        let (total_bytes, total_rows) = original
             .iter()
             .fold((0u64, 0u64), |(b, r), f| (b + f.size, r + f.num_records.unwrap_or(0)));
-        let p = plan(def, &active, partitions)?;
-        rec.files_total = p.files_total;
-        rec.files_considered = p.files_considered;
-        rec.files_pruned = p.files_pruned;
-        phases.end("plan");
-
-        // Record what this cycle may write before any worker writes it.
-        let mut dirs: Vec<String> = p.tasks.iter().map(|t| partition_dir(&def.partition_by, &t.partition_values)).collect();
-        dirs.sort();
-        dirs.dedup();
         let read_version = table.version().map(|v| v as u64);
-        let inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs, aborted: false, read_version };
+        let mut inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs: Vec::new(), aborted: false, read_version };
         let log = table.log_store();
-        orphans::write_record(&t.store, &inflight).await?;
-
         let spec = TableSpec {
             name: def.name.clone(),
             uri: def.uri.clone(),
@@ -157,79 +121,143 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
             partition_columns: def.partition_by.clone(),
         };
         let cschema = change_schema(def);
-        let mut requests = Vec::with_capacity(p.tasks.len());
-        let mut weights = Vec::with_capacity(p.tasks.len());
-        for (i, task) in p.tasks.iter().enumerate() {
-            let changes_ipc = freshet_common::ipc::encode(&cschema, std::slice::from_ref(&task.changes))?;
-            weights.push(task.input_bytes() + changes_ipc.len() as u64);
-            requests.push(RewriteRequest {
-                cycle_id: id.clone(),
-                task_id: i as u64,
-                attempt: 1,
-                epoch: inner.epoch,
-                table: Some(spec.clone()),
-                inputs: task.inputs.iter().map(|f| InputFile { path: f.path.clone(), size: f.size }).collect(),
-                partition_values: task.partition_values.clone(),
-                changes_ipc,
-                target_file_size: def.target_file_size,
-            });
-        }
-        phases.end("prepare");
 
-        let outcomes = inner
-            .router
-            .run(
-                requests,
-                &weights,
-                inner.config.cycle.max_attempts,
-                Duration::from_millis(inner.config.cycle.task_timeout_ms),
-            )
-            .await;
-        phases.end("rewrite");
-
-        let mut added = Vec::new();
-        let mut failed = Vec::new();
+        // Rounds of at most `cap` bytes of changes (one round unless a large transaction
+        // made the cycle bigger): each round rewrites what the files of the previous rounds
+        // hold, so memory stays bounded; only the last round's files are committed.
+        let mut current = original.clone();
+        let mut removed: Vec<FileEntry> = Vec::new();
+        let mut added: Vec<OutputFile> = Vec::new();
         let mut retried = false;
-        for (i, (task, o)) in p.tasks.iter().zip(&outcomes).enumerate() {
-            retried |= o.attempts > 1;
-            let mut tr = TaskRecord {
-                task_id: i as u64,
-                worker: o.worker.clone(),
-                input_files: task.inputs.iter().map(|f| f.path.clone()).collect(),
-                changes: task.changes.num_rows() as u64,
-                duration_ms: o.duration.as_millis() as u64,
-                attempts: o.attempts,
-                errors: o.errors.clone(),
-                ..Default::default()
-            };
-            match &o.response {
-                Some(r) => {
-                    tr.output_files = r.files.iter().map(|f| f.path.clone()).collect();
-                    tr.rows_read = r.rows_read;
-                    tr.rows_written = r.rows_written;
-                    tr.bytes_read = r.bytes_read;
-                    tr.bytes_written = r.bytes_written;
-                    rec.rows_inserted += r.rows_inserted;
-                    rec.rows_updated += r.rows_updated;
-                    rec.rows_deleted += r.rows_deleted;
-                    rec.bytes_read += r.bytes_read;
-                    rec.bytes_written += r.bytes_written;
-                    added.extend(r.files.iter().cloned());
+        let mut task_no = 0u64;
+        let mut rounds = 0u32;
+        for round in rounds_of(&todo, cap) {
+            rounds += 1;
+            let mut batches = Vec::new();
+            for s in round {
+                match &s.batches {
+                    Some(b) => batches.extend(b.iter().cloned()),
+                    // In the store only (recovery beyond its budget, open chunks): read it now.
+                    None => {
+                        let c = read_segment_contents(&t.store, &s.path).await?;
+                        batches.extend(c.batches.into_iter().filter(|b| batch_sequence(b).is_none_or(|q| !s.skip.contains(&q))));
+                    }
                 }
-                None => failed.push(format!("task {i}: {}", o.errors.join("; "))),
             }
-            rec.tasks.push(tr);
+            let changes: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+            rec.changes += changes;
+            let partitions = last_change_per_key(def, &batches)?;
+            drop(batches);
+            rec.keys += partitions.iter().map(|p| p.batch.num_rows() as u64).sum::<u64>();
+            phases.end("reduce");
+
+            let p = plan(def, &current, partitions)?;
+            if rounds == 1 {
+                rec.files_total = p.files_total;
+                rec.files_considered = p.files_considered;
+                rec.files_pruned = p.files_pruned;
+            }
+            phases.end("plan");
+
+            // Record what this cycle may write before any worker writes it.
+            let before = inflight.dirs.len();
+            inflight.dirs.extend(p.tasks.iter().map(|t| partition_dir(&def.partition_by, &t.partition_values)));
+            inflight.dirs.sort();
+            inflight.dirs.dedup();
+            if rounds == 1 || inflight.dirs.len() != before {
+                orphans::write_record(&t.store, &inflight).await?;
+            }
+
+            let mut requests = Vec::with_capacity(p.tasks.len());
+            let mut weights = Vec::with_capacity(p.tasks.len());
+            for task in &p.tasks {
+                let changes_ipc = freshet_common::ipc::encode(&cschema, std::slice::from_ref(&task.changes))?;
+                weights.push(task.input_bytes() + changes_ipc.len() as u64);
+                requests.push(RewriteRequest {
+                    cycle_id: id.clone(),
+                    task_id: task_no + requests.len() as u64,
+                    attempt: 1,
+                    epoch: inner.epoch,
+                    table: Some(spec.clone()),
+                    inputs: task.inputs.iter().map(|f| InputFile { path: f.path.clone(), size: f.size }).collect(),
+                    partition_values: task.partition_values.clone(),
+                    changes_ipc,
+                    target_file_size: def.target_file_size,
+                });
+            }
+            phases.end("prepare");
+
+            let outcomes = inner
+                .router
+                .run(
+                    requests,
+                    &weights,
+                    inner.config.cycle.max_attempts,
+                    Duration::from_millis(inner.config.cycle.task_timeout_ms),
+                )
+                .await;
+            phases.end("rewrite");
+
+            let mut failed = Vec::new();
+            let mut outputs = Vec::new();
+            for (task, o) in p.tasks.iter().zip(&outcomes) {
+                retried |= o.attempts > 1;
+                let mut tr = TaskRecord {
+                    task_id: task_no,
+                    worker: o.worker.clone(),
+                    input_files: task.inputs.iter().map(|f| f.path.clone()).collect(),
+                    changes: task.changes.num_rows() as u64,
+                    duration_ms: o.duration.as_millis() as u64,
+                    attempts: o.attempts,
+                    errors: o.errors.clone(),
+                    ..Default::default()
+                };
+                match &o.response {
+                    Some(r) => {
+                        tr.output_files = r.files.iter().map(|f| f.path.clone()).collect();
+                        tr.rows_read = r.rows_read;
+                        tr.rows_written = r.rows_written;
+                        tr.bytes_read = r.bytes_read;
+                        tr.bytes_written = r.bytes_written;
+                        rec.rows_inserted += r.rows_inserted;
+                        rec.rows_updated += r.rows_updated;
+                        rec.rows_deleted += r.rows_deleted;
+                        rec.bytes_read += r.bytes_read;
+                        rec.bytes_written += r.bytes_written;
+                        outputs.extend(r.files.iter().cloned());
+                    }
+                    None => failed.push(format!("task {task_no}: {}", o.errors.join("; "))),
+                }
+                rec.tasks.push(tr);
+                task_no += 1;
+            }
+            if !failed.is_empty() {
+                let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
+                let aborted = InflightRecord { aborted: true, ..inflight.clone() };
+                orphans::write_record(&t.store, &aborted).await?;
+                orphans::sweep_later(t.store.clone(), log.clone(), aborted, grace);
+                return Err(Error::Internal(format!("{} task(s) failed: {}", failed.len(), failed.join(" | "))));
+            }
+            // The round's inputs leave the table: files of the snapshot are removed by the
+            // commit; files of an earlier round were never committed (the sweep takes them).
+            let consumed: HashSet<&str> = p.tasks.iter().flat_map(|t| t.inputs.iter().map(|f| f.path.as_str())).collect();
+            for f in p.tasks.iter().flat_map(|t| &t.inputs) {
+                if !added.iter().any(|a| a.path == f.path) {
+                    removed.push(f.clone());
+                }
+            }
+            added.retain(|a| !consumed.contains(a.path.as_str()));
+            current.retain(|f| !consumed.contains(f.path.as_str()));
+            for o in &outputs {
+                current.push(output_entry(def, o)?);
+            }
+            added.extend(outputs);
         }
-        if !failed.is_empty() {
-            let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
-            let aborted = InflightRecord { aborted: true, ..inflight.clone() };
-            orphans::write_record(&t.store, &aborted).await?;
-            orphans::sweep_later(t.store.clone(), log.clone(), aborted, grace);
-            return Err(Error::Internal(format!("{} task(s) failed: {}", failed.len(), failed.join(" | "))));
+        if rounds > 1 {
+            tracing::info!(rounds, changes = rec.changes, "a large transaction or backlog applied in rounds, one commit");
         }
         inner.crash_point(CrashPoint::AfterRewrite)?;
 
-        let removed: Vec<_> = p.tasks.iter().flat_map(|t| t.inputs.iter().cloned()).collect();
         rec.files_rewritten = removed.len() as u64;
         rec.files_added = added.len() as u64;
         let changed_rows = rec.rows_inserted + rec.rows_updated + rec.rows_deleted;
@@ -323,4 +351,104 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         );
     }
     Ok(rec)
+}
+
+/// How many of the oldest pending segments a cycle takes: up to `cap` bytes (at least one
+/// segment), never ending inside a chunked transaction (whose chunks are taken together,
+/// beyond the cap if need be) and never taking a transaction whose last chunk is not staged.
+fn select(segments: &[PendingSegment], cap: u64) -> usize {
+    let (mut bytes, mut boundary) = (0u64, 0usize);
+    for (i, s) in segments.iter().enumerate() {
+        if bytes > 0 && bytes + s.bytes > cap && boundary == i {
+            break;
+        }
+        bytes += s.bytes;
+        if !s.open {
+            boundary = i + 1;
+        }
+    }
+    boundary
+}
+
+/// Splits a cycle's segments into rounds of at most `cap` bytes (at least one segment each).
+fn rounds_of<'a>(segments: &[&'a PendingSegment], cap: u64) -> Vec<Vec<&'a PendingSegment>> {
+    let mut rounds: Vec<Vec<&PendingSegment>> = Vec::new();
+    let mut bytes = 0u64;
+    for s in segments {
+        match rounds.last_mut() {
+            Some(r) if bytes + s.bytes <= cap => r.push(s),
+            _ => {
+                rounds.push(vec![s]);
+                bytes = 0;
+            }
+        }
+        bytes += s.bytes;
+    }
+    rounds
+}
+
+/// A file a worker wrote, as the planner sees files (for the next round of a cycle).
+fn output_entry(def: &freshet_common::table::TableDef, o: &OutputFile) -> Result<FileEntry> {
+    let types = def.local_key_types();
+    let key = |json: &str| {
+        freshet_common::key::key_from_json(json, &types)
+            .map_err(|e| Error::Internal(format!("worker output {}: bad key range: {e}", o.path)))
+    };
+    let num_records = serde_json::from_str::<serde_json::Value>(&o.stats_json)
+        .ok()
+        .and_then(|v| v.get("numRecords")?.as_u64());
+    Ok(FileEntry {
+        path: o.path.clone(),
+        size: o.size,
+        partition_values: o.partition_values.clone(),
+        num_records,
+        range: Some((key(&o.min_key_json)?, key(&o.max_key_json)?)),
+        has_deletion_vector: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(first: u64, bytes: u64, open: bool) -> PendingSegment {
+        PendingSegment {
+            first,
+            last: first,
+            path: object_store::path::Path::from(format!("s{first}")),
+            batches: None,
+            skip: Vec::new(),
+            rows: 1,
+            bytes,
+            acked_at_ms: 0,
+            producers: Vec::new(),
+            open,
+        }
+    }
+
+    #[test]
+    fn cycles_take_bounded_work_and_whole_transactions() {
+        let closed = |n: u64| seg(n, 10, false);
+        // Bounded: 25 bytes take two segments of 10.
+        assert_eq!(select(&[closed(1), closed(2), closed(3)], 25), 2);
+        // At least one segment, however large.
+        assert_eq!(select(&[seg(1, 100, false), closed(2)], 25), 1);
+        // A chunked transaction (open, open, closed) is taken whole, beyond the cap.
+        let txn = [
+            closed(1),
+            seg(2, 10, true),
+            seg(3, 10, true),
+            closed(4),
+            closed(5),
+        ];
+        assert_eq!(select(&txn, 15), 1);
+        assert_eq!(select(&txn[1..], 15), 3);
+        // A transaction whose last chunk is not staged yet is not taken at all.
+        assert_eq!(select(&[closed(1), seg(2, 10, true)], 100), 1);
+        assert_eq!(select(&[seg(2, 10, true)], 100), 0);
+        // Rounds split anywhere, bounded.
+        let all: Vec<_> = txn.iter().collect();
+        let r = rounds_of(&all, 25);
+        assert_eq!(r.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+    }
 }

@@ -647,6 +647,7 @@ impl Coordinator {
                 sequence: None,
                 origin_ms: None,
                 producer,
+                open: false,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;
@@ -689,6 +690,22 @@ impl Coordinator {
         sequence: u64,
         origin_ms: Option<i64>,
     ) -> Result<u64> {
+        self.stage_chunk(table, batch, sequence, origin_ms, false)
+            .await
+    }
+
+    /// [`Coordinator::stage_changes`] for one chunk of a large source transaction: with
+    /// `open`, more of the transaction follows under higher sequences, and no cycle applies
+    /// any of it before its last chunk (staged with `open` false) is staged: the whole
+    /// transaction becomes visible in one commit. Open chunks are not held in memory.
+    pub async fn stage_chunk(
+        &self,
+        table: &str,
+        batch: arrow::record_batch::RecordBatch,
+        sequence: u64,
+        origin_ms: Option<i64>,
+        open: bool,
+    ) -> Result<u64> {
         if self.inner.dead.load(Ordering::SeqCst) {
             return Err(Error::Unavailable("coordinator stopped".into()));
         }
@@ -713,6 +730,7 @@ impl Coordinator {
                 sequence: Some(sequence),
                 origin_ms,
                 producer: None,
+                open,
             })
             .await
             .map_err(|_| Error::Unavailable("staging stopped".into()))?;

@@ -10,7 +10,7 @@ use deltalake::DeltaTable;
 use freshet_common::delta::{applied_sequence, producer_sequence};
 use freshet_common::error::Result;
 use freshet_common::staging::{
-    batch_sequence, delete_segment, list_segments, read_segment_with_marks,
+    batch_sequence, delete_segment, list_segments, read_segment_contents,
 };
 use freshet_common::table::TableDef;
 use object_store::ObjectStore;
@@ -53,7 +53,8 @@ pub async fn recover(
             delete_segment(store, &seg.path).await?;
             continue;
         }
-        let (mut batches, marks) = read_segment_with_marks(store, &seg.path).await?;
+        let contents = read_segment_contents(store, &seg.path).await?;
+        let (mut batches, marks) = (contents.batches, contents.marks);
         // A producer's batch staged twice (its first write took effect but the reply was
         // lost, so it was retried) is applied once: the later copy is dropped.
         let mut repeated = HashSet::new();
@@ -95,6 +96,7 @@ pub async fn recover(
             path: seg.path,
             batches: keep.then_some(batches),
             skip: repeated.into_iter().collect(),
+            open: contents.open,
             rows,
             bytes,
             acked_at_ms: chrono::Utc::now().timestamp_millis(),

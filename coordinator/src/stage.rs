@@ -8,7 +8,7 @@ use arrow::array::UInt64Array;
 use arrow::record_batch::RecordBatch;
 use freshet_common::changes::staging_schema;
 use freshet_common::error::{Error, Result};
-use freshet_common::staging::{PRODUCERS_METADATA, ProducerMark, write_segment};
+use freshet_common::staging::{OPEN_METADATA, PRODUCERS_METADATA, ProducerMark, write_segment};
 use object_store::ObjectStoreExt;
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -33,6 +33,8 @@ pub struct StageRequest {
     pub origin_ms: Option<i64>,
     /// The producer's id and its sequence for this batch (idempotent ingest).
     pub producer: Option<(String, u64)>,
+    /// A chunk of a source transaction that continues in later requests.
+    pub open: bool,
 }
 
 /// The answer to a staged batch.
@@ -160,6 +162,9 @@ pub async fn run_stager(
             })
             .collect();
         let origin_ms = group.iter().filter_map(|r| r.origin_ms).min();
+        // A source sends a chunked transaction's chunks one after another: the segment is
+        // open when its last batch is a chunk that more of its transaction follows.
+        let open = group.last().is_some_and(|r| r.open);
         // Fresh sequences are never reused, even when the write fails (the write may have
         // taken effect); a source's own sequence is staged again when it re-sends it.
         let first_seq = seqs[0];
@@ -191,7 +196,8 @@ pub async fn run_stager(
             // A coordinator whose term may have ended must not stage (it could race the new
             // leader's sequence numbers) nor acknowledge.
             inner.fence.check_local()?;
-            let encoded = freshet_common::ipc::encode(&segment_schema(&schema, &marks)?, &staged)?;
+            let encoded =
+                freshet_common::ipc::encode(&segment_schema(&schema, &marks, open)?, &staged)?;
             attempted = true;
             let path = write_segment(&table.store, first_seq, last_seq, encoded).await?;
             inner.fence.check_local()?;
@@ -229,11 +235,14 @@ pub async fn run_stager(
                         first: first_seq,
                         last: last_seq,
                         path,
-                        batches: Some(batches),
+                        // An open transaction's chunks wait in the store, not in memory,
+                        // until the cycle that applies the whole transaction reads them.
+                        batches: (!open).then_some(batches),
                         skip: Vec::new(),
                         rows,
                         bytes: size,
                         producers: marks,
+                        open,
                         acked_at_ms: origin_ms
                             .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
                     });
@@ -267,6 +276,7 @@ pub async fn run_stager(
                         batches: staged,
                         marks,
                         origin_ms,
+                        open,
                     });
                 }
                 let msg = e.to_string();
@@ -287,6 +297,7 @@ struct Unresolved {
     batches: Vec<RecordBatch>,
     marks: Vec<ProducerMark>,
     origin_ms: Option<i64>,
+    open: bool,
 }
 
 /// Finds out whether a failed segment write took effect, and if so makes it pending like
@@ -344,7 +355,7 @@ async fn settle(
             first: u.first,
             last: u.last,
             path,
-            batches: Some(u.batches),
+            batches: (!u.open).then_some(u.batches),
             skip: Vec::new(),
             rows,
             bytes,
@@ -352,6 +363,7 @@ async fn settle(
                 .origin_ms
                 .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
             producers: u.marks,
+            open: u.open,
         });
     true
 }
@@ -401,8 +413,13 @@ pub fn check_producer(
 fn segment_schema(
     schema: &arrow::datatypes::SchemaRef,
     marks: &[ProducerMark],
+    open: bool,
 ) -> Result<arrow::datatypes::Schema> {
     let mut s = schema.as_ref().clone();
+    if open {
+        s.metadata
+            .insert(OPEN_METADATA.to_string(), "true".to_string());
+    }
     if !marks.is_empty() {
         let json = serde_json::to_string(marks).map_err(|e| Error::Internal(e.to_string()))?;
         s.metadata.insert(PRODUCERS_METADATA.to_string(), json);

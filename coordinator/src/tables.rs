@@ -38,6 +38,9 @@ pub struct PendingSegment {
     pub acked_at_ms: i64,
     /// The idempotent-ingest batches in it.
     pub producers: Vec<ProducerMark>,
+    /// It ends inside a source transaction staged in chunks (more of it follows): no
+    /// cycle commits part of a transaction.
+    pub open: bool,
 }
 
 /// What is staged and not yet applied.

@@ -128,3 +128,73 @@ async fn a_source_waits_while_its_table_is_over_the_pending_limit() {
     assert_eq!(read_table(&uri).await.len(), 2);
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_transaction_is_applied_whole_or_not_at_all_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.cycle.max_changes_bytes = 1; // every segment its own round
+    let c = Cluster::start_with(cfg.clone(), 1).await;
+    let def = c.coordinator.table("t").unwrap().def.clone();
+    let chunk = |keys: std::ops::Range<i64>, v: &str| {
+        let n = keys.clone().count();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(keys.clone().collect::<Vec<_>>())),
+            Arc::new(StringArray::from(vec![Some(v); n])),
+            Arc::new(Int64Array::from(keys.map(Some).collect::<Vec<_>>())),
+            Arc::new(Int8Array::from(vec![0i8; n])),
+        ];
+        RecordBatch::try_new(change_schema(&def), cols).unwrap()
+    };
+    let co = c.coordinator.clone();
+    co.stage_chunk("t", chunk(0..100, "first"), 10, None, true)
+        .await
+        .unwrap();
+    co.stage_chunk("t", chunk(50..150, "second"), 11, None, true)
+        .await
+        .unwrap();
+    let t = co.table("t").unwrap();
+    assert_eq!(
+        co.table_info(&t).await.unwrap().pending_bytes,
+        0,
+        "open chunks wait in the store"
+    );
+    assert_eq!(
+        co.trigger("t").await.unwrap().state,
+        "noop",
+        "no part of an open transaction"
+    );
+    c.stop();
+    drop((c, co, t));
+    let c = Cluster::start_with(cfg, 1).await;
+    assert_eq!(
+        c.coordinator.trigger("t").await.unwrap().state,
+        "noop",
+        "still open after recovery"
+    );
+    // The source re-sends from its confirmed position: the staged chunks are skipped, the rest
+    // is staged and closes the transaction.
+    let co = c.coordinator.clone();
+    assert_eq!(
+        co.stage_chunk("t", chunk(0..100, "first"), 10, None, true)
+            .await
+            .unwrap(),
+        10
+    );
+    co.stage_chunk("t", chunk(140..160, "third"), 12, None, false)
+        .await
+        .unwrap();
+    let rec = co.trigger("t").await.unwrap();
+    assert_eq!(rec.state, "committed", "{rec:?}");
+    assert_eq!(rec.changes, 220);
+    let got = read_table(&def.uri).await;
+    assert_eq!(got.len(), 160);
+    assert_eq!(got[&10].0, "first");
+    assert_eq!(
+        got[&60].0, "second",
+        "a later chunk wins over an earlier one"
+    );
+    assert_eq!(got[&145].0, "third");
+    assert_eq!(co.trigger("t").await.unwrap().state, "noop");
+    c.stop();
+}

@@ -1377,3 +1377,77 @@ async fn changes_after_the_xid_wraps_around_are_mirrored() {
     src.stop();
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_staged_in_chunks_and_applied_in_one_commit() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    pg.psql("CREATE TABLE big (id bigint PRIMARY KEY, payload text);");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = freshet_common::config::Config::default();
+    config.cycle.interval_ms = 200;
+    // Small rounds: the transaction is applied in several rounds of one cycle.
+    config.cycle.max_changes_bytes = 16 * 1024 * 1024;
+    config.catalog.uri = Some(dir.path().join("_catalog").display().to_string());
+    let c = Cluster::start_with(config, 2).await;
+    let src =
+        freshet_source_postgres::start(source(&pg, dir.path(), &["big"]), c.coordinator.clone())
+            .await
+            .unwrap();
+    caught_up(&pg, &c, &src, &["big"]).await;
+    let uri = dir.path().join("big").display().to_string();
+    let version_before =
+        deltalake::DeltaTable::try_from_url(deltalake::ensure_table_uri(&uri).unwrap())
+            .await
+            .unwrap()
+            .version()
+            .unwrap();
+    // ~70 MB of changes in one transaction; later statements change rows of earlier chunks.
+    pg.psql(
+        "BEGIN;
+         INSERT INTO big SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 60000) g;
+         UPDATE big SET payload = 'u' || id WHERE id % 3 = 0;
+         DELETE FROM big WHERE id % 7 = 0;
+         COMMIT;",
+    );
+    caught_up(&pg, &c, &src, &["big"]).await;
+    let want = pg_rows(&pg, "SELECT id, md5(payload) FROM big ORDER BY id");
+    assert_eq!(want.len(), 60000 - 60000 / 7);
+    assert_eq!(
+        delta_rows(&uri, "SELECT id, md5(payload) FROM t ORDER BY id").await,
+        want
+    );
+    // One commit holds the whole transaction, staged as several chunks.
+    let table_dir = dir.path().join("big");
+    let mut commits = Vec::new();
+    let mut v = version_before + 1;
+    while table_dir.join(format!("_delta_log/{v:020}.json")).exists() {
+        let info = commit_actions(&table_dir, v as i64)
+            .into_iter()
+            .find_map(|a| a.get("commitInfo").cloned())
+            .unwrap();
+        commits.push(info);
+        v += 1;
+    }
+    assert_eq!(
+        commits.len(),
+        1,
+        "the transaction is in one Delta version: {commits:?}"
+    );
+    let m = &commits[0]["freshet.metrics"];
+    let (first, last) = (
+        m["firstSequence"].as_u64().unwrap(),
+        m["lastSequence"].as_u64().unwrap(),
+    );
+    assert!(
+        last - first >= 3,
+        "staged in chunks: sequences {first}..{last}"
+    );
+    assert_eq!(
+        m["changes"].as_u64().unwrap(),
+        60000 + 20000 + 60000 / 7,
+        "every change of the transaction, once"
+    );
+    src.stop();
+    c.stop();
+}

@@ -1117,6 +1117,9 @@ async fn stream(
     // server's next xid, read again at every status refresh.
     let mut xid_reference = next_full_xid(client).await?;
     let mut events: Vec<Event> = Vec::new();
+    // The transaction's staging (in chunks when it is large) and its bytes not yet staged.
+    let mut txn = TxnStage::new(0);
+    let mut txn_bytes = 0usize;
     // The newest keepalive position received outside a transaction (safe to confirm).
     let mut heartbeat_at = start;
     let mut last_heartbeat = Instant::now();
@@ -1195,127 +1198,145 @@ async fn stream(
                 open = Some(full_xid(xid, xid_reference));
                 open_lsn = final_lsn.as_u64();
                 events.clear();
+                txn = TxnStage::new(open_lsn);
+                txn_bytes = 0;
             }
-            ReplicationEvent::XLogData { data, .. } => match decode(&data)? {
-                Message::Relation {
-                    oid,
-                    namespace,
-                    name,
-                    columns,
-                    ..
-                } => {
-                    let q = format!("{namespace}.{name}");
-                    let Some(&i) = by_name.get(q.as_str()) else {
-                        continue;
-                    };
-                    let m = &mirrors[i];
-                    let rel = relation_shape(&columns);
-                    let known = table_shape(&m.pg);
-                    // Within this session, every relation message must extend the last one.
-                    let since_last = shapes
-                        .get(&i)
-                        .map(|last: &Vec<_>| appended(&relation_shape(last), &rel).is_some());
-                    let added = appended(&known, &rel);
-                    let compatible = since_last != Some(false)
-                        && (added.is_some()
+            ReplicationEvent::XLogData { data, .. } => {
+                // A large transaction is staged in chunks as it arrives (bounded memory);
+                // the coordinator applies it in one commit once its last chunk is staged.
+                if let Some(xid) = open {
+                    if txn_bytes >= CHUNK_BYTES {
+                        let todo: Vec<Event> = std::mem::take(&mut events)
+                            .into_iter()
+                            .filter(|e| !markers[e.table()].sees(xid))
+                            .collect();
+                        txn.stage(coordinator, mirrors, todo, None, false).await?;
+                        txn_bytes = 0;
+                    }
+                    txn_bytes += data.len();
+                }
+                match decode(&data)? {
+                    Message::Relation {
+                        oid,
+                        namespace,
+                        name,
+                        columns,
+                        ..
+                    } => {
+                        let q = format!("{namespace}.{name}");
+                        let Some(&i) = by_name.get(q.as_str()) else {
+                            continue;
+                        };
+                        let m = &mirrors[i];
+                        let rel = relation_shape(&columns);
+                        let known = table_shape(&m.pg);
+                        // Within this session, every relation message must extend the last one.
+                        let since_last = shapes
+                            .get(&i)
+                            .map(|last: &Vec<_>| appended(&relation_shape(last), &rel).is_some());
+                        let added = appended(&known, &rel);
+                        let compatible = since_last != Some(false)
+                            && (added.is_some()
                             // Shorter: an older shape replayed, only from before the
                             // table was described; later, columns were dropped.
                             || (appended(&rel, &known).is_some() && open_lsn < m.shape_lsn));
-                    if !compatible {
-                        // A dropped (the last one too), renamed or retyped column: writing
-                        // on would be wrong.
-                        let table = mirrors[i].cfg.name.clone();
-                        let dropped: Vec<&str> = known
-                            .iter()
-                            .filter(|k| !rel.iter().any(|r| r.0 == k.0))
-                            .map(|k| k.0)
-                            .collect();
-                        let _ = coordinator.set_paused(&table, true).await;
-                        return Err(SourceError::Table {
-                            table: q,
-                            message: format!(
-                                "its columns changed incompatibly in PostgreSQL (now: {}{}); the Freshet table '{table}' is paused and the source stopped before writing anything under the new shape",
-                                columns
-                                    .iter()
-                                    .map(|c| c.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
-                                if dropped.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!("; dropped: {}", dropped.join(", "))
-                                }
-                            ),
-                        });
-                    }
-                    if added.is_some_and(|n| n > 0) {
-                        // ALTER TABLE ADD COLUMN: evolve the Delta table first.
-                        evolve(client, coordinator, &mut mirrors[i], oid, &columns).await?;
-                    }
-                    shapes.insert(i, columns);
-                    // Fewer columns than known: an older shape replayed; rows are padded.
-                    relations.insert(oid, i);
-                }
-                Message::Insert { oid, new } => {
-                    push(&mut events, &relations, oid, (OP_UPSERT, new))
-                }
-                Message::Update { oid, old, new } => {
-                    let Some(&i) = relations.get(&oid) else {
-                        continue;
-                    };
-                    let m = &mirrors[i];
-                    let mut new = new;
-                    if let Some(old) = &old {
-                        // A changed key is a delete of the old key plus an insert.
-                        if m.key_of(old.values()) != m.key_of(&new) {
-                            let gone = old.values().to_vec();
-                            push(&mut events, &relations, oid, (OP_DELETE, gone));
+                        if !compatible {
+                            // A dropped (the last one too), renamed or retyped column: writing
+                            // on would be wrong.
+                            let table = mirrors[i].cfg.name.clone();
+                            let dropped: Vec<&str> = known
+                                .iter()
+                                .filter(|k| !rel.iter().any(|r| r.0 == k.0))
+                                .map(|k| k.0)
+                                .collect();
+                            let _ = coordinator.set_paused(&table, true).await;
+                            return Err(SourceError::Table {
+                                table: q,
+                                message: format!(
+                                    "its columns changed incompatibly in PostgreSQL (now: {}{}); the Freshet table '{table}' is paused and the source stopped before writing anything under the new shape",
+                                    columns
+                                        .iter()
+                                        .map(|c| c.name.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                    if dropped.is_empty() {
+                                        String::new()
+                                    } else {
+                                        format!("; dropped: {}", dropped.join(", "))
+                                    }
+                                ),
+                            });
                         }
-                        // Unchanged TOASTed values keep the old value, but only a whole old
-                        // row (REPLICA IDENTITY FULL) has it: a key-only old tuple (a key
-                        // change under the default identity) holds nulls there instead.
-                        if let OldTuple::Row(row) = old {
-                            for (j, v) in new.iter_mut().enumerate() {
-                                if *v == Value::Unchanged && !matches!(row[j], Value::Unchanged) {
-                                    *v = row[j].clone();
-                                }
-                            }
+                        if added.is_some_and(|n| n > 0) {
+                            // ALTER TABLE ADD COLUMN: evolve the Delta table first.
+                            evolve(client, coordinator, &mut mirrors[i], oid, &columns).await?;
                         }
+                        shapes.insert(i, columns);
+                        // Fewer columns than known: an older shape replayed; rows are padded.
+                        relations.insert(oid, i);
                     }
-                    if new.contains(&Value::Unchanged) {
-                        let Some(xid) = open else {
-                            return Err(SourceError::Protocol(
-                                "an update outside a transaction".into(),
-                            ));
-                        };
-                        if !fill_unchanged(client, m, xid, &mut new).await? {
-                            // The row is gone: a later transaction, still to come in the
-                            // stream, deleted it or moved it to another key. A delete
-                            // (which needs the key only) converges the same way.
-                            for v in new.iter_mut() {
-                                if *v == Value::Unchanged {
-                                    *v = Value::Null;
-                                }
-                            }
-                            push(&mut events, &relations, oid, (OP_DELETE, new));
+                    Message::Insert { oid, new } => {
+                        push(&mut events, &relations, oid, (OP_UPSERT, new))
+                    }
+                    Message::Update { oid, old, new } => {
+                        let Some(&i) = relations.get(&oid) else {
                             continue;
+                        };
+                        let m = &mirrors[i];
+                        let mut new = new;
+                        if let Some(old) = &old {
+                            // A changed key is a delete of the old key plus an insert.
+                            if m.key_of(old.values()) != m.key_of(&new) {
+                                let gone = old.values().to_vec();
+                                push(&mut events, &relations, oid, (OP_DELETE, gone));
+                            }
+                            // Unchanged TOASTed values keep the old value, but only a whole old
+                            // row (REPLICA IDENTITY FULL) has it: a key-only old tuple (a key
+                            // change under the default identity) holds nulls there instead.
+                            if let OldTuple::Row(row) = old {
+                                for (j, v) in new.iter_mut().enumerate() {
+                                    if *v == Value::Unchanged && !matches!(row[j], Value::Unchanged)
+                                    {
+                                        *v = row[j].clone();
+                                    }
+                                }
+                            }
+                        }
+                        if new.contains(&Value::Unchanged) {
+                            let Some(xid) = open else {
+                                return Err(SourceError::Protocol(
+                                    "an update outside a transaction".into(),
+                                ));
+                            };
+                            if !fill_unchanged(client, m, xid, &mut new).await? {
+                                // The row is gone: a later transaction, still to come in the
+                                // stream, deleted it or moved it to another key. A delete
+                                // (which needs the key only) converges the same way.
+                                for v in new.iter_mut() {
+                                    if *v == Value::Unchanged {
+                                        *v = Value::Null;
+                                    }
+                                }
+                                push(&mut events, &relations, oid, (OP_DELETE, new));
+                                continue;
+                            }
+                        }
+                        push(&mut events, &relations, oid, (OP_UPSERT, new));
+                    }
+                    Message::Delete { oid, old } => {
+                        push(&mut events, &relations, oid, (OP_DELETE, old))
+                    }
+                    Message::Truncate { oids } => {
+                        for oid in oids {
+                            if let Some(&i) = relations.get(&oid) {
+                                events.push(Event::Truncate(i));
+                            }
                         }
                     }
-                    push(&mut events, &relations, oid, (OP_UPSERT, new));
+                    // Begin and Commit arrive as their own events; the rest is not needed.
+                    Message::Begin { .. } | Message::Commit { .. } | Message::Other(_) => {}
                 }
-                Message::Delete { oid, old } => {
-                    push(&mut events, &relations, oid, (OP_DELETE, old))
-                }
-                Message::Truncate { oids } => {
-                    for oid in oids {
-                        if let Some(&i) = relations.get(&oid) {
-                            events.push(Event::Truncate(i));
-                        }
-                    }
-                }
-                // Begin and Commit arrive as their own events; the rest is not needed.
-                Message::Begin { .. } | Message::Commit { .. } | Message::Other(_) => {}
-            },
+            }
             ReplicationEvent::Commit {
                 lsn,
                 end_lsn,
@@ -1334,8 +1355,13 @@ async fn stream(
                     .collect();
                 // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
                 let origin_ms = commit_time_micros / 1000 + 946_684_800_000;
-                if !todo.is_empty() {
-                    apply(coordinator, mirrors, todo, lsn.as_u64(), Some(origin_ms)).await?;
+                if !todo.is_empty() || txn.is_chunked() {
+                    debug_assert_eq!(txn.commit_lsn, lsn.as_u64());
+                    let mut stage = std::mem::replace(&mut txn, TxnStage::new(0));
+                    stage.commit_lsn = lsn.as_u64();
+                    stage
+                        .stage(coordinator, mirrors, todo, Some(origin_ms), true)
+                        .await?;
                     status.lock().expect("lock").transactions += 1;
                 }
                 last_commit_ms = Some(origin_ms);
@@ -1407,42 +1433,92 @@ fn push(events: &mut Vec<Event>, relations: &HashMap<u32, usize>, oid: u32, row:
     events.push(Event::Rows(i, vec![row]));
 }
 
-async fn apply(
-    coordinator: &Coordinator,
-    mirrors: &[Mirror],
-    events: Vec<Event>,
+/// Decoded bytes of a transaction staged as one chunk once reached. A constant, not a
+/// setting: a transaction re-sent after a crash must be cut at the same places so that its
+/// chunks get the same sequences (and those already staged are skipped).
+const CHUNK_BYTES: usize = 16 * 1024 * 1024;
+
+/// Stages one source transaction: in one piece, or in chunks as it arrives when it is large
+/// (every chunk but the last staged as open, so no cycle applies part of it).
+struct TxnStage {
+    /// The transaction's commit position (its sequences are derived from it).
     commit_lsn: u64,
-    origin_ms: Option<i64>,
-) -> Result<()> {
-    // Per table: rows accumulate until a TRUNCATE of that table or the end of the transaction.
-    let mut pending: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
-    let mut n: HashMap<usize, u64> = HashMap::new();
-    let mut next = |t: usize| {
-        let e = n.entry(t).or_insert(0);
-        *e += 1;
-        seq(commit_lsn, *e)
-    };
-    for ev in events {
-        match ev {
-            Event::Rows(t, rows) => pending.entry(t).or_default().extend(rows),
-            Event::Truncate(t) => {
-                if let Some(rows) = pending.remove(&t) {
-                    let m = &mirrors[t];
-                    coordinator
-                        .stage_changes(&m.cfg.name, m.batch(&rows)?, next(t), origin_ms)
-                        .await?;
-                }
-                coordinator.truncate(&mirrors[t].cfg.name, next(t)).await?;
-            }
+    /// Per table: sequences handed out so far.
+    n: HashMap<usize, u64>,
+    /// Tables with an open chunk staged (their last chunk must close it).
+    open: std::collections::BTreeSet<usize>,
+}
+
+impl TxnStage {
+    fn new(commit_lsn: u64) -> Self {
+        TxnStage {
+            commit_lsn,
+            n: HashMap::new(),
+            open: Default::default(),
         }
     }
-    for (t, rows) in pending {
-        let m = &mirrors[t];
-        coordinator
-            .stage_changes(&m.cfg.name, m.batch(&rows)?, next(t), origin_ms)
-            .await?;
+
+    /// Whether chunks of it were staged already.
+    fn is_chunked(&self) -> bool {
+        !self.open.is_empty()
     }
-    Ok(())
+
+    fn next(&mut self, t: usize) -> u64 {
+        let e = self.n.entry(t).or_insert(0);
+        *e += 1;
+        seq(self.commit_lsn, *e)
+    }
+
+    /// Stages `events` (rows accumulate per table until a TRUNCATE of that table or the
+    /// end of the chunk); with `last`, the transaction ends here and every open table is
+    /// closed (with an empty batch when it has no rows left).
+    async fn stage(
+        &mut self,
+        coordinator: &Coordinator,
+        mirrors: &[Mirror],
+        events: Vec<Event>,
+        origin_ms: Option<i64>,
+        last: bool,
+    ) -> Result<()> {
+        let mut pending: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
+        for ev in events {
+            match ev {
+                Event::Rows(t, rows) => pending.entry(t).or_default().extend(rows),
+                Event::Truncate(t) => {
+                    // What precedes a TRUNCATE is applied before it (its own commit).
+                    let rows = pending.remove(&t).unwrap_or_default();
+                    if !rows.is_empty() || self.open.contains(&t) {
+                        let m = &mirrors[t];
+                        let s = self.next(t);
+                        coordinator
+                            .stage_chunk(&m.cfg.name, m.batch(&rows)?, s, origin_ms, false)
+                            .await?;
+                        self.open.remove(&t);
+                    }
+                    let s = self.next(t);
+                    coordinator.truncate(&mirrors[t].cfg.name, s).await?;
+                }
+            }
+        }
+        if last {
+            for t in self.open.clone() {
+                pending.entry(t).or_default();
+            }
+        }
+        for (t, rows) in pending {
+            let m = &mirrors[t];
+            let s = self.next(t);
+            coordinator
+                .stage_chunk(&m.cfg.name, m.batch(&rows)?, s, origin_ms, !last)
+                .await?;
+            if last {
+                self.open.remove(&t);
+            } else {
+                self.open.insert(t);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn now_ms() -> i64 {
