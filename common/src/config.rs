@@ -158,7 +158,7 @@ impl Default for CycleConfig {
 pub struct IngestConfig {
     /// Most rows in one batch.
     pub max_batch_rows: usize,
-    /// Most bytes in one batch's payload.
+    /// Most bytes in one batch, both as sent and once decoded.
     pub max_batch_bytes: usize,
     /// Most bytes (decoded, in memory) staged but not yet applied, per table: beyond it
     /// ingest is refused (RESOURCE_EXHAUSTED) and a CDC source waits; recovery keeps at most
