@@ -295,6 +295,10 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         if retried {
             // Earlier attempts may have left files (or still be writing them).
             orphans::sweep_later(t.store.clone(), log, inflight, Duration::from_millis(inner.config.cycle.orphan_grace_ms));
+        } else if rounds > 1 {
+            // The files of earlier rounds were rewritten by later ones and never committed;
+            // no attempt can still be writing.
+            orphans::sweep_later(t.store.clone(), log, inflight, Duration::ZERO);
         } else {
             // One attempt per task, all committed: no file to sweep. A record left behind is
             // swept by the next recovery, which keeps what the log references.

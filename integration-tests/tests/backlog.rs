@@ -196,5 +196,26 @@ async fn a_chunked_transaction_is_applied_whole_or_not_at_all_across_a_restart()
     );
     assert_eq!(got[&145].0, "third");
     assert_eq!(co.trigger("t").await.unwrap().state, "noop");
+    // The files of the earlier rounds were never committed: they are swept.
+    let table_dir = std::path::Path::new(&def.uri).to_path_buf();
+    let active: Vec<String> = commit_actions(&table_dir, 1)
+        .iter()
+        .filter_map(|a| Some(a.get("add")?.get("path")?.as_str()?.to_string()))
+        .collect();
+    let parquet = || {
+        list_files(&table_dir)
+            .into_iter()
+            .filter(|f| f.ends_with(".parquet"))
+            .collect::<Vec<_>>()
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while parquet() != active {
+        assert!(
+            std::time::Instant::now() < end,
+            "left: {:?}, committed: {active:?}",
+            parquet()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     c.stop();
 }
