@@ -324,6 +324,14 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
                     tracing::warn!(error = %e, "could not delete applied staging segment; recovery will");
                 }
             }
+            // Producers whose last batch is applied can be learnt again from the log: the
+            // memory of many producers stays bounded.
+            {
+                let mut producers = t.producers.lock().expect("lock");
+                if producers.len() > MAX_PRODUCERS_IN_MEMORY {
+                    producers.retain(|_, p| p.sequence > applied_last);
+                }
+            }
             phases.end("cleanup");
             if more {
                 // A backlog: the next bounded cycle starts at once.
@@ -356,6 +364,10 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
     }
     Ok(rec)
 }
+
+/// Idempotent producers remembered per table beyond which those already applied are
+/// forgotten (the Delta log's txn actions still know them).
+const MAX_PRODUCERS_IN_MEMORY: usize = 10_000;
 
 /// How many of the oldest pending segments a cycle takes: up to `cap` bytes (at least one
 /// segment), never ending inside a chunked transaction (whose chunks are taken together,
