@@ -4,18 +4,23 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Int8Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use freshet_common::config::Config;
 use freshet_common::prefixes::AllowedPrefixes;
 use freshet_common::schema::SchemaSpec;
-use freshet_integration_tests::{Cluster, table_config};
-use freshet_proto::admin::v1::CreateTableRequest;
+use freshet_integration_tests::procs::ProcCluster;
+use freshet_integration_tests::{
+    Change, Cluster, apply, list_files, read_table, request, table_config,
+};
+use freshet_proto::admin::v1::{CreateTableRequest, GetLeaderRequest, GetTableRequest};
 use freshet_proto::worker::v1::worker_service_client::WorkerServiceClient;
 use freshet_proto::worker::v1::{InputFile, RewriteRequest, TableSpec};
 use freshet_worker::Worker;
+
+type Model = std::collections::BTreeMap<i64, (String, i64)>;
 
 /// Every file and directory under `dir`, relative, sorted.
 fn tree(dir: &Path) -> Vec<String> {
@@ -167,4 +172,89 @@ async fn a_worker_refuses_a_uri_outside_its_prefixes_with_nothing_read_or_writte
     assert_eq!(resp.rows_written, 3);
     let _ = stop.send(true);
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Waits until `table` has no pending changes on coordinator `leader`.
+async fn wait_applied(c: &ProcCluster, leader: usize, table: &str, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    loop {
+        let t = c
+            .admin(leader)
+            .await
+            .get_table(GetTableRequest { name: table.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .table
+            .unwrap();
+        if t.pending_changes == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{table}: {} changes still pending after {timeout:?}",
+            t.pending_changes
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_epoch_is_refused_and_the_next_cycle_succeeds_on_that_worker() {
+    let mut c = ProcCluster::new("[cycle]\ninterval_ms = 300\n");
+    c.add_coordinator();
+    c.add_worker(&[]);
+    c.wait_ready(&c.coordinators[0], Duration::from_secs(60));
+    let leader = c.wait_leader(&[], Duration::from_secs(30)).await;
+    c.wait_workers(leader, 1, Duration::from_secs(30)).await;
+    let cfg = table_config(&c.dir, "orders", false, 1 << 20);
+    c.create_table(leader, &cfg).await;
+    let seed: Vec<Change> = (0..100)
+        .map(|k| (k, Some((format!("v0-{k}"), k))))
+        .collect();
+    c.ingest_acked(&request("orders", false, &seed), Duration::from_secs(30))
+        .await;
+    wait_applied(&c, leader, "orders", Duration::from_secs(60)).await;
+    let epoch = c
+        .admin(leader)
+        .await
+        .get_leader(GetLeaderRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
+
+    // The poisoning requests: unauthenticated, straight to the worker.
+    let mut worker = WorkerServiceClient::connect(c.workers[0].endpoint.clone())
+        .await
+        .unwrap();
+    let mut refusals = Vec::new();
+    for forged in [u64::MAX, epoch + 1] {
+        let task = write_task(&cfg.uri, forged, vec![]);
+        refusals.push((forged, worker.rewrite(task).await));
+    }
+
+    // The real leader's next cycle still runs on that (only) worker.
+    let more: Vec<Change> = (0..100)
+        .map(|k| (k, Some((format!("v1-{k}"), k))))
+        .collect();
+    c.ingest_acked(&request("orders", false, &more), Duration::from_secs(30))
+        .await;
+    wait_applied(&c, leader, "orders", Duration::from_secs(30)).await;
+    let mut model = Model::new();
+    apply(&mut model, &seed);
+    apply(&mut model, &more);
+    assert_eq!(read_table(&cfg.uri).await, model);
+
+    for (forged, r) in refusals {
+        let e = r.expect_err("a forged epoch must be refused");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{forged}: {e:?}");
+        assert!(e.message().contains(&forged.to_string()), "{e:?}");
+    }
+    // Nothing the forged tasks asked for was written: only the cycles' files exist.
+    let stray: Vec<_> = list_files(&c.dir.join("orders"))
+        .into_iter()
+        .filter(|f| f.contains("fr-c1-"))
+        .collect();
+    assert!(stray.is_empty(), "forged tasks wrote {stray:?}");
 }

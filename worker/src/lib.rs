@@ -1,6 +1,7 @@
 //! The stateless Freshet worker: serves `freshet.worker.v1.WorkerService`, rewriting files
 //! with their changes directly against object storage.
 
+pub mod epoch;
 pub mod metrics;
 pub mod process;
 pub mod registration;
@@ -38,7 +39,7 @@ pub struct Worker {
     options: StorageOptions,
     permits: Semaphore,
     in_flight: AtomicU64,
-    newest_epoch: AtomicU64,
+    epochs: epoch::Epochs,
     draining: AtomicBool,
     /// The largest message the worker's server accepts, which also bounds what a task's
     /// changes may decode to; [`serve`] sets it.
@@ -59,7 +60,7 @@ impl Worker {
             options,
             permits: Semaphore::new(capacity.max(1) as usize),
             in_flight: AtomicU64::new(0),
-            newest_epoch: AtomicU64::new(0),
+            epochs: epoch::Epochs::default(),
             draining: AtomicBool::new(false),
             max_message_bytes: AtomicUsize::new(
                 freshet_common::config::ServerConfig::default().max_message_bytes,
@@ -97,14 +98,8 @@ impl Worker {
 
     /// Runs one task.
     pub async fn rewrite(&self, req: RewriteRequest) -> Result<RewriteResponse> {
-        // Stale leaders must not get work done: refuse epochs older than the newest seen.
-        let newest = self.newest_epoch.fetch_max(req.epoch, Ordering::SeqCst);
-        if req.epoch < newest {
-            return Err(Error::Unavailable(format!(
-                "stale epoch {} (newest seen {newest})",
-                req.epoch
-            )));
-        }
+        // Stale leaders must not get work done, and forged epochs must not be adopted.
+        self.epochs.admit(req.epoch).await?;
         if self.draining.load(Ordering::SeqCst) {
             return Err(Error::Unavailable(format!(
                 "worker {} is shutting down",
