@@ -149,7 +149,7 @@ async fn a_commit_whose_outcome_is_unknown_never_loses_its_files() {
                 ops: vec![Op::Get, Op::GetRange, Op::Head, Op::List],
                 path_contains: "_delta_log".into(),
                 error_rate: 1.0,
-                max_faults: Some(40),
+                max_faults: Some(16),
                 armed_by: Some(0),
                 ..Default::default()
             },
