@@ -98,13 +98,7 @@ pub async fn leader_endpoint(endpoint: &str) -> String {
 
 /// Connects to the admin API.
 pub async fn client(endpoint: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
-    AdminServiceClient::connect(endpoint.to_string())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator at {endpoint} (set --endpoint or FRESHET_ENDPOINT)"
-            )
-        })
+    Ok(AdminServiceClient::new(crate::channel(endpoint).await?))
 }
 
 pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {

@@ -118,8 +118,7 @@ pub async fn run(endpoint: &str, args: IngestArgs) -> anyhow::Result<()> {
         .collect();
     fields.push(Field::new(&args.op_column, DataType::Utf8, true));
     let read_schema = Arc::new(Schema::new(fields));
-    let mut client = IngestServiceClient::connect(endpoint.to_string())
-        .await?
+    let mut client = IngestServiceClient::new(crate::channel(endpoint).await?)
         .max_encoding_message_size(256 * 1024 * 1024);
     let mut total = 0u64;
     let producer_id = args

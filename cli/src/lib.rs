@@ -12,6 +12,12 @@ mod source;
 mod table;
 
 use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use freshet_common::tls::ClientTls;
+use tonic::transport::{Channel, Endpoint};
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +34,15 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     endpoint: String,
+    /// PEM CA bundle to verify the coordinator with (needed for `https://` endpoints).
+    #[arg(long, global = true, env = "FRESHET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for coordinators that require one (with --tls-key).
+    #[arg(long, global = true, env = "FRESHET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "FRESHET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +73,17 @@ enum Command {
 /// Runs the command line `args` (the first is the program name).
 pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
+    let tls = match &cli.tls_ca {
+        Some(ca) => {
+            let identity = cli.tls_cert.as_deref().zip(cli.tls_key.as_deref());
+            Some(Arc::new(ClientTls::new(ca, identity)?))
+        }
+        None if cli.tls_cert.is_some() => {
+            anyhow::bail!("--tls-cert needs --tls-ca (FRESHET_TLS_CA) to verify the coordinator with")
+        }
+        None => None,
+    };
+    *CLIENT_TLS.write().expect("lock") = tls;
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
         Command::Coordinator(args) => serve::coordinator(args).await,
@@ -81,6 +107,28 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
             admin::run(&endpoint, cmd).await
         }
     }
+}
+
+/// The TLS settings of this command's clients (--tls-*): one command, one set of settings,
+/// used alike for the endpoint given and for a leader a follower names.
+static CLIENT_TLS: RwLock<Option<Arc<ClientTls>>> = RwLock::new(None);
+
+/// A channel to a coordinator: TLS for `https://` endpoints (verified with --tls-ca, with
+/// --tls-cert/--tls-key as client certificate), plaintext for `http://`.
+pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    let hint = "set --endpoint or FRESHET_ENDPOINT";
+    let ep = Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("bad coordinator endpoint '{endpoint}' ({hint})"))?;
+    let tls = CLIENT_TLS.read().expect("lock").clone();
+    let connected = if endpoint.starts_with("https://") {
+        let tls = tls.with_context(|| {
+            format!("{endpoint} is https: give the CA bundle to verify it with (--tls-ca or FRESHET_TLS_CA)")
+        })?;
+        tls.connect(ep).await
+    } else {
+        ep.connect().await
+    };
+    connected.with_context(|| format!("cannot reach the coordinator at {endpoint} ({hint})"))
 }
 
 /// Runs `freshet <sub> <the process's own arguments>` (for the alias binaries).

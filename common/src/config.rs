@@ -37,6 +37,31 @@ pub struct Config {
     /// Test-only switches; refused unless the process is started with
     /// `--allow-fault-injection`.
     pub testing: TestingConfig,
+    /// TLS of the gRPC servers and of the coordinator's worker clients (empty: plaintext).
+    pub tls: TlsConfig,
+}
+
+/// TLS of every gRPC server and client of the process (docs/security.md, "TLS"). Empty
+/// `cert_file` means plaintext: the explicit opt-out for local development.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of this process (re-read when the file changes).
+    pub cert_file: String,
+    /// PEM private key of `cert_file` (re-read when the file changes).
+    pub key_file: String,
+    /// PEM CA bundle: clients verify servers with it, servers verify client certificates.
+    pub ca_file: String,
+    /// Coordinator: refuse clients without a certificate of `ca_file`. Workers in TLS mode
+    /// always require one (they accept work only from coordinators).
+    pub require_client_cert: bool,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on (a certificate is configured).
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
 }
 
 /// Test-only switches (docs/configuration.md, "Testing"). Production configs never set them.

@@ -19,5 +19,6 @@ pub mod staging;
 pub mod stats;
 pub mod storage;
 pub mod table;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -243,14 +243,28 @@ pub async fn serve(
         .map(|a| format!("http://{a}"))
         .unwrap_or_default();
     let max = coordinator.inner().config.server.max_message_bytes;
-    serve_node(Node::standalone(coordinator, addr), max, listener, shutdown).await
+    let tls = freshet_common::tls::ServerTls::coordinator(&coordinator.inner().config.tls)?;
+    let addr = match tls {
+        Some(_) => addr.replacen("http://", "https://", 1),
+        None => addr,
+    };
+    serve_node(
+        Node::standalone(coordinator, addr),
+        max,
+        listener,
+        tls,
+        shutdown,
+    )
+    .await
 }
 
-/// Serves ingest, admin, health and reflection for `node` until `shutdown` resolves.
+/// Serves ingest, admin, health and reflection for `node` until `shutdown` resolves, over
+/// TLS when `tls` is given.
 pub async fn serve_node(
     node: Arc<Node>,
     max: usize,
     listener: TcpListener,
+    tls: Option<Arc<freshet_common::tls::ServerTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (reporter, health) = freshet_common::server::health();
@@ -276,10 +290,7 @@ pub async fn serve_node(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(freshet_common::tls::incoming(listener, tls), shutdown)
         .await
         .map_err(|e| Error::Internal(format!("coordinator server: {e}")))
 }

@@ -305,7 +305,8 @@ impl Coordinator {
             router: Router::new(
                 config.cycle.workers.clone(),
                 config.server.max_message_bytes,
-            ),
+            )
+            .with_tls(freshet_common::tls::ClientTls::from_config(&config.tls)?),
             epoch: options.epoch,
             fence: options.fence,
             node_id: options.node_id,

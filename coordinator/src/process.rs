@@ -40,6 +40,8 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
                 other => Error::Config(format!("catalog.uri '{uri}' does not answer: {other}")),
             })?;
     }
+    // Certificates are checked before anything listens: a bad file fails the start, named.
+    let tls = freshet_common::tls::ServerTls::coordinator(&config.tls)?;
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
         .map_err(|e| {
@@ -56,7 +58,14 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
         .advertise
         .clone()
         .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| url_of(&addr.to_string()));
+        .unwrap_or_else(|| {
+            // Followers hand this out as the leader hint: it must name the scheme clients need.
+            let url = url_of(&addr.to_string());
+            match &tls {
+                Some(_) => url.replacen("http://", "https://", 1),
+                None => url,
+            }
+        });
     let id = std::env::var("FRESHET_NODE_ID")
         .ok()
         .filter(|s| !s.is_empty())
@@ -107,6 +116,7 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
         node.clone(),
         config.server.max_message_bytes,
         listener,
+        tls,
         async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         },

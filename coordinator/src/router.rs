@@ -1,9 +1,10 @@
 //! Sends tasks to workers: balanced by bytes, retried on another worker on failure.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use freshet_common::tls::ClientTls;
 use freshet_proto::worker::v1::worker_service_client::WorkerServiceClient;
 use freshet_proto::worker::v1::{RewriteRequest, RewriteResponse};
 use tonic::transport::{Channel, Endpoint};
@@ -50,6 +51,8 @@ pub struct Router {
     clients: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
     stats: Mutex<HashMap<String, WorkerStats>>,
     max_message_bytes: usize,
+    /// Mutual TLS to the workers (None: plaintext).
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Router {
@@ -60,8 +63,15 @@ impl Router {
             clients: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             max_message_bytes,
+            tls: None,
         }
         .with_endpoints(endpoints)
+    }
+
+    /// Dials workers over TLS, presenting the coordinator's certificate (mutual TLS).
+    pub fn with_tls(mut self, tls: Option<Arc<ClientTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn with_endpoints(self, endpoints: Vec<String>) -> Self {
@@ -128,10 +138,13 @@ impl Router {
         if let Some(c) = clients.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())
+        let ep = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("bad worker endpoint '{endpoint}': {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .connect_timeout(Duration::from_secs(5));
+        let channel = match &self.tls {
+            Some(tls) => tls.channel(ep),
+            None => ep.connect_lazy(),
+        };
         let c = WorkerServiceClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);

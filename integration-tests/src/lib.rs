@@ -118,11 +118,14 @@ impl Cluster {
             let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
             let w = Worker::new(format!("w{i}"), 2, config.storage.options.clone());
             let mut rx = stop_rx.clone();
-            tokio::spawn(freshet_worker::serve(w.clone(), l, 256 << 20, async move {
+            // With `[tls]`, workers require the coordinator's client certificate (tests/tls.rs).
+            let tls = freshet_common::tls::ServerTls::worker(&config.tls).expect("worker tls");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tokio::spawn(freshet_worker::serve_tls(w.clone(), l, 256 << 20, tls, async move {
                 let _ = rx.wait_for(|s| *s).await;
             }));
             ws.push(w);
-            eps.push(format!("http://{addr}"));
+            eps.push(format!("{scheme}://{addr}"));
         }
         config.cycle.workers = eps.clone();
         let options = freshet_coordinator::StartOptions {
@@ -144,7 +147,11 @@ impl Cluster {
         ));
         Cluster {
             coordinator,
-            endpoint: format!("http://{addr}"),
+            endpoint: if config.tls.enabled() {
+                format!("https://{addr}")
+            } else {
+                format!("http://{addr}")
+            },
             workers: ws,
             worker_endpoints: eps,
             config,

@@ -198,6 +198,18 @@ pub async fn serve(
     max_message_bytes: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_tls(worker, listener, max_message_bytes, None, shutdown).await
+}
+
+/// Serves a worker on `listener` until `shutdown` resolves, over TLS when `tls` is given
+/// (built with [`freshet_common::tls::ServerTls::worker`]: client certificates required).
+pub async fn serve_tls(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    tls: Option<Arc<freshet_common::tls::ServerTls>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     worker
         .max_message_bytes
         .store(max_message_bytes, Ordering::SeqCst);
@@ -214,10 +226,7 @@ pub async fn serve(
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(svc)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(freshet_common::tls::incoming(listener, tls), shutdown)
         .await
         .map_err(|e| Error::Internal(format!("worker server: {e}")))
 }

@@ -11,7 +11,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::registration::Registration;
-use crate::{Worker, bind, serve};
+use crate::{Worker, bind, serve_tls};
 
 /// Runs a worker until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
@@ -24,13 +24,22 @@ pub async fn run(config: Config) -> Result<()> {
     } else {
         Some(freshet_common::etcd::connect(&config.cluster).await?)
     };
+    // Certificates are checked before anything listens: a bad file fails the start, named.
+    let tls = freshet_common::tls::ServerTls::worker(&config.tls)?;
     let (listener, addr) = bind(&config.worker.listen).await?;
     let advertise = config
         .worker
         .advertise
         .clone()
         .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| url_of(&addr.to_string()));
+        .unwrap_or_else(|| {
+            // Coordinators dial what is registered: it must name the scheme they need.
+            let url = url_of(&addr.to_string());
+            match &tls {
+                Some(_) => url.replacen("http://", "https://", 1),
+                None => url,
+            }
+        });
     let worker = Worker::new(
         id.clone(),
         config.worker.capacity,
@@ -39,9 +48,6 @@ pub async fn run(config: Config) -> Result<()> {
     worker.set_allowed_prefixes(freshet_common::prefixes::AllowedPrefixes::new(
         &config.storage.allowed_prefixes,
     )?);
-    if let Some(client) = &etcd {
-        worker.verify_epochs_with(client.clone(), &config.cluster);
-    }
     if let Ok(ms) = std::env::var("FRESHET_WORKER_DELAY_MS") {
         let ms: u64 = ms.parse().map_err(|_| {
             Error::Config(format!("FRESHET_WORKER_DELAY_MS='{ms}' is not a number"))
@@ -55,7 +61,7 @@ pub async fn run(config: Config) -> Result<()> {
         let mut rx = stop_tx.subscribe();
         let max = config.server.max_message_bytes;
         tokio::spawn(async move {
-            serve(worker, listener, max, async move {
+            serve_tls(worker, listener, max, tls, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
