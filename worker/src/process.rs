@@ -48,6 +48,9 @@ pub async fn run(config: Config) -> Result<()> {
     worker.set_allowed_prefixes(freshet_common::prefixes::AllowedPrefixes::new(
         &config.storage.allowed_prefixes,
     )?);
+    if let Some(client) = &etcd {
+        worker.verify_epochs_with(client.clone(), &config.cluster);
+    }
     if let Ok(ms) = std::env::var("FRESHET_WORKER_DELAY_MS") {
         let ms: u64 = ms.parse().map_err(|_| {
             Error::Config(format!("FRESHET_WORKER_DELAY_MS='{ms}' is not a number"))
