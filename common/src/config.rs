@@ -37,6 +37,8 @@ pub struct Config {
     /// Test-only switches; refused unless the process is started with
     /// `--allow-fault-injection`.
     pub testing: TestingConfig,
+    /// Named credentials sources may use (`[secrets.<name>]`, see `secrets`).
+    pub secrets: crate::secrets::Secrets,
     /// TLS of the gRPC servers and of the coordinator's worker clients (empty: plaintext).
     pub tls: TlsConfig,
 }

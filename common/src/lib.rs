@@ -13,6 +13,7 @@ pub mod key;
 pub mod merge;
 pub mod prefixes;
 pub mod schema;
+pub mod secrets;
 pub mod server;
 pub mod source;
 pub mod staging;

@@ -21,6 +21,10 @@ pub struct SourceConfig {
     /// File holding the password.
     #[serde(default)]
     pub password_file: Option<String>,
+    /// A named secret of the coordinator's configuration (`[secrets.<name>]`) holding the
+    /// password: the only way for a source added at run time (see `secrets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<String>,
     /// The publication (created `FOR TABLE ...` when missing).
     pub publication: String,
     /// The logical replication slot (created when missing).
@@ -171,6 +175,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("connection", &redact(&self.connection))
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
+            .field("password_secret", &self.password_secret)
             .field("publication", &self.publication)
             .field("slot", &self.slot)
             .field("tables", &self.tables)

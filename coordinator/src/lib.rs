@@ -296,6 +296,7 @@ impl Coordinator {
             Ok(s) if !s.is_empty() => Some((s.parse::<CrashPoint>()?, true)),
             _ => None,
         };
+        freshet_common::secrets::validate(&config.secrets)?;
         let catalog = match &config.catalog.uri {
             Some(uri) => Some(Catalog::open(uri, &config.storage.options)?),
             None => None,
@@ -387,8 +388,20 @@ impl Coordinator {
             }
         }
         for (def, origin) in defs {
+            let allowed = match origin {
+                SourceOrigin::Config => freshet_common::secrets::Origin::ConfigFile,
+                SourceOrigin::Catalog => freshet_common::secrets::Origin::RunTime,
+            };
+            let bound = match freshet_common::secrets::bind(&def, &self.inner.config.secrets, allowed) {
+                Ok(b) => b,
+                Err(e) => {
+                    // A catalogued source whose credential is no longer allowed stays off.
+                    tracing::error!(source = %def.name, error = %e, "source not started");
+                    continue;
+                }
+            };
             tracing::info!(source = %def.name, ?origin, "starting source");
-            let source = factory.start(self.clone(), def.clone());
+            let source = factory.start(self.clone(), bound);
             self.register_source(def, origin, source);
         }
         Ok(())
@@ -445,7 +458,13 @@ impl Coordinator {
                 }
             }
         }
-        factory.check(&def).await.map_err(invalid)?;
+        // Credentials only from the coordinator's allowlist, checked before any connection.
+        let bound = freshet_common::secrets::bind(
+            &def,
+            &self.inner.config.secrets,
+            freshet_common::secrets::Origin::RunTime,
+        )?;
+        factory.check(&bound).await.map_err(invalid)?;
         catalog.save_source(&def).await?;
         let old = {
             let mut running = self.inner.sources.lock().expect("lock");
@@ -464,7 +483,7 @@ impl Coordinator {
                 tracing::warn!(source = %def.name, "the replaced source did not stop within 60 s");
             }
         }
-        let source = factory.start(self.clone(), def.clone());
+        let source = factory.start(self.clone(), bound);
         Ok(self.register_source(def, SourceOrigin::Catalog, source))
     }
 

@@ -24,6 +24,7 @@ fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig
         connection: pg.conninfo(),
         password_env: None,
         password_file: None,
+        password_secret: None,
         publication: "freshet_pub".into(),
         slot: "freshet_slot".into(),
         poll_ms: 100,

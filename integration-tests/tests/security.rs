@@ -258,3 +258,110 @@ async fn a_forged_epoch_is_refused_and_the_next_cycle_succeeds_on_that_worker() 
         .collect();
     assert!(stray.is_empty(), "forged tasks wrote {stray:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_time_source_cannot_name_an_arbitrary_credential_and_nothing_reaches_its_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = freshet_integration_tests::pg::Postgres::start();
+    pg.psql("CREATE TABLE items (id bigint PRIMARY KEY, v text);");
+    // A credential of the coordinator's environment that a caller would like to steal.
+    // SAFETY: set before this test starts anything that reads the environment; no other
+    // test of this binary reads this variable.
+    unsafe { std::env::set_var("AWS_SECRET_ACCESS_KEY", "leak-me") };
+    // The would-be exfiltration target: a listener that must see no connection.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_port = trap.local_addr().unwrap().port();
+    let mut config = Config::default();
+    config.cycle.interval_ms = 200;
+    config.catalog.uri = Some(dir.path().join("_catalog").display().to_string());
+    let password_file = dir.path().join("pg-password");
+    std::fs::write(&password_file, "unused-by-trust-auth\n").unwrap();
+    config.secrets.insert(
+        "pg_items".into(),
+        freshet_common::secrets::SecretConfig {
+            password_file: Some(password_file.display().to_string()),
+            hosts: vec!["127.0.0.1".into()],
+            ..Default::default()
+        },
+    );
+    let c = Cluster::start_with_sources(
+        config,
+        1,
+        Some(Arc::new(freshet_source_postgres::PostgresFactory)),
+    )
+    .await;
+    let uri = dir.path().join("items").display().to_string();
+    let def = |connection: &str, credential: &str| {
+        freshet_common::source::SourceConfig::parse(&format!(
+            "name = \"shop\"\nconnection = \"{connection}\"\npublication = \"freshet_pub\"\nslot = \"freshet_slot\"\n{credential}\n[[tables]]\nsource = \"public.items\"\nname = \"items\"\nuri = \"{uri}\"\n"
+        ))
+        .unwrap()
+    };
+    let trap_conn = format!("host=127.0.0.1 port={trap_port} user=postgres dbname=postgres");
+    for (credential, names) in [
+        ("password_env = \"AWS_SECRET_ACCESS_KEY\"", "password_env"),
+        ("password_file = \"/etc/shadow\"", "password_file"),
+        ("password_secret = \"aws\"", "password_secret 'aws'"),
+    ] {
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.coordinator.define_source(def(&trap_conn, credential)),
+        )
+        .await
+        .expect("refused at once (a pre-check connecting to the trap would hang)")
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.to_string().contains(names), "{e}");
+    }
+    // A listed secret, sent to a host it is not for.
+    let e = c
+        .coordinator
+        .define_source(def(
+            &format!("host=localhost port={trap_port} user=postgres"),
+            "password_secret = \"pg_items\"",
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("localhost"), "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a refused source opened a connection"
+    );
+    assert!(c.coordinator.sources().is_empty());
+    assert!(
+        list_files(&dir.path().join("_catalog"))
+            .iter()
+            .all(|f| !f.contains("shop")),
+        "nothing recorded in the catalog"
+    );
+    assert!(!Path::new(&uri).exists(), "no table created");
+    // A listed secret for the database's host works end to end.
+    c.coordinator
+        .define_source(def(&pg.conninfo(), "password_secret = \"pg_items\""))
+        .await
+        .unwrap();
+    pg.psql("INSERT INTO items VALUES (1, 'a'), (2, 'b');");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if Path::new(&uri).join("_delta_log").exists()
+            && freshet_integration_tests::query(&uri, "select count(*) from t")
+                .await
+                .first()
+                .map(|b| {
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0))
+                        .value(0)
+                })
+                == Some(2)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the source with a listed secret did not mirror"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    c.stop();
+}

@@ -155,6 +155,7 @@ mod tests {
             connection: connection.into(),
             password_env: None,
             password_file: None,
+            password_secret: None,
             publication: "pub".into(),
             slot: "slot".into(),
             poll_ms,
