@@ -410,8 +410,10 @@ pub async fn ensure_base(root: &Path, shape: &Shape, progress: bool) -> Result<P
         &mut table,
         actions,
         0,
+        &Default::default(),
         "bench-load",
         serde_json::json!({}),
+        &freshet_coordinator::fence::Fence::none(),
     )
     .await?;
     bar.finish_and_clear();
