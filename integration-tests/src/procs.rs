@@ -38,8 +38,16 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).unwrap();
+    /// Starts `cmd` logging to `log`; with `append` the log is continued (a restart), not
+    /// truncated.
+    fn spawn_log(name: &str, cmd: &mut Command, log: PathBuf, append: bool) -> Proc {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&log)
+            .unwrap();
         let child = cmd
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -100,6 +108,11 @@ impl Proc {
         None
     }
 
+    /// The exit status when the process has exited (reaped), else None; never waits.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -118,14 +131,45 @@ pub struct Etcd {
     /// `http://127.0.0.1:port`.
     pub endpoint: String,
     proc: Proc,
+    dir: PathBuf,
+    client: u16,
+    peer: u16,
 }
 
 impl Etcd {
     /// Starts etcd with its data under `dir`; waits until it reports healthy.
     pub fn start(dir: &Path) -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let proc = Self::spawn_on(dir, client, peer, false);
+        Etcd {
+            endpoint: format!("http://127.0.0.1:{client}"),
+            proc,
+            dir: dir.to_path_buf(),
+            client,
+            peer,
+        }
+    }
+
+    /// SIGKILL (and reap) the etcd process; its data directory stays.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts etcd again on the same data directory and ports (after [`Etcd::kill9`]; the
+    /// log is continued); waits until it reports healthy.
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        self.proc = Self::spawn_on(&self.dir, self.client, self.peer, true);
+    }
+
+    /// The etcd process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    fn spawn_on(dir: &Path, client: u16, peer: u16, append: bool) -> Proc {
         let bin = which("etcd")
             .expect("etcd is not installed: `apt-get install -y etcd-server` (.ci/run does this)");
-        let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let mut cmd = Command::new(bin);
         cmd.args([
@@ -144,7 +188,7 @@ impl Etcd {
             "--initial-cluster",
             &format!("test=http://127.0.0.1:{peer}"),
         ]);
-        let proc = Proc::spawn("etcd", &mut cmd, dir.join("etcd.log"));
+        let proc = Proc::spawn_log("etcd", &mut cmd, dir.join("etcd.log"), append);
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if http_get(client, "/health").is_some_and(|b| b.contains("true")) {
@@ -157,7 +201,7 @@ impl Etcd {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Etcd { endpoint, proc }
+        proc
     }
 }
 
@@ -194,6 +238,8 @@ pub struct Node {
     pub endpoint: String,
     /// HTTP port of `/metrics`, `/readyz`.
     pub http_port: u16,
+    role: String,
+    env: Vec<(String, String)>,
 }
 
 /// Etcd, coordinators and workers as processes, sharing one config file.
@@ -239,16 +285,33 @@ impl ProcCluster {
 
     fn spawn(&self, role: &str, name: &str, env: &[(&str, &str)]) -> Node {
         let (grpc, http) = (free_port(), free_port());
+        self.spawn_on(role, name, &self.config, &[], env, (grpc, http), false)
+    }
+
+    /// Starts `role` as `name` with config file `config`, extra flags `args` and extra
+    /// environment, on the given (gRPC, HTTP) ports; `append` continues an existing log.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_on(
+        &self,
+        role: &str,
+        name: &str,
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        (grpc, http): (u16, u16),
+        append: bool,
+    ) -> Node {
         let mut cmd = Command::new(freshet_bin());
         cmd.args([
             role,
             "--config",
-            &self.config.display().to_string(),
+            &config.display().to_string(),
             "--listen",
             &format!("127.0.0.1:{grpc}"),
             "--http-listen",
             &format!("127.0.0.1:{http}"),
         ])
+        .args(args)
         .env("RUST_LOG", "info,deltalake_core=off,buoyant_kernel=off")
         .env("FRESHET_NODE_ID", name)
         .env_remove("RUST_BACKTRACE");
@@ -258,11 +321,16 @@ impl ProcCluster {
         if role == "worker" {
             cmd.env("FRESHET__WORKER__ID", name);
         }
-        let proc = Proc::spawn(name, &mut cmd, self.dir.join(format!("{name}.log")));
+        let proc = Proc::spawn_log(name, &mut cmd, self.dir.join(format!("{name}.log")), append);
         Node {
             proc,
             endpoint: format!("http://127.0.0.1:{grpc}"),
             http_port: http,
+            role: role.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -280,6 +348,71 @@ impl ProcCluster {
         let n = self.spawn("worker", &name, env);
         self.workers.push(n);
         self.workers.len() - 1
+    }
+
+    /// Starts a coordinator with its own config file, extra flags (say
+    /// `--allow-fault-injection`) and extra environment; returns its index.
+    pub fn add_coordinator_with(
+        &mut self,
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
+        let name = format!("coordinator-{}", self.coordinators.len());
+        let ports = (free_port(), free_port());
+        let n = self.spawn_on("coordinator", &name, config, args, env, ports, false);
+        self.coordinators.push(n);
+        self.coordinators.len() - 1
+    }
+
+    /// Starts a worker with its own config file, extra flags and extra environment; returns
+    /// its index.
+    pub fn add_worker_with(&mut self, config: &Path, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let name = format!("worker-{}", self.workers.len());
+        let ports = (free_port(), free_port());
+        let n = self.spawn_on("worker", &name, config, args, env, ports, false);
+        self.workers.push(n);
+        self.workers.len() - 1
+    }
+
+    /// Kills coordinator `i` (SIGKILL, when still running) and starts it again under the
+    /// same name, on the same ports, with its original environment, config file `config`
+    /// and flags `args`; its log is continued.
+    pub fn restart_coordinator(&mut self, i: usize, config: &Path, args: &[&str]) {
+        self.coordinators[i].proc.kill9();
+        let node = self.respawn(&self.coordinators[i], config, args);
+        self.coordinators[i] = node;
+    }
+
+    /// [`ProcCluster::restart_coordinator`] for worker `i`.
+    pub fn restart_worker(&mut self, i: usize, config: &Path, args: &[&str]) {
+        self.workers[i].proc.kill9();
+        let node = self.respawn(&self.workers[i], config, args);
+        self.workers[i] = node;
+    }
+
+    /// Starts a killed (and reaped) node again on its ports.
+    fn respawn(&self, old: &Node, config: &Path, args: &[&str]) -> Node {
+        let grpc: u16 = old
+            .endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("endpoint port");
+        let env: Vec<(&str, &str)> = old
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.spawn_on(
+            &old.role,
+            &old.proc.name,
+            config,
+            args,
+            &env,
+            (grpc, old.http_port),
+            true,
+        )
     }
 
     /// Waits until a process's `/readyz` answers 200.
