@@ -23,7 +23,8 @@ impl Catalog {
         let url =
             table_url("catalog", uri).map_err(|e| Error::Config(format!("catalog.uri: {e}")))?;
         Ok(Catalog {
-            store: table_store("catalog", &url, options)?,
+            // Retried: one transient error must not fail a term's start or stop its sources.
+            store: crate::fenced_store::retrying(table_store("catalog", &url, options)?),
         })
     }
 

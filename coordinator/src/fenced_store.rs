@@ -32,6 +32,20 @@ pub struct RequestPolicy {
     pub backoff: Duration,
 }
 
+/// `store` with the coordinator's bounded retries and no lease to respect (the catalog,
+/// start-up checks: a transient error there must not end a term or the process).
+pub fn retrying(store: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
+    Arc::new(FencedStore::new(
+        store,
+        Arc::new(Fence::none()),
+        RequestPolicy {
+            max_attempts: 4,
+            attempt_timeout: Duration::from_secs(10),
+            backoff: Duration::from_millis(100),
+        },
+    ))
+}
+
 /// The wrapper (see the module doc).
 pub struct FencedStore {
     inner: Arc<dyn ObjectStore>,

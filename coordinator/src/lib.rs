@@ -378,8 +378,29 @@ impl Coordinator {
             .iter()
             .map(|s| (s.clone(), SourceOrigin::Config))
             .collect();
+        // The configuration file's sources start even when the catalog cannot be read.
+        let mut catalog_error = None;
+        let mut catalogued = Vec::new();
         if let Some(cat) = &self.inner.catalog {
-            for s in cat.load_sources().await? {
+            let mut wait = Duration::from_millis(200);
+            for attempt in 1..=5 {
+                match cat.load_sources().await {
+                    Ok(s) => {
+                        catalogued = s;
+                        catalog_error = None;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(attempt, error = %e, "catalog sources not readable; retrying");
+                        catalog_error = Some(e);
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
+                }
+            }
+        }
+        {
+            for s in catalogued {
                 if defs.iter().any(|(d, _)| d.name == s.name) {
                     tracing::warn!(source = %s.name, "a source of the configuration file has this name; the catalog's definition is ignored");
                     continue;
@@ -404,7 +425,10 @@ impl Coordinator {
             let source = factory.start(self.clone(), bound);
             self.register_source(def, origin, source);
         }
-        Ok(())
+        match catalog_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Adds a source at run time, or replaces a run-time source of the same name (say, with
@@ -1092,6 +1116,11 @@ async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
         }
         match cycle::run_cycle(&inner, &t).await {
             Ok(rec) => inner.record(&t, &rec),
+            // A lease check that failed while the term goes on (keep-alives late, say while
+            // etcd restarts) only skips this cycle; a lost term or an injected crash ends it.
+            Err(Error::LeadershipLost(e)) if !inner.fence.is_lost() => {
+                tracing::warn!(table = %t.def.name, error = %e, "cycle skipped: leadership not confirmed");
+            }
             Err(e) => {
                 tracing::error!(table = %t.def.name, error = %e, "cycle stopped the coordinator");
                 return;

@@ -73,6 +73,17 @@ pub async fn run_stager(
             _ = stop.wait_for(|s| *s) => return,
             _ = closed.wait_for(|s| *s) => return,
         };
+        // A coordinator whose lease may have run out answers nothing from its state (a
+        // producer's sequence may have moved on under a newer leader): UNAVAILABLE, retried.
+        if inner.fence.check_local().is_err() {
+            let refuse =
+                || Error::LeadershipLost("the leader lease may have expired; retry".into());
+            let _ = first.reply.send(Err(refuse()));
+            while let Ok(r) = rx.try_recv() {
+                let _ = r.reply.send(Err(refuse()));
+            }
+            continue;
+        }
         let mut queued = vec![first];
         let mut bytes = queued[0].batch.get_array_memory_size();
         while bytes < MAX_GROUP_BYTES {
@@ -313,7 +324,7 @@ async fn settle(
     let path = freshet_common::staging::segment_path(u.first, u.last);
     let mut wait = std::time::Duration::from_millis(100);
     loop {
-        if *inner.stop.borrow() || *table.closed.borrow() || inner.fence.check_local().is_err() {
+        if *inner.stop.borrow() || *table.closed.borrow() || inner.fence.is_lost() {
             return false;
         }
         match table.store.head(&path).await {
