@@ -79,7 +79,9 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
             Some(Arc::new(ClientTls::new(ca, identity)?))
         }
         None if cli.tls_cert.is_some() => {
-            anyhow::bail!("--tls-cert needs --tls-ca (FRESHET_TLS_CA) to verify the coordinator with")
+            anyhow::bail!(
+                "--tls-cert needs --tls-ca (FRESHET_TLS_CA) to verify the coordinator with"
+            )
         }
         None => None,
     };

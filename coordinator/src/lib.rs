@@ -413,14 +413,15 @@ impl Coordinator {
                 SourceOrigin::Config => freshet_common::secrets::Origin::ConfigFile,
                 SourceOrigin::Catalog => freshet_common::secrets::Origin::RunTime,
             };
-            let bound = match freshet_common::secrets::bind(&def, &self.inner.config.secrets, allowed) {
-                Ok(b) => b,
-                Err(e) => {
-                    // A catalogued source whose credential is no longer allowed stays off.
-                    tracing::error!(source = %def.name, error = %e, "source not started");
-                    continue;
-                }
-            };
+            let bound =
+                match freshet_common::secrets::bind(&def, &self.inner.config.secrets, allowed) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // A catalogued source whose credential is no longer allowed stays off.
+                        tracing::error!(source = %def.name, error = %e, "source not started");
+                        continue;
+                    }
+                };
             tracing::info!(source = %def.name, ?origin, "starting source");
             let source = factory.start(self.clone(), bound);
             self.register_source(def, origin, source);

@@ -235,8 +235,9 @@ pub async fn check_store(
         Error::InvalidTable { message, .. } => Error::Config(format!("catalog.uri: {message}")),
         other => Error::Config(format!("catalog.uri: {other}")),
     })?;
-    let store =
-        crate::fenced_store::retrying(freshet_common::storage::table_store("catalog", &url, options)?);
+    let store = crate::fenced_store::retrying(freshet_common::storage::table_store(
+        "catalog", &url, options,
+    )?);
     let prefix = object_store::path::Path::from("tables");
     let first = tokio::time::timeout(Duration::from_secs(5), async {
         store.list(Some(&prefix)).next().await

@@ -121,9 +121,15 @@ impl Cluster {
             // With `[tls]`, workers require the coordinator's client certificate (tests/tls.rs).
             let tls = freshet_common::tls::ServerTls::worker(&config.tls).expect("worker tls");
             let scheme = if tls.is_some() { "https" } else { "http" };
-            tokio::spawn(freshet_worker::serve_tls(w.clone(), l, 256 << 20, tls, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }));
+            tokio::spawn(freshet_worker::serve_tls(
+                w.clone(),
+                l,
+                256 << 20,
+                tls,
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            ));
             ws.push(w);
             eps.push(format!("{scheme}://{addr}"));
         }

@@ -10,8 +10,8 @@ pub mod rowgroup;
 pub mod stores;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use freshet_common::error::{Error, Result};
 use freshet_common::storage::StorageOptions;
