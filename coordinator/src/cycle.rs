@@ -113,6 +113,7 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         let read_version = table.version().map(|v| v as u64);
         let mut inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs: Vec::new(), aborted: false, read_version };
         let log = table.log_store();
+        let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
         let spec = TableSpec {
             name: def.name.clone(),
             uri: def.uri.clone(),
@@ -232,10 +233,7 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
                 task_no += 1;
             }
             if !failed.is_empty() {
-                let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
-                let aborted = InflightRecord { aborted: true, ..inflight.clone() };
-                orphans::write_record(&t.store, &aborted).await?;
-                orphans::sweep_later(t.store.clone(), log.clone(), aborted, grace);
+                orphans::abandon(t.store.clone(), log.clone(), &inflight, grace);
                 return Err(Error::Internal(format!("{} task(s) failed: {}", failed.len(), failed.join(" | "))));
             }
             // The round's inputs leave the table: files of the snapshot are removed by the
@@ -273,28 +271,17 @@ async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRe
         });
         let actions = commit::actions(&removed, &added);
         // The last moment to find out that another coordinator leads now.
-        inner.fence.check().await.inspect_err(|_| {
-            let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
-            let aborted = InflightRecord { aborted: true, ..inflight.clone() };
-            orphans::sweep_later(t.store.clone(), log.clone(), aborted, grace);
-        })?;
-        rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &producers, &id, metrics, &inner.fence).await.inspect_err(|_| {
+        inner.fence.check().await.inspect_err(|_| orphans::abandon(t.store.clone(), log.clone(), &inflight, grace))?;
+        rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &producers, &id, metrics, &inner.fence).await
             // Not committed (as far as the log says now): the sweep asks the log again.
-            let grace = Duration::from_millis(inner.config.cycle.orphan_grace_ms);
-            let aborted = InflightRecord { aborted: true, ..inflight.clone() };
-            let (store, log) = (t.store.clone(), log.clone());
-            tokio::spawn(async move {
-                let _ = orphans::write_record(&store, &aborted).await;
-                orphans::sweep_later(store, log, aborted, grace);
-            });
-        })?;
+            .inspect_err(|_| orphans::abandon(t.store.clone(), log.clone(), &inflight, grace))?;
         rec.state = "committed".into();
         phases.end("commit");
         inner.crash_point(CrashPoint::AfterCommit)?;
 
         if retried {
             // Earlier attempts may have left files (or still be writing them).
-            orphans::sweep_later(t.store.clone(), log, inflight, Duration::from_millis(inner.config.cycle.orphan_grace_ms));
+            orphans::sweep_later(t.store.clone(), log, inflight, grace);
         } else if rounds > 1 {
             // The files of earlier rounds were rewritten by later ones and never committed;
             // no attempt can still be writing.

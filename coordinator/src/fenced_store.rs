@@ -47,6 +47,7 @@ pub fn retrying(store: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
 }
 
 /// The wrapper (see the module doc).
+#[derive(Clone)]
 pub struct FencedStore {
     inner: Arc<dyn ObjectStore>,
     fence: Arc<Fence>,
@@ -232,12 +233,7 @@ impl ObjectStore for FencedStore {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        let this = FencedStore {
-            inner: self.inner.clone(),
-            fence: self.fence.clone(),
-            policy: self.policy,
-        };
-        let this = Arc::new(this);
+        let this = Arc::new(self.clone());
         locations
             .then(move |p| {
                 let this = this.clone();
@@ -257,11 +253,7 @@ impl ObjectStore for FencedStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         // Collected with retries, so a listing never ends half-way on a transient error.
-        let this = FencedStore {
-            inner: self.inner.clone(),
-            fence: self.fence.clone(),
-            policy: self.policy,
-        };
+        let this = self.clone();
         let prefix = prefix.cloned();
         futures::stream::once(async move {
             let what = format!("list {}", prefix.as_ref().map(|p| p.as_ref()).unwrap_or(""));

@@ -168,6 +168,26 @@ pub async fn delete_record(store: &Arc<dyn ObjectStore>, cycle_id: &str) -> Resu
     }
 }
 
+/// A cycle that ends without committing: its record is marked aborted and its files are
+/// swept after `grace` (keeping whatever the log turns out to reference), in the background.
+pub fn abandon(
+    store: Arc<dyn ObjectStore>,
+    log: Arc<dyn LogStore>,
+    rec: &InflightRecord,
+    grace: Duration,
+) {
+    let aborted = InflightRecord {
+        aborted: true,
+        ..rec.clone()
+    };
+    tokio::spawn(async move {
+        if let Err(e) = write_record(&store, &aborted).await {
+            tracing::warn!(cycle_id = %aborted.cycle_id, error = %e, "could not mark the in-flight record aborted");
+        }
+        sweep_later(store, log, aborted, grace);
+    });
+}
+
 /// Sweeps after `grace`, in the background, retrying while the store or log errs.
 pub fn sweep_later(
     store: Arc<dyn ObjectStore>,

@@ -216,47 +216,14 @@ pub async fn run_stager(
         }
         .await;
         match result {
-            Ok(path) => {
-                let batches = staged;
+            Ok(_) => {
                 durable_next = durable_next.max(last_seq + 1);
-                let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-                // Pending limits count what is held in memory, not the compressed segment.
-                let size: u64 = batches
-                    .iter()
-                    .map(|b| b.get_array_memory_size() as u64)
-                    .sum();
-                {
-                    let mut producers = table.producers.lock().expect("lock");
-                    for m in &marks {
-                        producers.insert(
-                            m.producer.clone(),
-                            ProducerState {
-                                last: m.producer_sequence,
-                                sequence: m.sequence,
-                            },
-                        );
-                    }
-                }
+                let seg = durable(&table, first_seq, last_seq, staged, marks, origin_ms, open);
+                let (rows, size) = (seg.rows, seg.bytes);
                 let pending_rows = {
                     let mut p = table.pending.lock().expect("lock");
-                    inner
-                        .metrics
-                        .pending(&table.def.name, p.rows() + rows, p.bytes() + size);
-                    p.segments.push(PendingSegment {
-                        first: first_seq,
-                        last: last_seq,
-                        path,
-                        // An open transaction's chunks wait in the store, not in memory,
-                        // until the cycle that applies the whole transaction reads them.
-                        batches: (!open).then_some(batches),
-                        skip: Vec::new(),
-                        rows,
-                        bytes: size,
-                        producers: marks,
-                        open,
-                        acked_at_ms: origin_ms
-                            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
-                    });
+                    p.segments.push(seg);
+                    inner.metrics.pending(&table.def.name, p.rows(), p.bytes());
                     p.rows()
                 };
                 tracing::debug!(table = %table.def.name, first_seq, last_seq, rows, bytes = size, "staged");
@@ -339,9 +306,34 @@ async fn settle(
     }
     tracing::warn!(table = %table.def.name, segment = %path, "a staging write reported as failed took effect; applying it");
     *durable_next = (*durable_next).max(u.last + 1);
+    let seg = durable(
+        table,
+        u.first,
+        u.last,
+        u.batches,
+        u.marks,
+        u.origin_ms,
+        u.open,
+    );
+    table.pending.lock().expect("lock").segments.push(seg);
+    true
+}
+
+/// A segment now known durable: its producers' batches count as staged, and it becomes a
+/// pending segment (open chunks wait in the store, not in memory, until the cycle that
+/// applies their whole transaction reads them; pending limits count decoded bytes).
+fn durable(
+    table: &TableRuntime,
+    first: u64,
+    last: u64,
+    batches: Vec<RecordBatch>,
+    marks: Vec<ProducerMark>,
+    origin_ms: Option<i64>,
+    open: bool,
+) -> PendingSegment {
     {
         let mut producers = table.producers.lock().expect("lock");
-        for m in &u.marks {
+        for m in &marks {
             producers.insert(
                 m.producer.clone(),
                 ProducerState {
@@ -351,32 +343,21 @@ async fn settle(
             );
         }
     }
-    let rows = u.batches.iter().map(|b| b.num_rows() as u64).sum();
-    let bytes = u
-        .batches
-        .iter()
-        .map(|b| b.get_array_memory_size() as u64)
-        .sum();
-    table
-        .pending
-        .lock()
-        .expect("lock")
-        .segments
-        .push(PendingSegment {
-            first: u.first,
-            last: u.last,
-            path,
-            batches: (!u.open).then_some(u.batches),
-            skip: Vec::new(),
-            rows,
-            bytes,
-            acked_at_ms: u
-                .origin_ms
-                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
-            producers: u.marks,
-            open: u.open,
-        });
-    true
+    PendingSegment {
+        first,
+        last,
+        path: freshet_common::staging::segment_path(first, last),
+        rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+        bytes: batches
+            .iter()
+            .map(|b| b.get_array_memory_size() as u64)
+            .sum(),
+        batches: (!open).then_some(batches),
+        skip: Vec::new(),
+        producers: marks,
+        open,
+        acked_at_ms: origin_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+    }
 }
 
 /// What the stager knows of a producer: its last staged (or applied) sequence and the
