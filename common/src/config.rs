@@ -57,6 +57,10 @@ pub struct TlsConfig {
     /// Coordinator: refuse clients without a certificate of `ca_file`. Workers in TLS mode
     /// always require one (they accept work only from coordinators).
     pub require_client_cert: bool,
+    /// Coordinator: the name verified in every worker's certificate instead of the host of
+    /// its advertised URL (in Kubernetes workers advertise pod IPs, which a certificate
+    /// issued ahead of time cannot name). Empty: the advertised host.
+    pub worker_server_name: String,
 }
 
 impl TlsConfig {

@@ -384,6 +384,8 @@ fn server_config(
 pub struct ClientTls {
     certs: Option<Arc<CertSource>>,
     config: ByCa<rustls::ClientConfig>,
+    /// Verify this name in the server's certificate instead of the dialled host.
+    server_name: Option<String>,
 }
 
 impl ClientTls {
@@ -395,7 +397,18 @@ impl ClientTls {
         let config = ByCa::new(Some(ca.to_path_buf()), |roots| {
             client_config(certs.as_ref(), roots)
         })?;
-        Ok(ClientTls { certs, config })
+        Ok(ClientTls {
+            certs,
+            config,
+            server_name: None,
+        })
+    }
+
+    /// Verifies `name` in every server's certificate instead of the host dialled.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.server_name = (!name.is_empty()).then_some(name);
+        self
     }
 
     /// The coordinator's worker-client TLS from `[tls]` (None: plaintext): verifies
@@ -413,7 +426,7 @@ impl ClientTls {
             Path::new(&cfg.ca_file),
             Some((cfg.cert_file.as_ref(), cfg.key_file.as_ref())),
         )
-        .map(|t| Some(Arc::new(t)))
+        .map(|t| Some(Arc::new(t.with_server_name(cfg.worker_server_name.clone()))))
     }
 
     /// The rustls config for the next connection (rebuilt if the CA file changed).
@@ -472,6 +485,7 @@ impl tonic::codegen::Service<Uri> for TlsConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let config = self.0.config();
+        let server_name = self.0.server_name.clone();
         Box::pin(async move {
             let host = uri
                 .host()
@@ -480,8 +494,10 @@ impl tonic::codegen::Service<Uri> for TlsConnector {
                 .trim_end_matches(']')
                 .to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.clone())
-                .map_err(|e| io::Error::other(format!("'{host}' is not a TLS server name: {e}")))?;
+            let verify = server_name.unwrap_or_else(|| host.clone());
+            let name = ServerName::try_from(verify.clone()).map_err(|e| {
+                io::Error::other(format!("'{verify}' is not a TLS server name: {e}"))
+            })?;
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             let _ = tcp.set_nodelay(true);
             tokio_rustls::TlsConnector::from(config)

@@ -2,6 +2,7 @@
 //! free loopback ports, local object storage in a temp dir) in one process, plus helpers to
 //! read tables back and compare them with an in-memory model.
 
+pub mod ca;
 pub mod pg;
 pub mod procs;
 

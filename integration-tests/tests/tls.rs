@@ -9,83 +9,14 @@ use std::sync::Arc;
 
 use freshet_common::config::{Config, TlsConfig};
 use freshet_common::tls::{ClientTls, ServerTls};
+use freshet_integration_tests::ca::Ca;
 use freshet_integration_tests::*;
 use freshet_proto::admin::v1::admin_service_client::AdminServiceClient;
 use freshet_proto::admin::v1::{ListTablesRequest, TriggerCycleRequest};
 use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use freshet_proto::worker::v1::InfoRequest;
 use freshet_proto::worker::v1::worker_service_client::WorkerServiceClient;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use tonic::transport::Endpoint;
-
-/// A test certificate authority.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// Writes `<dir>/<name>-ca.pem`.
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let p = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&p, &self.pem).unwrap();
-        p
-    }
-
-    /// A leaf certificate for localhost / 127.0.0.1 (server and client use), as PEM
-    /// (certificate, key); `expired` makes one whose validity ended in 2001.
-    fn leaf(&self, serial: u64, expired: bool) -> (String, String) {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("freshet-{serial}"));
-        params.serial_number = Some(serial.into());
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// Writes a leaf as `<dir>/<name>.pem` and `<dir>/<name>-key.pem`.
-    fn write_leaf(&self, dir: &Path, name: &str, serial: u64, expired: bool) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.leaf(serial, expired);
-        let (c, k) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}-key.pem")),
-        );
-        std::fs::write(&c, cert).unwrap();
-        std::fs::write(&k, key).unwrap();
-        (c, k)
-    }
-}
 
 /// The `[tls]` section of a cluster whose nodes all use `cert`/`key` of `ca`.
 fn tls_config(ca: &Path, cert: &Path, key: &Path) -> TlsConfig {
@@ -94,6 +25,7 @@ fn tls_config(ca: &Path, cert: &Path, key: &Path) -> TlsConfig {
         key_file: key.display().to_string(),
         ca_file: ca.display().to_string(),
         require_client_cert: false,
+        ..Default::default()
     }
 }
 
