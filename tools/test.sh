@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/moto_server ]; then
 fi
 if ! .venv/bin/python -c "import pytest, yaml, helm_python, kubernetes_validate" 2>/dev/null; then
   echo "installing pytest, pyyaml, helm-python-sdk, kubernetes-validate into .venv"
-  .venv/bin/pip install --quiet --disable-pip-version-check pytest pyyaml helm-python-sdk kubernetes-validate
+  .venv/bin/pip install --quiet --disable-pip-version-check pytest pyyaml helm-python-sdk kubernetes-validate cryptography
 fi
 if ! command -v etcd >/dev/null; then
   echo "etcd is missing: install Debian's etcd-server (.ci/run does)" >&2

@@ -22,11 +22,16 @@ CI_VALUES = CHART / "ci"
 RELEASE = "rel"
 NAMESPACE = "freshet"
 
-# The two values without defaults.
+# The two values without defaults, and the TLS material the secure default needs (a
+# Secret the chart only references).
+TLS_SECRET = "freshet-tls"
 REQUIRED: dict[str, Any] = {
     "config": {"catalog": {"uri": "s3://freshet-test/freshet/catalog"}},
     "etcd": {"endpoints": ["http://etcd.etcd.svc:2379"]},
+    "tls": {"existingSecret": TLS_SECRET},
 }
+# The development opt-outs: plaintext, no tokens, no NetworkPolicies.
+INSECURE: dict[str, Any] = {"tls": {"enabled": False}, "auth": {"enabled": False}, "networkPolicy": {"enabled": False}}
 
 # Each helm/freshet/ci/<name>-values.yaml (chart-testing's convention) is a value set.
 VALUE_SETS: dict[str, dict[str, Any]] = {

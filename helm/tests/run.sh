@@ -14,8 +14,8 @@ cd "$repo"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import pytest, yaml, helm_python, kubernetes_validate" 2>/dev/null; then
-  echo "installing pytest, pyyaml, helm-python-sdk, kubernetes-validate into $venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check pytest pyyaml helm-python-sdk kubernetes-validate
+if ! "$venv/bin/python" -c "import pytest, yaml, helm_python, kubernetes_validate, jsonschema, cryptography" 2>/dev/null; then
+  echo "installing pytest, pyyaml, helm-python-sdk, kubernetes-validate, cryptography into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check pytest pyyaml helm-python-sdk kubernetes-validate cryptography
 fi
 exec "$venv/bin/python" -m pytest helm/tests -q -p no:cacheprovider "$@"

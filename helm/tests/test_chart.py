@@ -3,6 +3,7 @@ checked: lint, Kubernetes schemas, labels and selectors, scaling, security, conf
 
 from __future__ import annotations
 
+import base64
 import functools
 import re
 import tomllib
@@ -14,7 +15,7 @@ import kubernetes_validate.utils as kv_utils
 import pytest
 import yaml
 
-from conftest import NAMESPACE, RELEASE, REQUIRED, VALUE_SETS, Helm, Rendered, merge, sha256
+from conftest import INSECURE, NAMESPACE, RELEASE, REPO as REPO_ROOT, REQUIRED, TLS_SECRET, VALUE_SETS, Helm, Rendered, merge, sha256
 
 # kubernetes-validate reads its JSON schemas from disk on every call; they never change.
 kv_utils.schema_contents = functools.lru_cache(maxsize=None)(kv_utils.schema_contents)
@@ -26,7 +27,7 @@ K8S_VERSIONS = ["1.30.0", kv_utils.latest_version()]
 # Custom resources have no schema in kubernetes-validate (it knows only built-in kinds), so
 # they are skipped from schema validation, explicitly: the Prometheus Operator's
 # ServiceMonitor. Its shape is checked by test_service_monitor_selects_metrics_services.
-NO_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NO_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Certificate")}
 
 STANDARD_LABELS = {
     "helm.sh/chart",
@@ -38,7 +39,9 @@ STANDARD_LABELS = {
     "app.kubernetes.io/component",
 }
 SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
-TOML_SECTIONS = {"cluster", "server", "worker", "cycle", "ingest", "storage", "catalog", "log", "tables"}
+TOML_SECTIONS = {"cluster", "server", "worker", "cycle", "ingest", "storage", "catalog", "log", "tables", "tls", "auth", "secrets", "sources"}
+# Sections present in every render (tls and auth are opt-outs; the rest optional).
+TOML_ALWAYS = {"cluster", "server", "worker", "cycle", "ingest", "storage", "catalog", "log"}
 
 SETS = sorted(VALUE_SETS)
 
@@ -218,10 +221,11 @@ def test_service_monitor_selects_metrics_services(rendered_sets: dict[str, Rende
     assert rendered_sets["default"].find("ServiceMonitor") is None
 
 
-def test_optional_resources_are_off_by_default(rendered_sets: dict[str, Rendered]) -> None:
+def test_secure_resources_are_on_and_optional_ones_off_by_default(rendered_sets: dict[str, Rendered]) -> None:
     r = rendered_sets["default"]
     kinds = sorted({d["kind"] for d in r.docs})
-    assert kinds == ["ConfigMap", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    # NetworkPolicies and the generated token Secret by default; no ServiceMonitor, no HPA.
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "Pod", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"]
 
 
 # ---------------------------------------------------------------- scaling
@@ -335,7 +339,7 @@ def test_freshet_containers(rendered_sets: dict[str, Rendered], component: str, 
     names = [e["name"] for e in c["env"]]
     env = env_of(c)
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert env[advertise]["value"] == f"http://$(POD_IP):{grpc}"
+    assert env[advertise]["value"] == f"https://$(POD_IP):{grpc}"
     # $(POD_IP) expands only when POD_IP is defined earlier in the list.
     assert names.index("POD_IP") < names.index(advertise)
     assert spec["enableServiceLinks"] is False
@@ -346,7 +350,8 @@ def test_freshet_containers(rendered_sets: dict[str, Rendered], component: str, 
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts["/etc/freshet"] == "config" and mounts["/tmp"] == "tmp"
     vols = {v["name"]: v for v in spec["volumes"]}
-    assert vols["config"]["configMap"]["name"] == rendered_sets["default"].get("ConfigMap")["metadata"]["name"]
+    (cm,) = [s["configMap"] for s in vols["config"]["projected"]["sources"] if "configMap" in s]
+    assert cm["name"] == rendered_sets["default"].get("ConfigMap")["metadata"]["name"]
     assert "emptyDir" in vols["tmp"]
     assert spec["serviceAccountName"] == rendered_sets["default"].get("ServiceAccount")["metadata"]["name"]
 
@@ -399,7 +404,13 @@ def test_helm_test_pod_calls_admin_through_the_coordinator_service(rendered_sets
     (c,) = pod["spec"]["containers"]
     svc = r.get("Service", "coordinator")["metadata"]["name"]
     assert c["command"] == ["freshet"]
-    assert c["args"] == ["--endpoint", f"http://{svc}.{NAMESPACE}.svc:50051", "admin", "tables"]
+    assert c["args"] == ["--endpoint", f"https://{svc}.{NAMESPACE}.svc:50051", "admin", "tables"]
+    env = env_of(c)
+    assert env["FRESHET_TLS_CA"]["value"] == "/etc/freshet/tls/ca.crt"
+    assert env["FRESHET_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": r.get("Secret", "auth")["metadata"]["name"], "key": "admin-token", "optional": False}
+    assert {"name": "tls", "mountPath": "/etc/freshet/tls", "readOnly": True} in c["volumeMounts"]
+    (tls,) = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == TLS_SECRET and tls["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     assert c["image"] == r.get("Deployment", "coordinator")["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
@@ -420,12 +431,18 @@ def test_rendered_toml_parses_with_known_sections_only(rendered_sets: dict[str, 
     r = rendered_sets[name]
     config = r.toml
     assert set(config) <= TOML_SECTIONS, set(config) - TOML_SECTIONS
-    assert set(config) >= TOML_SECTIONS - {"tables"}
+    assert set(config) >= TOML_ALWAYS
     assert config["server"]["listen"] == "0.0.0.0:50051" and config["server"]["http_listen"] == "0.0.0.0:9090"
     assert config["worker"]["listen"] == "0.0.0.0:50061" and config["worker"]["http_listen"] == "0.0.0.0:9091"
     assert "advertise" not in config["server"] and "advertise" not in config["worker"]
     assert config["catalog"]["uri"] == VALUE_SETS[name]["config"]["catalog"]["uri"]
-    assert config["cluster"]["etcd_endpoints"] and all(e.startswith("http://") for e in config["cluster"]["etcd_endpoints"])
+    endpoints = config["cluster"]["etcd_endpoints"]
+    assert endpoints and all(e.startswith(("http://", "https://")) for e in endpoints)
+    if VALUE_SETS[name]["etcd"].get("bundled", {}).get("enabled"):
+        # The bundled etcd speaks the chart's TLS when it is on.
+        scheme = "https://" if "tls" in config else "http://"
+        assert all(e.startswith(scheme) for e in endpoints)
+    assert config["storage"]["allowed_prefixes"], "storage.allowed_prefixes is never empty"
     assert all(isinstance(v, str) for v in config["storage"]["options"].values())
     assert config["log"]["json"] is True
     # Mounted where the container's --config points.
@@ -510,11 +527,11 @@ def test_bad_values_fail_naming_the_value(h: Helm, override: dict[str, Any], mes
     ],
 )
 def test_required_values_missing_fail_naming_the_value(h: Helm, values: dict[str, Any], message: str) -> None:
-    assert message in render_error(h, values)
+    assert message in render_error(h, merge({"tls": {"existingSecret": TLS_SECRET}}, values))
 
 
 def test_bundled_etcd_needs_no_endpoints(h: Helm) -> None:
-    r = h.render({"config": {"catalog": {"uri": "s3://b/c"}}, "etcd": {"bundled": {"enabled": True}}})
+    r = h.render({"config": {"catalog": {"uri": "s3://b/c"}}, "etcd": {"bundled": {"enabled": True}}, "tls": {"existingSecret": TLS_SECRET}})
     assert len(r.toml["cluster"]["etcd_endpoints"]) == 3
 
 
@@ -553,13 +570,17 @@ def test_config_checksum_follows_config_only(h: Helm) -> None:
 def test_secrets_are_never_inlined_into_the_configmap(h: Helm, rendered_sets: dict[str, Rendered]) -> None:
     r = rendered_sets["s3-secret"]
     cm = r.configmap_text
-    for forbidden in ("AWS_SECRET", "aws_secret", "AWS_ACCESS_KEY", "freshet-s3-credentials", "password", "token"):
+    for forbidden in ("AWS_SECRET", "aws_secret", "AWS_ACCESS_KEY", "freshet-s3-credentials", "password"):
         assert forbidden not in cm, forbidden
+    # The generated admin token is in its Secret only; the ConfigMap names the tokens file.
+    token = base64.b64decode(r.get("Secret", "auth")["data"]["admin-token"]).decode()
+    assert token not in cm and sha256(token) not in cm
+    assert r.toml["auth"]["tokens_file"] == "/etc/freshet/auth/tokens.toml"
     for component in ("coordinator", "worker"):
         c = r.get("Deployment", component)["spec"]["template"]["spec"]["containers"][0]
         assert {"secretRef": {"name": "freshet-s3-credentials"}} in c["envFrom"]
         assert not any(e.get("value") and "SECRET" in e["name"] for e in c["env"])
-    assert r.find("Secret") is None
+    assert [s["metadata"]["name"] for s in r.all("Secret")] == [f"{RELEASE}-freshet-auth"]
 
 
 @pytest.mark.parametrize("key", ["aws_secret_access_key", "AWS_ACCESS_KEY_ID", "aws_session_token", "azure_storage_account_key", "google_service_account_key", "azure_storage_sas_key", "password"])
@@ -616,12 +637,25 @@ def test_bundled_etcd_statefulset(rendered_sets: dict[str, Rendered]) -> None:
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
     (c,) = sts["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "quay.io/coreos/etcd:v3.5.21"
-    args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
+    args = dict((a.removeprefix("--").split("=", 1) + [""])[:2] for a in c["args"])
     host = lambda i: f"{name}-{i}.{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local"  # noqa: E731
-    assert args["initial-cluster"] == ",".join(f"{name}-{i}=http://{host(i)}:2380" for i in range(3))
+    assert args["initial-cluster"] == ",".join(f"{name}-{i}=https://{host(i)}:2380" for i in range(3))
     assert args["initial-cluster-state"] == "new"
     assert args["name"] == "$(POD_NAME)"
-    assert r.toml["cluster"]["etcd_endpoints"] == [f"http://{host(i)}:2379" for i in range(3)]
+    # TLS for clients and peers from the cert-manager Certificate; client certificates required.
+    assert args["listen-client-urls"] == "https://0.0.0.0:2379" and args["listen-peer-urls"] == "https://0.0.0.0:2380"
+    for flag in ("client-cert-auth", "peer-client-cert-auth"):
+        assert flag in args
+    assert (args["cert-file"], args["key-file"], args["trusted-ca-file"]) == ("/etc/etcd/tls/tls.crt", "/etc/etcd/tls/tls.key", "/etc/etcd/tls/ca.crt")
+    assert args["peer-trusted-ca-file"] == "/etc/etcd/tls/ca.crt"
+    (tls,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == f"{name}-tls" == r.get("Certificate", "etcd")["spec"]["secretName"]
+    # Metrics and probes stay plain HTTP on 2381.
+    assert args["listen-metrics-urls"] == "http://0.0.0.0:2381"
+    # Coordinators and workers present their own certificate to etcd.
+    assert {k: v for k, v in r.toml["cluster"].items() if k.startswith("etcd_") and k != "etcd_endpoints"} == {
+        "etcd_ca_file": "/etc/freshet/tls/ca.crt", "etcd_cert_file": "/etc/freshet/tls/tls.crt", "etcd_key_file": "/etc/freshet/tls/tls.key"}
+    assert r.toml["cluster"]["etcd_endpoints"] == [f"https://{host(i)}:2379" for i in range(3)]
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert claim["spec"]["storageClassName"] == "standard"
@@ -685,3 +719,350 @@ def test_chart_metadata(h: Helm) -> None:
     assert meta["apiVersion"] == "v2" and meta["name"] == "freshet"
     assert meta["appVersion"] and meta["version"]
     assert re.match(r"^>=1\.\d+", meta["kubeVersion"])
+
+
+# ---------------------------------------------------------------- secure defaults: TLS
+
+
+def projected(r: Rendered, component: str) -> list[dict[str, Any]]:
+    spec = r.get("Deployment", component)["spec"]["template"]["spec"]
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    return vol["projected"]["sources"]
+
+
+def secret_items(r: Rendered, component: str) -> dict[str, tuple[str, str]]:
+    """path under /etc/freshet -> (Secret, key) of a component's projected volume."""
+    return {i["path"]: (s["secret"]["name"], i["key"]) for s in projected(r, component) if "secret" in s for i in s["secret"]["items"]}
+
+
+def test_tls_without_material_fails_naming_the_choices_and_the_opt_out(h: Helm) -> None:
+    values = {"config": {"catalog": {"uri": "s3://b/c"}}, "etcd": {"endpoints": ["http://etcd:2379"]}}
+    err = render_error(h, values)
+    for text in ("tls.existingSecret", "tls.certManager.enabled=true", "tls.enabled=false", "development only"):
+        assert text in err, text
+    assert "choose one" in render_error(h, merge(values, {"tls": {"existingSecret": "s", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}))
+    assert "tls.certManager.issuerRef.name" in render_error(h, merge(values, {"tls": {"certManager": {"enabled": True}}}))
+    # The explicit opt-out renders (plaintext).
+    assert "tls" not in h.render(merge(values, {"tls": {"enabled": False}})).toml
+
+
+@pytest.mark.parametrize("component", ["coordinator", "worker"])
+def test_tls_secret_is_mounted_and_configured(rendered_sets: dict[str, Rendered], component: str) -> None:
+    r = rendered_sets["default"]
+    assert r.toml["tls"] == {
+        "cert_file": "/etc/freshet/tls/tls.crt", "key_file": "/etc/freshet/tls/tls.key", "ca_file": "/etc/freshet/tls/ca.crt",
+        "require_client_cert": False, "worker_server_name": f"{RELEASE}-freshet-worker",
+    }
+    items = secret_items(r, component)
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        assert items[f"tls/{key}"] == (TLS_SECRET, key)
+    # Probes stay plain HTTP on the metrics port.
+    c = r.get("Deployment", component)["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["port"] == "http-metrics" and "scheme" not in c["readinessProbe"]["httpGet"]
+
+
+# A subset of cert-manager's Certificate CRD (cert-manager.io/v1), for what the chart sets:
+# kubernetes-validate has no schemas for custom resources.
+CERTIFICATE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+                "secretTemplate": {"type": "object", "properties": {"labels": {"type": "object", "additionalProperties": {"type": "string"}}}, "additionalProperties": False},
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}},
+                "ipAddresses": {"type": "array", "items": {"type": "string", "format": "ipv4"}},
+                "duration": {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"},
+                "renewBefore": {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"},
+                "privateKey": {"type": "object", "additionalProperties": False, "properties": {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "rotationPolicy": {"enum": ["Never", "Always"]},
+                    "size": {"type": "integer"}, "encoding": {"enum": ["PKCS1", "PKCS8"]}}},
+                "usages": {"type": "array", "items": {"enum": [
+                    "signing", "digital signature", "content commitment", "key encipherment", "key agreement", "data encipherment",
+                    "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth", "client auth", "code signing",
+                    "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+                    "microsoft sgc", "netscape sgc"]}},
+                "issuerRef": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "minLength": 1}, "kind": {"type": "string"}, "group": {"type": "string"}}},
+            },
+        },
+    },
+}
+
+
+def test_cert_manager_certificates(rendered_sets: dict[str, Rendered]) -> None:
+    import jsonschema
+
+    r = rendered_sets["bundled-etcd"]
+    certs = {c["metadata"]["labels"]["app.kubernetes.io/component"]: c for c in r.all("Certificate")}
+    assert set(certs) == {"coordinator", "worker", "etcd"}
+    for component, cert in certs.items():
+        jsonschema.validate(cert, CERTIFICATE_SCHEMA)
+        spec = cert["spec"]
+        assert spec["issuerRef"] == {"name": "freshet-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+        assert spec["secretName"] == f"{RELEASE}-freshet-{component}-tls"
+        if component != "etcd":
+            items = secret_items(r, component)
+            assert items["tls/tls.crt"] == (spec["secretName"], "tls.crt") and items["tls/ca.crt"] == (spec["secretName"], "ca.crt")
+    coordinator = f"{RELEASE}-freshet-coordinator"
+    for name in (coordinator, f"{coordinator}.{NAMESPACE}.svc", f"{coordinator}.{NAMESPACE}.svc.cluster.local", "localhost"):
+        assert name in certs["coordinator"]["spec"]["dnsNames"]
+    # The coordinator verifies this fixed name in every worker's certificate.
+    assert r.toml["tls"]["worker_server_name"] in certs["worker"]["spec"]["dnsNames"]
+    assert f"{RELEASE}-freshet-worker.{NAMESPACE}.svc.cluster.local" in certs["worker"]["spec"]["dnsNames"]
+    # Every bundled etcd endpoint is named by the etcd certificate's wildcard.
+    wildcards = [n.removeprefix("*.") for n in certs["etcd"]["spec"]["dnsNames"] if n.startswith("*.")]
+    for endpoint in r.toml["cluster"]["etcd_endpoints"]:
+        host = endpoint.removeprefix("https://").rsplit(":", 1)[0]
+        assert host.split(".", 1)[1] in wildcards, host
+    sts = r.get("StatefulSet", "etcd")["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": certs["etcd"]["spec"]["secretName"]}} in sts["volumes"]
+    # Off unless asked for; never with an existing Secret.
+    assert rendered_sets["default"].find("Certificate") is None
+
+
+def test_cert_manager_certificates_validate_for_every_set(rendered_sets: dict[str, Rendered]) -> None:
+    import jsonschema
+
+    seen = 0
+    for r in rendered_sets.values():
+        for cert in r.all("Certificate"):
+            jsonschema.validate(cert, CERTIFICATE_SCHEMA)
+            seen += 1
+    assert seen >= 5  # autoscaling (2) + bundled-etcd (3)
+
+
+# ---------------------------------------------------------------- secure defaults: tokens
+
+
+def test_auth_secret_holds_a_random_admin_token_and_its_hash(h: Helm, rendered_sets: dict[str, Rendered]) -> None:
+    r = rendered_sets["default"]
+    secret = r.get("Secret", "auth")
+    assert secret["metadata"]["name"] == f"{RELEASE}-freshet-auth" and secret["type"] == "Opaque"
+    token = base64.b64decode(secret["data"]["admin-token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", token)
+    tokens = tomllib.loads(base64.b64decode(secret["data"]["tokens.toml"]).decode())
+    assert tokens == {"tokens": [{"name": "admin", "sha256": sha256(token), "roles": ["admin"]}]}
+    assert r.toml["auth"] == {"tokens_file": "/etc/freshet/auth/tokens.toml", "reflection": False}
+    # Coordinators read the file; workers never see it.
+    assert secret_items(r, "coordinator")["auth/tokens.toml"] == (secret["metadata"]["name"], "tokens.toml")
+    assert not any(p.startswith("auth/") for p in secret_items(r, "worker"))
+    # Each install draws a new token (an upgrade keeps the live one: `lookup`).
+    other = base64.b64decode(h.render(REQUIRED).get("Secret", "auth")["data"]["admin-token"]).decode()
+    assert other != token
+
+
+def test_auth_extra_tokens_by_hash(h: Helm, rendered_sets: dict[str, Rendered]) -> None:
+    secret = rendered_sets["sources"].get("Secret", "auth")
+    tokens = tomllib.loads(base64.b64decode(secret["data"]["tokens.toml"]).decode())["tokens"]
+    assert [t["name"] for t in tokens] == ["admin", "etl"]
+    assert tokens[1] == {"name": "etl", "sha256": sha256("foo"), "roles": ["ingest:orders", "read"]}
+    bad = render_error(h, merge(REQUIRED, {"auth": {"tokens": [{"name": "x", "sha256": "my-plain-token", "roles": ["admin"]}]}}))
+    assert "auth.tokens[0].sha256 must be 64 hex digits" in bad and "my-plain-token" not in bad
+    assert "is not a role" in render_error(h, merge(REQUIRED, {"auth": {"tokens": [{"name": "x", "sha256": "a" * 64, "roles": ["root"]}]}}))
+
+
+def test_auth_existing_secret_and_opt_out(h: Helm) -> None:
+    r = h.render(merge(REQUIRED, {"auth": {"existingSecret": "my-tokens"}}))
+    assert r.find("Secret") is None
+    assert secret_items(r, "coordinator")["auth/tokens.toml"] == ("my-tokens", "tokens.toml")
+    (c,) = r.get("Pod", "test")["spec"]["containers"]
+    assert env_of(c)["FRESHET_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-tokens", "key": "admin-token", "optional": True}
+    off = h.render(merge(REQUIRED, {"auth": {"enabled": False}}))
+    assert "auth" not in off.toml and off.find("Secret") is None
+    assert "FRESHET_TOKEN" not in env_of(off.get("Pod", "test")["spec"]["containers"][0])
+
+
+def test_auth_checksum_rolls_coordinators_when_tokens_change(h: Helm) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        return h.render(values).get("Deployment", "coordinator")["spec"]["template"]["metadata"]["annotations"]["checksum/auth"]
+
+    base = checksum(REQUIRED)
+    assert base == checksum(REQUIRED)  # not the random token: stable across renders
+    assert base != checksum(merge(REQUIRED, {"auth": {"tokens": [{"name": "x", "sha256": "b" * 64, "roles": ["read"]}]}}))
+
+
+def test_notes_tell_how_to_read_and_use_the_token(rendered_sets: dict[str, Rendered]) -> None:
+    notes = rendered_sets["default"].notes
+    for text in (
+        f"kubectl -n {NAMESPACE} get secret {RELEASE}-freshet-auth -o jsonpath='{{.data.admin-token}}' | base64 -d",
+        "export FRESHET_TOKEN=",
+        f"kubectl -n {NAMESPACE} get secret {TLS_SECRET} -o jsonpath='{{.data.ca\\.crt}}' | base64 -d",
+        "FRESHET_TLS_CA=",
+        "https://localhost:50051",
+    ):
+        assert text in notes, text
+    dev = rendered_sets["insecure-dev"].notes
+    assert "FRESHET_TOKEN" not in dev and "development only" in dev
+
+
+# ---------------------------------------------------------------- secure defaults: network
+
+
+def test_network_policies_are_on_by_default(rendered_sets: dict[str, Rendered]) -> None:
+    r = rendered_sets["default"]
+    coord, worker = r.get("NetworkPolicy", "coordinator"), r.get("NetworkPolicy", "worker")
+    # Clients: this release's pods and, by default, every pod of the namespace.
+    grpc_in = coord["spec"]["ingress"][0]
+    assert {"podSelector": {}} in grpc_in["from"] and grpc_in["ports"] == [{"protocol": "TCP", "port": "grpc"}]
+    assert not any("namespaceSelector" in p for p in grpc_in["from"])
+    # Workers: gRPC from coordinators only.
+    w_in = worker["spec"]["ingress"][0]
+    coord_selector = {k: v for k, v in pod_labels(r.get("Deployment", "coordinator")).items() if k in SELECTOR_KEYS}
+    assert w_in["from"] == [{"podSelector": {"matchLabels": coord_selector}}]
+
+    def egress_ports(policy: dict[str, Any]) -> set[tuple[str, int]]:
+        return {(p["protocol"], p["port"]) for e in policy["spec"]["egress"] for p in e["ports"]}
+
+    for policy in (coord, worker):
+        assert {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 2379)} <= egress_ports(policy)
+    # PostgreSQL: the leader runs sources; workers never connect to it.
+    assert ("TCP", 5432) in egress_ports(coord) and ("TCP", 5432) not in egress_ports(worker)
+    assert rendered_sets["insecure-dev"].find("NetworkPolicy") is None
+
+
+def test_network_policy_peers_for_postgres_and_the_s3_endpoint_port(h: Helm, rendered_sets: dict[str, Rendered]) -> None:
+    coord = rendered_sets["sources"].get("NetworkPolicy", "coordinator")
+    (pg,) = [e for e in coord["spec"]["egress"] if e["ports"] == [{"protocol": "TCP", "port": 5432}]]
+    assert pg["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    # MinIO's port comes from storage.s3.endpoint without listing it.
+    s3 = rendered_sets["s3-secret"].get("NetworkPolicy", "worker")
+    assert {p["port"] for e in s3["spec"]["egress"] for p in e["ports"]} >= {443, 9000}
+    r = h.render(merge(REQUIRED, {"networkPolicy": {"postgresPorts": []}}))
+    assert not any(p["port"] == 5432 for e in r.get("NetworkPolicy", "coordinator")["spec"]["egress"] for p in e["ports"])
+
+
+# ---------------------------------------------------------------- secure defaults: storage
+
+
+@pytest.mark.parametrize(
+    "name, prefixes",
+    [
+        ("default", ["s3://freshet-test"]),
+        ("s3-secret", ["s3://lake"]),
+        ("azure", ["az://freshet"]),
+        ("local", ["file:///data"]),
+        ("sources", ["s3://lake/freshet", "s3://lake/shop"]),
+    ],
+)
+def test_allowed_prefixes_are_derived_or_given(rendered_sets: dict[str, Rendered], name: str, prefixes: list[str]) -> None:
+    assert rendered_sets[name].toml["storage"]["allowed_prefixes"] == prefixes
+
+
+def test_allowed_prefixes_cover_every_configured_table(h: Helm) -> None:
+    r = h.render(merge(REQUIRED, {"config": {"tables": [{"name": "t", "uri": "s3://other-bucket/t", "primary_key": ["k"], "columns": [{"name": "k", "type": "int64"}]}]},
+                                  "sources": [{"name": "s", "connection": "host=db", "publication": "p", "slot": "s", "tables": [{"source": "public.x", "name": "x", "uri": "gs://third/x"}]}]}))
+    assert r.toml["storage"]["allowed_prefixes"] == ["s3://freshet-test", "s3://other-bucket", "gs://third"]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def rust_fields(path: str, struct: str) -> set[str]:
+    """The serde fields of a Rust struct (pub fields), read from the source."""
+    text = (REPO_ROOT / path).read_text()
+    body = text[text.index(f"pub struct {struct} {{"):]
+    body = body[: body.index("\n}\n")]
+    return set(re.findall(r"^\s*pub (\w+):", body, re.M))
+
+
+def test_sources_render_with_the_binarys_field_names(rendered_sets: dict[str, Rendered]) -> None:
+    r = rendered_sets["sources"]
+    config = r.toml
+    source_fields = rust_fields("common/src/source.rs", "SourceConfig")
+    table_fields = rust_fields("common/src/source.rs", "SourceTable")
+    secret_fields = rust_fields("common/src/secrets.rs", "SecretConfig")
+    assert {"connection", "publication", "slot", "password_secret", "tables"} <= source_fields
+    shop, crm = config["sources"]
+    assert set(shop) <= source_fields and set(crm) <= source_fields
+    for t in shop["tables"] + crm["tables"]:
+        assert set(t) <= table_fields
+    assert shop == {
+        "name": "shop", "kind": "postgres", "connection": "host=db.shop.svc port=5432 user=freshet dbname=shop",
+        "password_secret": "shop", "publication": "freshet_shop", "slot": "freshet_shop", "heartbeat_ms": 5000,
+        "tables": [{"source": "public.orders", "name": "orders", "uri": "s3://lake/shop/orders"},
+                   {"source": "public.customers", "name": "customers", "uri": "s3://lake/shop/customers", "partition_by": ["c_region"], "target_file_size": 16777216}],
+    }
+    assert config["secrets"] == {
+        "shop": {"password_file": "/etc/freshet/secrets/shop/password", "hosts": ["db.shop.svc"]},
+        "crm": {"password_file": "/etc/freshet/secrets/crm/password"},
+        "analytics": {"password_file": "/etc/freshet/secrets/analytics/password", "hosts": ["analytics.db.internal"]},
+    }
+    for s in config["secrets"].values():
+        assert set(s) <= secret_fields
+    # Passwords reach coordinators only, each at the path its [secrets.<name>] names.
+    items = secret_items(r, "coordinator")
+    assert items["secrets/shop/password"] == ("shop-pg", "pg-password")
+    assert items["secrets/crm/password"] == ("crm-pg", "password")
+    assert items["secrets/analytics/password"] == ("analytics-pg", "password")
+    assert not any(p.startswith("secrets/") for p in secret_items(r, "worker"))
+    assert "pg-password" not in r.configmap_text.replace("(key pg-password)", "")
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"connection": "host=db password=hunter2"}, "sources[0].connection must not hold a password"),
+        ({"bogus": 1}, "sources[0].bogus is not a source setting"),
+        ({"name": "a b"}, "letters, digits, _ and - only"),
+        ({"tables": []}, "sources[0].tables is required"),
+        ({"password": {"key": "pw"}}, "sources[0].password.secretName is required"),
+        ({"tables": [{"source": "public.x", "name": "x"}]}, "sources[0].tables[0].uri is required"),
+    ],
+)
+def test_bad_sources_fail_naming_the_value(h: Helm, source: dict[str, Any], message: str) -> None:
+    base = {"name": "s", "connection": "host=db", "publication": "p", "slot": "s", "tables": [{"source": "public.x", "name": "x", "uri": "s3://b/x"}]}
+    err = render_error(h, merge(REQUIRED, {"sources": [{**base, **source}]}))
+    assert message in err and "hunter2" not in err
+
+
+def test_source_secret_names_are_unique(h: Helm) -> None:
+    values = merge(REQUIRED, {
+        "sources": [{"name": "s", "connection": "host=db", "publication": "p", "slot": "s", "password": {"secretName": "pg"}, "tables": [{"source": "public.x", "name": "x", "uri": "s3://b/x"}]}],
+        "sourceSecrets": [{"name": "s", "secretName": "other"}],
+    })
+    assert 'sourceSecrets[0].name "s" is already' in render_error(h, values)
+
+
+# ---------------------------------------------------------------- etcd security
+
+
+def test_external_etcd_tls_and_user(rendered_sets: dict[str, Rendered], h: Helm) -> None:
+    r = rendered_sets["sources"]
+    cluster = r.toml["cluster"]
+    assert cluster["etcd_ca_file"] == "/etc/freshet/etcd/ca.crt"
+    assert (cluster["etcd_cert_file"], cluster["etcd_key_file"]) == ("/etc/freshet/etcd/tls.crt", "/etc/freshet/etcd/tls.key")
+    assert (cluster["etcd_user"], cluster["etcd_password_file"]) == ("freshet", "/etc/freshet/etcd/password")
+    for component in ("coordinator", "worker"):
+        items = secret_items(r, component)
+        assert items["etcd/ca.crt"] == ("etcd-client-tls", "ca.crt") and items["etcd/tls.key"] == ("etcd-client-tls", "tls.key")
+        assert items["etcd/password"] == ("etcd-freshet-password", "password")
+    assert "etcd.tls.existingSecret is not set" in render_error(h, merge(REQUIRED, {"etcd": {"endpoints": ["https://etcd:2379"]}}))
+    assert "is not https://" in render_error(h, merge(REQUIRED, {"etcd": {"tls": {"existingSecret": "e"}}}))
+    assert "etcd.auth.existingSecret is required" in render_error(h, merge(REQUIRED, {"etcd": {"auth": {"user": "u"}}}))
+    # The bundled etcd without TLS (development) stays plain.
+    dev = rendered_sets["insecure-dev"]
+    assert all(e.startswith("http://") for e in dev.toml["cluster"]["etcd_endpoints"])
+    assert not any(k.startswith("etcd_") and k != "etcd_endpoints" for k in dev.toml["cluster"])
+
+
+def test_insecure_opt_outs(rendered_sets: dict[str, Rendered]) -> None:
+    r = rendered_sets["insecure-dev"]
+    assert not {"tls", "auth"} & set(r.toml)
+    for component, var in (("coordinator", "FRESHET__SERVER__ADVERTISE"), ("worker", "FRESHET__WORKER__ADVERTISE")):
+        c = r.get("Deployment", component)["spec"]["template"]["spec"]["containers"][0]
+        assert env_of(c)[var]["value"].startswith("http://")
+        assert secret_items(r, component) == {}
+    (c,) = r.get("Pod", "test")["spec"]["containers"]
+    assert c["args"][1].startswith("http://") and "env" not in c
+    assert r.find("Secret") is None and r.find("Certificate") is None
+    assert "--client-cert-auth" not in r.get("StatefulSet", "etcd")["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -96,7 +96,7 @@ each an http:// or https:// URL).
 {{- $endpoints := list -}}
 {{- if .Values.etcd.bundled.enabled -}}
 {{- range $i, $_ := until (int .Values.etcd.bundled.replicas) -}}
-{{- $endpoints = append $endpoints (printf "http://%s:2379" (include "freshet.etcdMemberHost" (dict "ctx" $ "i" $i))) -}}
+{{- $endpoints = append $endpoints (printf "%s://%s:2379" (include "freshet.scheme" $) (include "freshet.etcdMemberHost" (dict "ctx" $ "i" $i))) -}}
 {{- end -}}
 {{- else -}}
 {{- if not .Values.etcd.endpoints -}}
@@ -108,6 +108,12 @@ each an http:// or https:// URL).
 {{- range .Values.etcd.endpoints -}}
 {{- if not (regexMatch "^https?://[^/]+" (toString .)) -}}
 {{- fail (printf "etcd.endpoints: %q is not an http:// or https:// URL (e.g. http://etcd.etcd.svc:2379)" (toString .)) -}}
+{{- end -}}
+{{- if and $.Values.etcd.tls.existingSecret (not (hasPrefix "https://" (toString .))) -}}
+{{- fail (printf "etcd.endpoints: %q is not https:// but etcd.tls.existingSecret is set: use https:// URLs for an etcd with TLS" (toString .)) -}}
+{{- end -}}
+{{- if and (hasPrefix "https://" (toString .)) (not $.Values.etcd.tls.existingSecret) -}}
+{{- fail (printf "etcd.endpoints: %q is https:// but etcd.tls.existingSecret is not set: name the Secret with the etcd CA (ca.crt, and tls.crt/tls.key for client certificates)" (toString .)) -}}
 {{- end -}}
 {{- $endpoints = append $endpoints (toString .) -}}
 {{- end -}}
@@ -264,22 +270,21 @@ envFrom:
 {{- end }}
 {{- end -}}
 
-{{/* Volumes of coordinator and worker pods. */}}
+{{/* Volumes of coordinator and worker pods: (dict "ctx" $ "component" "worker"). */}}
 {{- define "freshet.volumes" -}}
-- name: config
-  configMap:
-    name: {{ include "freshet.configMapName" . }}
+{{- $ctx := .ctx -}}
+{{ include "freshet.configVolume" . }}
 - name: tmp
   emptyDir:
-    {{- with .Values.tmpSizeLimit }}
+    {{- with $ctx.Values.tmpSizeLimit }}
     sizeLimit: {{ . }}
     {{- end }}
-{{- if eq .Values.storage.type "local" }}
+{{- if eq $ctx.Values.storage.type "local" }}
 - name: data
   persistentVolumeClaim:
-    claimName: {{ .Values.storage.local.existingClaim }}
+    claimName: {{ $ctx.Values.storage.local.existingClaim }}
 {{- end }}
-{{- with .Values.extraVolumes }}
+{{- with $ctx.Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
