@@ -404,7 +404,7 @@ def test_helm_test_pod_calls_admin_through_the_coordinator_service(rendered_sets
     (c,) = pod["spec"]["containers"]
     svc = r.get("Service", "coordinator")["metadata"]["name"]
     assert c["command"] == ["freshet"]
-    assert c["args"] == ["--endpoint", f"https://{svc}.{NAMESPACE}.svc:50051", "admin", "tables"]
+    assert c["args"] == ["--endpoint", f"https://{svc}.{NAMESPACE}.svc:50051", "admin", "leader"]
     env = env_of(c)
     assert env["FRESHET_TLS_CA"]["value"] == "/etc/freshet/tls/ca.crt"
     assert env["FRESHET_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": r.get("Secret", "auth")["metadata"]["name"], "key": "admin-token", "optional": False}
@@ -1063,6 +1063,6 @@ def test_insecure_opt_outs(rendered_sets: dict[str, Rendered]) -> None:
         assert env_of(c)[var]["value"].startswith("http://")
         assert secret_items(r, component) == {}
     (c,) = r.get("Pod", "test")["spec"]["containers"]
-    assert c["args"][1].startswith("http://") and "env" not in c
+    assert c["args"][1].startswith("http://") and c["args"][2:] == ["admin", "tables"] and "env" not in c
     assert r.find("Secret") is None and r.find("Certificate") is None
     assert "--client-cert-auth" not in r.get("StatefulSet", "etcd")["spec"]["template"]["spec"]["containers"][0]["args"]
