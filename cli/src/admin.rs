@@ -4,7 +4,6 @@ use anyhow::Context;
 use clap::Subcommand;
 use freshet_proto::admin::v1::admin_service_client::AdminServiceClient;
 use freshet_proto::admin::v1::*;
-use tonic::transport::Channel;
 
 use crate::output::{Format, bytes, cycle_json, table, table_json};
 
@@ -97,7 +96,7 @@ pub async fn leader_endpoint(endpoint: &str) -> String {
 }
 
 /// Connects to the admin API.
-pub async fn client(endpoint: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
+pub async fn client(endpoint: &str) -> anyhow::Result<AdminServiceClient<crate::Conn>> {
     Ok(AdminServiceClient::new(crate::channel(endpoint).await?))
 }
 

@@ -17,6 +17,9 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use freshet_common::tls::ClientTls;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use clap::{Parser, Subcommand};
@@ -43,6 +46,19 @@ struct Cli {
     /// PEM private key of --tls-cert.
     #[arg(long, global = true, env = "FRESHET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Bearer token for coordinators with [auth] (prefer --token-file: a flag is visible
+    /// in the process list).
+    #[arg(
+        long,
+        global = true,
+        env = "FRESHET_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// A file holding the bearer token (surrounding whitespace ignored).
+    #[arg(long, global = true, env = "FRESHET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +102,25 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
         None => None,
     };
     *CLIENT_TLS.write().expect("lock") = tls;
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read --token-file '{}'", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let token = match token.filter(|t| !t.is_empty()) {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse::<MetadataValue<Ascii>>()
+                .context("the token has characters a header cannot carry")?,
+        ),
+        None => None,
+    };
+    *CLIENT_TOKEN.write().expect("lock") = token;
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
         Command::Coordinator(args) => serve::coordinator(args).await,
@@ -115,9 +150,28 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
 /// used alike for the endpoint given and for a leader a follower names.
 static CLIENT_TLS: RwLock<Option<Arc<ClientTls>>> = RwLock::new(None);
 
+/// The `authorization` value of this command's calls (--token / --token-file).
+static CLIENT_TOKEN: RwLock<Option<MetadataValue<Ascii>>> = RwLock::new(None);
+
+/// A connection to a coordinator that sends the command's token with every call.
+pub(crate) type Conn = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to each call when a token was given.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
 /// A channel to a coordinator: TLS for `https://` endpoints (verified with --tls-ca, with
 /// --tls-cert/--tls-key as client certificate), plaintext for `http://`.
-pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Conn> {
     let hint = "set --endpoint or FRESHET_ENDPOINT";
     let ep = Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad coordinator endpoint '{endpoint}' ({hint})"))?;
@@ -130,7 +184,10 @@ pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
     } else {
         ep.connect().await
     };
-    connected.with_context(|| format!("cannot reach the coordinator at {endpoint} ({hint})"))
+    let ch = connected
+        .with_context(|| format!("cannot reach the coordinator at {endpoint} ({hint})"))?;
+    let token = CLIENT_TOKEN.read().expect("lock").clone();
+    Ok(InterceptedService::new(ch, Bearer(token)))
 }
 
 /// Runs `freshet <sub> <the process's own arguments>` (for the alias binaries).

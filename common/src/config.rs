@@ -41,6 +41,8 @@ pub struct Config {
     pub secrets: crate::secrets::Secrets,
     /// TLS of the gRPC servers and of the coordinator's worker clients (empty: plaintext).
     pub tls: TlsConfig,
+    /// Tokens and roles of the ingest and admin APIs (none configured: open).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// TLS of every gRPC server and client of the process (docs/security.md, "TLS"). Empty

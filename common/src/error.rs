@@ -88,6 +88,9 @@ pub enum Error {
     /// changed nothing.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The caller sent no credentials, or credentials that prove nothing.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -151,6 +154,7 @@ impl Error {
             Error::TableExists(_) => Code::AlreadyExists,
             Error::OutOfOrder(_) => Code::FailedPrecondition,
             Error::UriNotAllowed { .. } | Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::CommitConflict { .. } => Code::Aborted,
             Error::Unavailable(_) | Error::NotLeader { .. } | Error::LeadershipLost(_) => {
                 Code::Unavailable

@@ -1,6 +1,7 @@
 //! What coordinator, workers, the CLI and tests share: configuration, table definitions,
 //! Delta log access, the staging-log format, the merge kernel and file statistics.
 
+pub mod auth;
 pub mod changes;
 pub mod config;
 pub mod delta;

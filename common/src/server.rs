@@ -9,11 +9,14 @@ pub fn init_logging(json: bool) {
     // Freshet's own errors carry deltalake's cause, so its logs are off unless RUST_LOG asks.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(
-            "warn,deltalake_core=off,buoyant_kernel=off,freshet_coordinator=info,freshet_worker=info,freshet_common=info",
+            "warn,deltalake_core=off,buoyant_kernel=off,freshet_coordinator=info,freshet_worker=info,freshet_common=info,freshet::audit=info",
         )
     });
+    // Colour codes only on a terminal: a log file or a pipe gets plain text.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && std::io::stdout().is_terminal())
         .with_target(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

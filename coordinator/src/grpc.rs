@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::Coordinator;
+use crate::access::{self, AccessLayer};
 use crate::node::Node;
+use freshet_common::auth::{Action, Authenticator};
 
 /// The gRPC face of a coordinator [`Node`]: calls go to the current term's coordinator, or
 /// are answered UNAVAILABLE with the leader's address (metadata `freshet-leader`).
@@ -32,6 +34,9 @@ impl IngestService for CoordinatorGrpc {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
+        let who = access::principal(&request)?;
+        who.check(Action::Ingest(&request.get_ref().table))
+            .map_err(Error::from)?;
         Ok(Response::new(self.c()?.ingest(request.into_inner()).await?))
     }
 }
@@ -65,32 +70,11 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<CreateTableRequest>,
     ) -> Result<Response<CreateTableResponse>, Status> {
-        let c = self.c()?;
-        let r = r.into_inner();
-        let bad = |m: String| Error::InvalidTable {
-            table: r.name.clone(),
-            message: m,
-        };
-        let schema = SchemaSpec::from_json(&r.schema_json)
-            .and_then(|s| s.to_arrow())
-            .map_err(|e| bad(e.to_string()))?;
-        let def = TableDef::new(
-            &r.name,
-            &r.uri,
-            schema,
-            r.primary_key.clone(),
-            r.partition_by.clone(),
-            if r.target_file_size == 0 {
-                DEFAULT_TARGET_FILE_SIZE
-            } else {
-                r.target_file_size
-            },
-        )?;
-        let (table, adopted) = c.create_table(def).await?;
-        Ok(Response::new(CreateTableResponse {
-            table: Some(table),
-            adopted,
-        }))
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let target = format!("{} at {}", r.get_ref().name, r.get_ref().uri);
+        let out = self.create_table_inner(r.into_inner()).await;
+        access::audit(&who, &peer, "CreateTable", &target, &out);
+        out
     }
 
     async fn list_cycles(
@@ -122,9 +106,11 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<TriggerCycleRequest>,
     ) -> Result<Response<TriggerCycleResponse>, Status> {
-        Ok(Response::new(TriggerCycleResponse {
-            cycle: Some(self.c()?.trigger(&r.into_inner().table).await?),
-        }))
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let table = r.into_inner().table;
+        let out = async { Ok::<_, Status>(self.c()?.trigger(&table).await?) }.await;
+        access::audit(&who, &peer, "TriggerCycle", &table, &out);
+        Ok(Response::new(TriggerCycleResponse { cycle: Some(out?) }))
     }
 
     async fn list_workers(
@@ -147,16 +133,22 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<PauseTableRequest>,
     ) -> Result<Response<PauseTableResponse>, Status> {
-        let table = self.c()?.set_paused(&r.into_inner().table, true).await?;
-        Ok(Response::new(PauseTableResponse { table: Some(table) }))
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let name = r.into_inner().table;
+        let out = async { Ok::<_, Status>(self.c()?.set_paused(&name, true).await?) }.await;
+        access::audit(&who, &peer, "PauseTable", &name, &out);
+        Ok(Response::new(PauseTableResponse { table: Some(out?) }))
     }
 
     async fn resume_table(
         &self,
         r: Request<ResumeTableRequest>,
     ) -> Result<Response<ResumeTableResponse>, Status> {
-        let table = self.c()?.set_paused(&r.into_inner().table, false).await?;
-        Ok(Response::new(ResumeTableResponse { table: Some(table) }))
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let name = r.into_inner().table;
+        let out = async { Ok::<_, Status>(self.c()?.set_paused(&name, false).await?) }.await;
+        access::audit(&who, &peer, "ResumeTable", &name, &out);
+        Ok(Response::new(ResumeTableResponse { table: Some(out?) }))
     }
 
     async fn list_sources(
@@ -172,16 +164,17 @@ impl AdminService for CoordinatorGrpc {
         &self,
         r: Request<AddSourceRequest>,
     ) -> Result<Response<AddSourceResponse>, Status> {
-        let c = self.c()?;
-        let def = freshet_common::source::SourceConfig::parse(&r.get_ref().definition).map_err(
-            |message| Error::InvalidSource {
-                name: "<definition>".into(),
-                message,
-            },
-        )?;
-        Ok(Response::new(AddSourceResponse {
-            source: Some(c.define_source(def).await?),
-        }))
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let definition = r.into_inner().definition;
+        let out = self.add_source_inner(&definition).await;
+        let target = out
+            .as_ref()
+            .ok()
+            .and_then(|s| s.source.as_ref())
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| "<definition>".into());
+        access::audit(&who, &peer, "AddSource", &target, &out);
+        Ok(Response::new(out?))
     }
 
     type WatchCyclesStream =
@@ -232,6 +225,52 @@ fn record_stream(
     ))
 }
 
+impl CoordinatorGrpc {
+    async fn create_table_inner(
+        &self,
+        r: CreateTableRequest,
+    ) -> Result<Response<CreateTableResponse>, Status> {
+        let c = self.c()?;
+        let bad = |m: String| Error::InvalidTable {
+            table: r.name.clone(),
+            message: m,
+        };
+        let schema = SchemaSpec::from_json(&r.schema_json)
+            .and_then(|s| s.to_arrow())
+            .map_err(|e| bad(e.to_string()))?;
+        let def = TableDef::new(
+            &r.name,
+            &r.uri,
+            schema,
+            r.primary_key.clone(),
+            r.partition_by.clone(),
+            if r.target_file_size == 0 {
+                DEFAULT_TARGET_FILE_SIZE
+            } else {
+                r.target_file_size
+            },
+        )?;
+        let (table, adopted) = c.create_table(def).await?;
+        Ok(Response::new(CreateTableResponse {
+            table: Some(table),
+            adopted,
+        }))
+    }
+
+    async fn add_source_inner(&self, definition: &str) -> Result<AddSourceResponse, Status> {
+        let c = self.c()?;
+        let def = freshet_common::source::SourceConfig::parse(definition).map_err(|message| {
+            Error::InvalidSource {
+                name: "<definition>".into(),
+                message,
+            }
+        })?;
+        Ok(AddSourceResponse {
+            source: Some(c.define_source(def).await?),
+        })
+    }
+}
+
 /// Serves a single always-leading coordinator on `listener` until `shutdown` resolves.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
@@ -244,6 +283,7 @@ pub async fn serve(
         .unwrap_or_default();
     let max = coordinator.inner().config.server.max_message_bytes;
     let tls = freshet_common::tls::ServerTls::coordinator(&coordinator.inner().config.tls)?;
+    let auth = Authenticator::new(&coordinator.inner().config.auth).map_err(Error::from)?;
     let addr = match tls {
         Some(_) => addr.replacen("http://", "https://", 1),
         None => addr,
@@ -253,18 +293,20 @@ pub async fn serve(
         max,
         listener,
         tls,
+        auth,
         shutdown,
     )
     .await
 }
 
 /// Serves ingest, admin, health and reflection for `node` until `shutdown` resolves, over
-/// TLS when `tls` is given.
+/// TLS when `tls` is given, every call checked by `auth` (None: open).
 pub async fn serve_node(
     node: Arc<Node>,
     max: usize,
     listener: TcpListener,
     tls: Option<Arc<freshet_common::tls::ServerTls>>,
+    auth: Option<Arc<Authenticator>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (reporter, health) = freshet_common::server::health();
@@ -277,6 +319,7 @@ pub async fn serve_node(
     let (refl_v1, refl_v1alpha) = freshet_common::server::reflection();
     let grpc = CoordinatorGrpc(node);
     tonic::transport::Server::builder()
+        .layer(AccessLayer::new(auth))
         .add_service(health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)

@@ -1,6 +1,7 @@
 //! The Freshet coordinator: validates and stages ingested changes, runs each table's merge
 //! cycle (plan, dispatch to workers, one Delta commit), and serves the ingest and admin APIs.
 
+pub mod access;
 pub mod catalog;
 pub mod commit;
 pub mod cycle;

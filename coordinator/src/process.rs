@@ -42,6 +42,14 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
     }
     // Certificates are checked before anything listens: a bad file fails the start, named.
     let tls = freshet_common::tls::ServerTls::coordinator(&config.tls)?;
+    // So are the tokens and keys of [auth].
+    let auth = freshet_common::auth::Authenticator::new(&config.auth).map_err(Error::from)?;
+    if auth.is_none() {
+        tracing::warn!(
+            listen = %config.server.listen,
+            "[auth] is not configured: anyone who reaches this port may ingest and administer"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
         .map_err(|e| {
@@ -117,6 +125,7 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
         config.server.max_message_bytes,
         listener,
         tls,
+        auth,
         async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         },
