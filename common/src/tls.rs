@@ -437,7 +437,7 @@ impl ClientTls {
 
     /// A lazily connecting channel to `endpoint` (`https://host:port`) over TLS.
     pub fn channel(self: &Arc<Self>, endpoint: Endpoint) -> Channel {
-        endpoint.connect_with_connector_lazy(TlsConnector(self.clone()))
+        for_connector(endpoint).connect_with_connector_lazy(TlsConnector(self.clone()))
     }
 
     /// A channel to `endpoint` over TLS, connected now.
@@ -445,10 +445,34 @@ impl ClientTls {
         self: &Arc<Self>,
         endpoint: Endpoint,
     ) -> Result<Channel, tonic::transport::Error> {
-        endpoint
+        for_connector(endpoint)
             .connect_with_connector(TlsConnector(self.clone()))
             .await
     }
+}
+
+/// The endpoint tonic is given for [`TlsConnector`]: when any crate enables one of tonic's
+/// own TLS features (etcd-client's `tls` does), tonic refuses an `https://` URI on a custom
+/// connector. The TLS is ours, so tonic dials `http://` with the same host and port while
+/// requests keep the `https` origin; the endpoint's connection settings are carried over.
+fn for_connector(endpoint: Endpoint) -> Endpoint {
+    let uri = endpoint.uri().clone();
+    if uri.scheme_str() != Some("https") {
+        return endpoint;
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.scheme = Some(tonic::codegen::http::uri::Scheme::HTTP);
+    let Ok(plain) = Uri::from_parts(parts) else {
+        return endpoint;
+    };
+    let mut e = Endpoint::from(plain)
+        .origin(uri)
+        .tcp_nodelay(endpoint.get_tcp_nodelay())
+        .tcp_keepalive(endpoint.get_tcp_keepalive());
+    if let Some(t) = endpoint.get_connect_timeout() {
+        e = e.connect_timeout(t);
+    }
+    e
 }
 
 fn client_config(

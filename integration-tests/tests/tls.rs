@@ -368,3 +368,53 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_a_restart() 
     assert_eq!(presented_certificate(&addr, &ca_file).await, pem_der(&cert));
     c.stop();
 }
+
+/// In Kubernetes workers advertise pod IPs, which no certificate issued ahead of time names;
+/// the coordinator then verifies one fixed name (`tls.worker_server_name`) in every worker's
+/// certificate instead of the dialled host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_verified_by_the_configured_name_when_they_advertise_an_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster CA");
+    let ca_file = ca.write(dir.path(), "cluster");
+    // The worker's certificate names only "freshet-worker", not 127.0.0.1.
+    let (wcert, wkey) = ca.leaf_for(&["freshet-worker"], 1, false);
+    let (wc, wk) = (dir.path().join("w.pem"), dir.path().join("w-key.pem"));
+    std::fs::write(&wc, wcert).unwrap();
+    std::fs::write(&wk, wkey).unwrap();
+    let tls = ServerTls::worker(&tls_config(&ca_file, &wc, &wk)).unwrap();
+    let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
+    let w = freshet_worker::Worker::new("w", 1, Default::default());
+    tokio::spawn(freshet_worker::serve_tls(
+        w,
+        l,
+        1 << 20,
+        tls,
+        std::future::pending(),
+    ));
+    let url = format!("https://{addr}");
+    let (ccert, ckey) = ca.write_leaf(dir.path(), "coordinator", 2, false);
+
+    // Verified against the dialled IP: the certificate does not name it.
+    let mut cfg = tls_config(&ca_file, &ccert, &ckey);
+    let by_host = ClientTls::from_config(&cfg).unwrap().unwrap();
+    let e = by_host.connect(endpoint(&url)).await.unwrap_err();
+    let msg = chain(&e);
+    assert!(msg.contains("not valid for name"), "{msg}");
+
+    // With worker_server_name: served.
+    cfg.worker_server_name = "freshet-worker".into();
+    let by_name = ClientTls::from_config(&cfg).unwrap().unwrap();
+    let ch = by_name.connect(endpoint(&url)).await.unwrap();
+    let info = WorkerServiceClient::new(ch)
+        .info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.worker_id, "w");
+
+    // A certificate of the same CA for another name is still refused.
+    cfg.worker_server_name = "freshet-coordinator".into();
+    let other = ClientTls::from_config(&cfg).unwrap().unwrap();
+    assert!(other.connect(endpoint(&url)).await.is_err());
+}
