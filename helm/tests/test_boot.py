@@ -499,7 +499,15 @@ def test_secure_sets_refuse_calls_without_token_or_tls(cluster: Cluster) -> None
         _need_token_cli(cluster)
         refused = cluster.admin("tables", token=False)
         assert refused.returncode != 0, f"admin call without a token succeeded:\n{refused.stdout}"
-        assert "nauthenticated" in refused.stderr or "token" in refused.stderr.lower(), refused.stderr
+        # UNAUTHENTICATED ("... does not have valid authentication credentials").
+        assert "authentication" in refused.stderr or "nauthenticated" in refused.stderr, refused.stderr
+        # A wrong token is refused too.
+        env = {**cluster.env, **cluster.cli_env, "FRESHET_TOKEN": "not-the-token"}
+        wrong = subprocess.run(
+            [str(FRESHET), "--endpoint", f"https://127.0.0.1:{cluster.coordinator_grpc}", "admin", "tables"],
+            capture_output=True, text=True, timeout=60, env=env, cwd=cluster.dir,
+        )
+        assert wrong.returncode != 0, f"admin call with a wrong token succeeded:\n{wrong.stdout}"
 
 
 def test_a_cycle_runs_on_the_worker(cluster: Cluster) -> None:
