@@ -65,8 +65,9 @@ READY_TIMEOUT_S = 60.0
 # Value sets booted: the development opt-outs (plaintext, no tokens); the smallest secure
 # install (TLS from a Secret, generated admin token); one with tables and S3 options;
 # sources with passwords, client certificates required, and an external etcd with TLS
-# client certificates and a user.
-BOOT_SETS = ["insecure-dev", "default", "s3-secret", "sources"]
+# client certificates and a user; cert-manager's Secrets (one per component) with the
+# bundled etcd over TLS.
+BOOT_SETS = ["insecure-dev", "default", "s3-secret", "sources", "bundled-etcd"]
 ETCD_ROOT_PASSWORD = "root-pw-for-tests"
 
 
@@ -556,3 +557,4 @@ def test_boot_sets_cover_the_secure_defaults(h: Helm) -> None:
     assert configs["sources"]["tls"]["require_client_cert"] is True
     assert configs["sources"]["sources"] and configs["sources"]["secrets"]
     assert configs["sources"]["cluster"]["etcd_user"] and configs["sources"]["cluster"]["etcd_cert_file"]
+    assert configs["bundled-etcd"]["cluster"]["etcd_cert_file"] == configs["bundled-etcd"]["tls"]["cert_file"]
