@@ -92,7 +92,20 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
     let tls = match &cli.tls_ca {
         Some(ca) => {
             let identity = cli.tls_cert.as_deref().zip(cli.tls_key.as_deref());
-            Some(Arc::new(ClientTls::new(ca, identity)?))
+            let direct = Arc::new(ClientTls::new(ca, identity)?);
+            // A follower names the leader by its advertised address (in Kubernetes a pod
+            // IP no certificate names): the leader is verified by the name the user gave,
+            // which every coordinator's certificate carries.
+            let host = Endpoint::from_shared(cli.endpoint.clone())
+                .ok()
+                .and_then(|e| e.uri().host().map(str::to_string))
+                .unwrap_or_default();
+            let hinted = Arc::new(ClientTls::new(ca, identity)?.with_server_name(host.clone()));
+            Some(ClientTlsPair {
+                host,
+                direct,
+                hinted,
+            })
         }
         None if cli.tls_cert.is_some() => {
             anyhow::bail!(
@@ -148,7 +161,16 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
 
 /// The TLS settings of this command's clients (--tls-*): one command, one set of settings,
 /// used alike for the endpoint given and for a leader a follower names.
-static CLIENT_TLS: RwLock<Option<Arc<ClientTls>>> = RwLock::new(None);
+static CLIENT_TLS: RwLock<Option<ClientTlsPair>> = RwLock::new(None);
+
+/// The TLS of this command's clients: `direct` for the endpoint given, `hinted` (verifying
+/// the given endpoint's host name) for a leader a follower names by another address.
+#[derive(Clone)]
+struct ClientTlsPair {
+    host: String,
+    direct: Arc<ClientTls>,
+    hinted: Arc<ClientTls>,
+}
 
 /// The `authorization` value of this command's calls (--token / --token-file).
 static CLIENT_TOKEN: RwLock<Option<MetadataValue<Ascii>>> = RwLock::new(None);
@@ -180,6 +202,11 @@ pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Conn> {
         let tls = tls.with_context(|| {
             format!("{endpoint} is https: give the CA bundle to verify it with (--tls-ca or FRESHET_TLS_CA)")
         })?;
+        let tls = if ep.uri().host() == Some(tls.host.as_str()) {
+            tls.direct
+        } else {
+            tls.hinted
+        };
         tls.connect(ep).await
     } else {
         ep.connect().await

@@ -418,3 +418,71 @@ async fn workers_are_verified_by_the_configured_name_when_they_advertise_an_ip()
     let other = ClientTls::from_config(&cfg).unwrap().unwrap();
     assert!(other.connect(endpoint(&url)).await.is_err());
 }
+
+/// A follower names the leader by its advertised address, which in Kubernetes is a pod IP
+/// no certificate names; the CLI verifies the leader by the host name the user gave (the
+/// name every coordinator's certificate carries) and so follows the hint over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_follows_a_leader_hint_over_tls_verifying_the_name_it_was_given() {
+    use freshet_integration_tests::procs::ProcCluster;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster CA");
+    let ca_file = ca.write(certs.path(), "cluster");
+    // Coordinators' certificate: "localhost" only; they advertise https://127.0.0.1:port.
+    let (cert, key) = ca.leaf_for(&["localhost"], 1, false);
+    let (c, k) = (certs.path().join("c.pem"), certs.path().join("c-key.pem"));
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    let mut cluster = ProcCluster::new(&format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        c.display(),
+        k.display(),
+        ca_file.display()
+    ));
+    cluster.add_coordinator();
+    cluster.add_coordinator();
+    let port = |i: usize| {
+        cluster.coordinators[i]
+            .endpoint
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let cli = |port: &str, args: &[&str]| {
+        std::process::Command::new(freshet_bin())
+            .arg("--endpoint")
+            .arg(format!("https://localhost:{port}"))
+            .arg("--tls-ca")
+            .arg(&ca_file)
+            .args(args)
+            .env_remove("FRESHET_TOKEN")
+            .output()
+            .unwrap()
+    };
+    // Find a follower that names the leader.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let follower = 'found: loop {
+        for i in 0..2 {
+            let o = cli(&port(i), &["admin", "leader", "-o", "json"]);
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                && v["isLeader"] == false
+                && v["leader"]
+                    .as_str()
+                    .is_some_and(|l| l.starts_with("https://127.0.0.1:"))
+            {
+                break 'found i;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no follower naming a leader"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    // A leader-only command through the follower follows the hint (an IP) over TLS.
+    let o = cli(&port(follower), &["admin", "tables"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("is a follower; using the leader"), "{err}");
+}
