@@ -809,6 +809,8 @@ def test_cert_manager_certificates(rendered_sets: dict[str, Rendered]) -> None:
         spec = cert["spec"]
         assert spec["issuerRef"] == {"name": "freshet-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
         assert {"server auth", "client auth"} <= set(spec["usages"])
+        # ECDSA keys sign; key encipherment is for RSA only.
+        assert spec["privateKey"]["algorithm"] == "ECDSA" and "key encipherment" not in spec["usages"]
         assert spec["secretName"] == f"{RELEASE}-freshet-{component}-tls"
         if component != "etcd":
             items = secret_items(r, component)
