@@ -404,7 +404,7 @@ def test_helm_test_pod_calls_admin_through_the_coordinator_service(rendered_sets
     (c,) = pod["spec"]["containers"]
     svc = r.get("Service", "coordinator")["metadata"]["name"]
     assert c["command"] == ["freshet"]
-    assert c["args"] == ["--endpoint", f"https://{svc}.{NAMESPACE}.svc:50051", "admin", "leader"]
+    assert c["args"] == ["--endpoint", f"https://{svc}.{NAMESPACE}.svc:50051", "admin", "tables"]
     env = env_of(c)
     assert env["FRESHET_TLS_CA"]["value"] == "/etc/freshet/tls/ca.crt"
     assert env["FRESHET_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": r.get("Secret", "auth")["metadata"]["name"], "key": "admin-token", "optional": False}
