@@ -43,6 +43,80 @@ pub struct SourceConfig {
     pub snapshot_batch_rows: usize,
     /// The tables to mirror.
     pub tables: Vec<SourceTable>,
+    /// TLS to PostgreSQL: `disable`, `prefer` (the default: TLS when the server offers it,
+    /// nothing verified), `require` (TLS, nothing verified), `verify-ca` (the server's
+    /// certificate chains to `sslrootcert`) or `verify-full` (and names the host). May be
+    /// given in the connection string instead (`sslmode=`), not differently in both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// The CA certificate file (PEM) for `verify-ca` and `verify-full`; may be given in the
+    /// connection string instead (`sslrootcert=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<String>,
+    /// Answers a server that asks for the password in cleartext over a connection that is
+    /// not encrypted (TCP without TLS). Off: such a connection is refused before the
+    /// password is sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cleartext_password: bool,
+}
+
+/// How a source's connections to PostgreSQL use TLS (libpq's `sslmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server accepts it, plain TCP when it does not; nothing verified.
+    Prefer,
+    /// TLS or no connection; the certificate is not verified.
+    Require,
+    /// TLS with a certificate that chains to `sslrootcert`; the host name is not checked.
+    VerifyCa,
+    /// TLS with a certificate that chains to `sslrootcert` and names the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The values `sslmode` accepts.
+    pub const NAMES: &str = "disable, prefer, require, verify-ca, verify-full";
+
+    /// Parses libpq's name of a mode.
+    pub fn parse(name: &str) -> Option<SslMode> {
+        Some(match name {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// libpq's name of the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server's certificate is verified against `sslrootcert`.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+/// A source's effective TLS settings (from its keys and its connection string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTls {
+    /// The mode; `prefer` when neither the keys nor the connection string name one.
+    pub mode: SslMode,
+    /// The CA certificate file; set exactly when the mode verifies.
+    pub root_cert: Option<String>,
+    /// See [`SourceConfig::allow_cleartext_password`].
+    pub allow_cleartext_password: bool,
 }
 
 fn default_kind() -> String {
@@ -153,8 +227,207 @@ impl SourceConfig {
                 ));
             }
         }
+        self.postgres_tls()?;
         Ok(())
     }
+
+    /// The source's TLS settings and its connection string without `sslmode=` and
+    /// `sslrootcert=` (which Freshet applies itself). Each may be a key of the source or a
+    /// setting of the connection string, not both with different values; `verify-ca` and
+    /// `verify-full` need `sslrootcert`, which the other modes do not use.
+    pub fn postgres_tls(&self) -> Result<(PostgresTls, String), String> {
+        let mut info = Conninfo::parse(&self.connection)
+            .map_err(|e| format!("source '{}': bad connection string: {e}", self.name))?;
+        let from_string = (info.take("sslmode"), info.take("sslrootcert"));
+        let pick = |key: &str, field: &Option<String>, conn: Option<String>| match (field, conn) {
+            (Some(a), Some(b)) if *a != b => Err(format!(
+                "source '{}': {key} is '{a}' but the connection string says {key}={b}; set it once",
+                self.name
+            )),
+            (Some(a), _) => Ok(Some(a.clone())),
+            (None, b) => Ok(b),
+        };
+        let mode = match pick("sslmode", &self.sslmode, from_string.0)? {
+            None => SslMode::Prefer,
+            Some(m) => SslMode::parse(&m).ok_or_else(|| {
+                format!(
+                    "source '{}': sslmode '{m}' is not one of {}",
+                    self.name,
+                    SslMode::NAMES
+                )
+            })?,
+        };
+        let root_cert = pick("sslrootcert", &self.sslrootcert, from_string.1)?;
+        match (&root_cert, mode.verifies()) {
+            (None, true) => {
+                return Err(format!(
+                    "source '{}': sslmode={} needs sslrootcert (the CA certificate file, PEM)",
+                    self.name,
+                    mode.as_str()
+                ));
+            }
+            (Some(r), true) if r.trim().is_empty() => {
+                return Err(format!("source '{}': sslrootcert is empty", self.name));
+            }
+            (Some(_), false) => {
+                return Err(format!(
+                    "source '{}': sslrootcert is only used with sslmode=verify-ca or verify-full (sslmode is {})",
+                    self.name,
+                    mode.as_str()
+                ));
+            }
+            _ => {}
+        }
+        Ok((
+            PostgresTls {
+                mode,
+                root_cert,
+                allow_cleartext_password: self.allow_cleartext_password,
+            },
+            info.render(),
+        ))
+    }
+}
+
+/// A libpq connection string, as `key=value` settings or a `postgres://` URL, parsed just
+/// enough to take settings out and write the rest back.
+enum Conninfo {
+    Pairs(Vec<(String, String)>),
+    Url {
+        base: String,
+        params: Vec<(String, String)>,
+    },
+}
+
+impl Conninfo {
+    fn parse(text: &str) -> Result<Conninfo, String> {
+        let t = text.trim();
+        if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+            let (base, query) = t.split_once('?').unwrap_or((t, ""));
+            let mut params = Vec::new();
+            for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                params.push((percent_decode(k)?, percent_decode(v)?));
+            }
+            return Ok(Conninfo::Url {
+                base: base.to_string(),
+                params,
+            });
+        }
+        let mut pairs = Vec::new();
+        let mut chars = t.chars().peekable();
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            if chars.peek().is_none() {
+                break;
+            }
+            let mut key = String::new();
+            while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+                key.push(c);
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            if chars.next() != Some('=') {
+                return Err(format!("missing '=' after '{key}'"));
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let mut value = String::new();
+            if chars.next_if_eq(&'\'').is_some() {
+                loop {
+                    match chars.next() {
+                        None => return Err(format!("unterminated quoted value of '{key}'")),
+                        Some('\'') => break,
+                        Some('\\') => value.extend(chars.next()),
+                        Some(c) => value.push(c),
+                    }
+                }
+            } else {
+                while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                    if c == '\\' {
+                        value.extend(chars.next());
+                    } else {
+                        value.push(c);
+                    }
+                }
+            }
+            pairs.push((key, value));
+        }
+        Ok(Conninfo::Pairs(pairs))
+    }
+
+    /// Removes every `key` setting; returns the last one's value (libpq's rule).
+    fn take(&mut self, key: &str) -> Option<String> {
+        let list = match self {
+            Conninfo::Pairs(p) => p,
+            Conninfo::Url { params, .. } => params,
+        };
+        let last = list
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone());
+        list.retain(|(k, _)| k != key);
+        last
+    }
+
+    fn render(&self) -> String {
+        match self {
+            Conninfo::Pairs(pairs) => pairs
+                .iter()
+                .map(|(k, v)| {
+                    if !v.is_empty()
+                        && !v
+                            .chars()
+                            .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+                    {
+                        format!("{k}={v}")
+                    } else {
+                        format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            Conninfo::Url { base, params } if params.is_empty() => base.clone(),
+            Conninfo::Url { base, params } => {
+                let q: Vec<String> = params
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+                    .collect();
+                format!("{base}?{}", q.join("&"))
+            }
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in '{s}'"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("'{s}' is not UTF-8"))
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl SourceTable {
@@ -178,6 +451,9 @@ impl std::fmt::Debug for SourceConfig {
             .field("password_secret", &self.password_secret)
             .field("publication", &self.publication)
             .field("slot", &self.slot)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("allow_cleartext_password", &self.allow_cleartext_password)
             .field("tables", &self.tables)
             .finish()
     }
@@ -231,5 +507,86 @@ uri = "/lake/orders"
         ))
         .unwrap_err();
         assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn tls_settings_from_keys_or_the_connection_string() {
+        let with = |extra: &str, conn: &str| {
+            SourceConfig::parse(&ONE.replace(
+                "connection = \"host=db user=freshet dbname=shop\"",
+                &format!("connection = \"{conn}\"\n{extra}"),
+            ))
+        };
+        let conn = "host=db user=freshet dbname=shop";
+        // The default: prefer, no CA, cleartext refused.
+        let (t, rest) = with("", conn).unwrap().postgres_tls().unwrap();
+        assert_eq!(
+            t,
+            PostgresTls {
+                mode: SslMode::Prefer,
+                root_cert: None,
+                allow_cleartext_password: false
+            }
+        );
+        assert_eq!(rest, conn);
+        // Keys.
+        let s = with(
+            "sslmode = \"verify-full\"\nsslrootcert = \"/etc/ca.pem\"\nallow_cleartext_password = true",
+            conn,
+        )
+        .unwrap();
+        let (t, _) = s.postgres_tls().unwrap();
+        assert_eq!(
+            (t.mode, t.root_cert.as_deref(), t.allow_cleartext_password),
+            (SslMode::VerifyFull, Some("/etc/ca.pem"), true)
+        );
+        // The connection string, taken out of what tokio-postgres sees (quoted values too).
+        let (t, rest) = with(
+            "",
+            "host=db sslmode=verify-ca sslrootcert='/etc/my ca.pem' user=freshet",
+        )
+        .unwrap()
+        .postgres_tls()
+        .unwrap();
+        assert_eq!(
+            (t.mode, t.root_cert.as_deref()),
+            (SslMode::VerifyCa, Some("/etc/my ca.pem"))
+        );
+        assert_eq!(rest, "host=db user=freshet");
+        // The same in both places is fine, different values are not.
+        assert!(with("sslmode = \"require\"", "host=db sslmode=require").is_ok());
+        let e = with("sslmode = \"require\"", "host=db sslmode=disable").unwrap_err();
+        assert!(e.contains("sslmode") && e.contains("set it once"), "{e}");
+        // URLs.
+        let (t, rest) = with(
+            "",
+            "postgresql://u@db:5432/shop?sslmode=verify-full&sslrootcert=%2Fca.pem&application_name=x",
+        )
+        .unwrap()
+        .postgres_tls()
+        .unwrap();
+        assert_eq!(
+            (t.mode, t.root_cert.as_deref()),
+            (SslMode::VerifyFull, Some("/ca.pem"))
+        );
+        assert_eq!(rest, "postgresql://u@db:5432/shop?application_name=x");
+        // Bad values are refused when the source is parsed, naming the key.
+        let e = with("sslmode = \"bogus\"", conn).unwrap_err();
+        assert!(
+            e.contains("sslmode 'bogus'") && e.contains("verify-full"),
+            "{e}"
+        );
+        let e = with("", "host=db sslmode=bogus").unwrap_err();
+        assert!(e.contains("sslmode 'bogus'"), "{e}");
+        let e = with("sslmode = \"verify-full\"", conn).unwrap_err();
+        assert!(e.contains("needs sslrootcert"), "{e}");
+        let e = with("", "host=db sslmode=verify-ca").unwrap_err();
+        assert!(e.contains("needs sslrootcert"), "{e}");
+        let e = with("sslrootcert = \"/ca.pem\"", conn).unwrap_err();
+        assert!(e.contains("sslrootcert is only used"), "{e}");
+        let e = with("allow_cleartext_passwords = true", conn).unwrap_err();
+        assert!(e.contains("allow_cleartext_passwords"), "{e}");
+        let e = with("", "host=db sslrootcert='/x").unwrap_err();
+        assert!(e.contains("unterminated"), "{e}");
     }
 }

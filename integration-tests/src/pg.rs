@@ -15,6 +15,22 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     child: Option<Child>,
     bin: PathBuf,
+    /// Settings beyond the defaults (`-c name=value`), from [`PgOptions`].
+    settings: Vec<String>,
+}
+
+/// How [`Postgres::start_with`] sets a server up beyond [`Postgres::start`].
+#[derive(Default)]
+pub struct PgOptions {
+    /// `ssl = on` with this certificate and key (PEM), e.g. from
+    /// [`crate::ca::Ca::leaf_for`]; written as `server.crt` / `server.key` (mode 0600).
+    pub ssl: Option<(String, String)>,
+    /// `pg_hba.conf` host lines, replacing initdb's (which trust everything); the server
+    /// keeps trusting Unix-socket connections. psql (the harness's SQL) connects over TCP
+    /// as `postgres` with libpq's default `sslmode=prefer`, so a line must let it in.
+    pub hba: Vec<String>,
+    /// More settings, `name=value`.
+    pub settings: Vec<String>,
 }
 
 fn pg_bin() -> PathBuf {
@@ -50,6 +66,11 @@ fn as_postgres(bin: &Path, args: &[&str]) -> Command {
 impl Postgres {
     /// Initialises and starts a server; waits until it accepts connections.
     pub fn start() -> Postgres {
+        Postgres::start_with(PgOptions::default())
+    }
+
+    /// [`Postgres::start`] with TLS, client authentication rules or other settings.
+    pub fn start_with(options: PgOptions) -> Postgres {
         let bin = pg_bin();
         let dir = tempfile::Builder::new()
             .prefix("freshet-pg")
@@ -85,11 +106,45 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = options.settings;
+        let mut own = Vec::new();
+        if let Some((cert, key)) = &options.ssl {
+            let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&c, cert).unwrap();
+            std::fs::write(&k, key).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+            settings.push("ssl=on".into());
+            settings.push(format!("ssl_cert_file={}", c.display()));
+            settings.push(format!("ssl_key_file={}", k.display()));
+            own.extend([c, k]);
+        }
+        if !options.hba.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let mut text = "local all all trust\nlocal replication all trust\n".to_string();
+            for line in &options.hba {
+                text.push_str(line);
+                text.push('\n');
+            }
+            std::fs::write(&hba, text).unwrap();
+            own.push(hba);
+        }
+        if is_root() {
+            for f in &own {
+                let ok = Command::new("chown")
+                    .args(["postgres", &f.display().to_string()])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown of {} failed", f.display());
+            }
+        }
         let mut pg = Postgres {
             port: free_port(),
             dir,
             child: None,
             bin,
+            settings,
         };
         pg.run_server();
         pg
@@ -106,28 +161,37 @@ impl Postgres {
         let log = self.dir.path().join("postgres.log");
         let sock = self.dir.path().display().to_string();
         let port_s = self.port.to_string();
+        let mut args: Vec<String> = Vec::new();
+        for s in &self.settings {
+            args.extend(["-c".to_string(), s.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = as_postgres(
             &self.bin.join("postgres"),
             &[
-                "-D",
-                &data_s,
-                "-p",
-                &port_s,
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                &format!("unix_socket_directories={sock}"),
-                "-c",
-                "wal_level=logical",
-                "-c",
-                "max_replication_slots=10",
-                "-c",
-                "max_wal_senders=10",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-            ],
+                &args[..],
+                &[
+                    "-D",
+                    &data_s,
+                    "-p",
+                    &port_s,
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    &format!("unix_socket_directories={sock}"),
+                    "-c",
+                    "wal_level=logical",
+                    "-c",
+                    "max_replication_slots=10",
+                    "-c",
+                    "max_wal_senders=10",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                ],
+            ]
+            .concat(),
         )
         .stdout(Stdio::null())
         .stderr(
@@ -293,6 +357,11 @@ impl Postgres {
     /// The server's directory (its log is `postgres.log` there).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 }
 

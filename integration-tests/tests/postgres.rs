@@ -30,6 +30,9 @@ fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig
         poll_ms: 100,
         snapshot_batch_rows: 20_000,
         heartbeat_ms: 300,
+        sslmode: None,
+        sslrootcert: None,
+        allow_cleartext_password: false,
         tables: tables
             .iter()
             .map(|t| SourceTable {

@@ -1,28 +1,37 @@
 //! Building a PostgreSQL connection from a source's configuration (the configuration
 //! types live in `freshet_common::source`, so the coordinator's config file can hold them).
 
-pub use freshet_common::source::{SourceConfig, SourceTable};
+pub use freshet_common::source::{PostgresTls, SourceConfig, SourceTable, SslMode};
 
 use crate::error::{Result, SourceError};
 
-/// Checks a source's names and builds its tokio-postgres configuration (with the password).
+/// Checks a source's names and builds its tokio-postgres configuration (with the password;
+/// without `sslmode`/`sslrootcert`, see [`tls`]).
 pub fn pg_config(source: &SourceConfig) -> Result<tokio_postgres::Config> {
     source.pg_config_inner()
 }
 
+/// The source's TLS settings, for both of its connections (see `crate::transport`).
+pub fn tls(source: &SourceConfig) -> Result<PostgresTls> {
+    source
+        .postgres_tls()
+        .map(|(tls, _)| tls)
+        .map_err(SourceError::Config)
+}
+
 /// The replication connection's settings (`START_REPLICATION ... LOGICAL`, pgoutput), from
-/// the same connection string and password as [`pg_config`]: the first host (or
-/// `hostaddr`) and port, the user (default: `$USER`), the database (default: the user).
-/// No TLS, like the tokio-postgres connections (`NoTls`). The walsender formats the text
-/// values pgoutput sends with its session settings, so they are pinned to what the
-/// snapshot's connection uses (UTC, ISO dates, exact floats).
+/// the same connection string and password as [`pg_config`]: the user (default: `$USER`)
+/// and the database (default: the user). It connects to the relay socket in `relay_dir`
+/// (`crate::transport::relay`), which carries it over the connection opened with the
+/// source's TLS settings. The walsender formats the text values pgoutput sends with its
+/// session settings, so they are pinned to what the snapshot's connection uses (UTC, ISO
+/// dates, exact floats).
 pub fn replication_config(
     source: &SourceConfig,
     start_lsn: u64,
+    relay_dir: &std::path::Path,
 ) -> Result<pgwire_replication::ReplicationConfig> {
-    use tokio_postgres::config::Host;
     let pg = pg_config(source)?;
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = match pg.get_user() {
         Some(u) => u.to_string(),
         None => std::env::var("USER").map_err(|_| {
@@ -39,42 +48,15 @@ pub fn replication_config(
         .unwrap_or_default();
     let publication = source.publication.as_str();
     let slot = source.slot.as_str();
-    let mut c = match (pg.get_hostaddrs().first(), pg.get_hosts().first()) {
-        (Some(addr), _) => pgwire_replication::ReplicationConfig::new(
-            addr.to_string(),
-            user,
-            password,
-            dbname,
-            slot,
-            publication,
-        ),
-        (None, Some(Host::Tcp(h))) => pgwire_replication::ReplicationConfig::new(
-            h.clone(),
-            user,
-            password,
-            dbname,
-            slot,
-            publication,
-        ),
-        #[cfg(unix)]
-        (None, Some(Host::Unix(dir))) => pgwire_replication::ReplicationConfig::unix(
-            dir.display().to_string(),
-            port,
-            user,
-            password,
-            dbname,
-            slot,
-            publication,
-        ),
-        (None, None) => {
-            return Err(SourceError::Config(format!(
-                "source '{}': the connection string needs host=",
-                source.name
-            )));
-        }
-    };
-    c.port = port;
-    c.tls = pgwire_replication::TlsConfig::disabled();
+    let mut c = pgwire_replication::ReplicationConfig::unix(
+        relay_dir.display().to_string(),
+        crate::transport::RELAY_PORT,
+        user,
+        password,
+        dbname,
+        slot,
+        publication,
+    );
     c.start_lsn = pgwire_replication::Lsn(start_lsn);
     c.status_interval = std::time::Duration::from_millis(source.poll_ms.max(10));
     c.idle_wakeup_interval = std::time::Duration::from_secs(10);
@@ -119,7 +101,8 @@ impl PgConfig for SourceConfig {
                 self.name
             )));
         }
-        let mut c: tokio_postgres::Config = self.connection.parse().map_err(|e| {
+        let (_, connection) = self.postgres_tls().map_err(SourceError::Config)?;
+        let mut c: tokio_postgres::Config = connection.parse().map_err(|e| {
             SourceError::Config(format!(
                 "source '{}': bad connection string: {e}",
                 self.name
@@ -161,6 +144,9 @@ mod tests {
             poll_ms,
             snapshot_batch_rows: 10,
             heartbeat_ms: 10_000,
+            sslmode: None,
+            sslrootcert: None,
+            allow_cleartext_password: false,
             tables: vec![SourceTable {
                 source: "public.t".into(),
                 name: "t".into(),
@@ -192,29 +178,47 @@ mod tests {
     }
 
     #[test]
-    fn the_replication_connection_follows_the_connection_string() {
+    fn the_replication_connection_goes_through_the_relay_as_the_connection_string_says() {
         let mut c = source("host=db.example port=5433 user=u dbname=d", 250);
-        let r = replication_config(&c, 0x16_B374_D848).unwrap();
-        assert_eq!(
-            (
-                r.host.as_str(),
-                r.port,
-                r.user.as_str(),
-                r.database.as_str()
-            ),
-            ("db.example", 5433, "u", "d")
-        );
+        let relay = std::path::Path::new("/tmp/freshet-repl-x");
+        let r = replication_config(&c, 0x16_B374_D848, relay).unwrap();
+        assert_eq!((r.user.as_str(), r.database.as_str()), ("u", "d"));
+        assert!(r.is_unix_socket());
+        assert_eq!(r.unix_socket_path(), relay.join(".s.PGSQL.5432"));
         assert_eq!(
             (r.slot.as_str(), r.publication.to_string()),
             ("slot", "pub".to_string())
         );
         assert_eq!(r.start_lsn.as_u64(), 0x16_B374_D848);
         assert_eq!(r.status_interval, std::time::Duration::from_millis(250));
+        // TLS is the relay's upstream connection's (crate::transport), not pgwire's.
         assert_eq!(r.tls.mode, pgwire_replication::SslMode::Disable);
         assert!(r.options.as_deref().unwrap().contains("TimeZone=UTC"));
         c.connection = "host=/var/run/postgresql port=5999 user=u".into();
-        let r = replication_config(&c, 0).unwrap();
-        assert!(r.is_unix_socket());
-        assert_eq!((r.port, r.database.as_str()), (5999, "u"));
+        let r = replication_config(&c, 0, relay).unwrap();
+        assert_eq!(r.database.as_str(), "u");
+    }
+
+    #[test]
+    fn tls_settings_are_taken_out_of_the_connection_string() {
+        let mut c = source(
+            "host=db.example sslmode=verify-full sslrootcert=/etc/ca.pem user=u",
+            100,
+        );
+        let t = tls(&c).unwrap();
+        assert_eq!(
+            (t.mode, t.root_cert.as_deref()),
+            (SslMode::VerifyFull, Some("/etc/ca.pem"))
+        );
+        // tokio-postgres would refuse sslrootcert and knows no verify-full.
+        let pg = pg_config(&c).unwrap();
+        assert_eq!(pg.get_user(), Some("u"));
+        c.connection = "host=db.example sslmode=verify-full user=u".into();
+        let e = pg_config(&c).unwrap_err().to_string();
+        assert!(e.contains("sslrootcert"), "{e}");
+        c.connection = "host=db.example user=u".into();
+        c.sslmode = Some("bogus".into());
+        let e = tls(&c).unwrap_err().to_string();
+        assert!(e.contains("sslmode 'bogus'"), "{e}");
     }
 }

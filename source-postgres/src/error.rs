@@ -12,8 +12,17 @@ pub enum SourceError {
     /// A table cannot be mirrored (no primary key, unsupported shape).
     #[error("table '{table}': {message}")]
     Table { table: String, message: String },
-    /// PostgreSQL answered with an error.
-    #[error("postgres ({context}): {source}")]
+    /// No connection to PostgreSQL: the network, TLS (the server's certificate, a server
+    /// without TLS when the source requires it) or a refused authentication method.
+    #[error("source '{name}': connecting to {host}: {message}")]
+    Connect {
+        name: String,
+        host: String,
+        message: String,
+    },
+    /// PostgreSQL answered with an error (shown with the server's message: tokio-postgres
+    /// shows only "db error").
+    #[error("postgres ({context}): {}", describe(source))]
     Postgres {
         context: String,
         #[source]
@@ -39,6 +48,23 @@ pub enum SourceError {
     /// Staging into Freshet failed.
     #[error("freshet: {0}")]
     Freshet(#[from] freshet_common::error::Error),
+}
+
+/// A tokio-postgres error with its cause: the server's severity, code, message and detail.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" ({d})"));
+            }
+            m
+        }
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 impl SourceError {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod pgoutput;
 pub mod schema;
 pub mod source;
+pub mod transport;
 pub mod types;
 
 pub use config::{SourceConfig, SourceTable};

@@ -307,12 +307,18 @@ impl Mirror {
     }
 }
 
+/// The query connection, over a stream opened with the source's TLS settings (see
+/// `crate::transport`; tokio-postgres itself does no TLS here).
 async fn connect(config: &SourceConfig) -> Result<Client> {
-    let pg = crate::config::pg_config(config)?;
-    let (client, conn) = pg.connect(NoTls).await.map_err(SourceError::pg(format!(
-        "connecting source '{}'",
-        config.name
-    )))?;
+    let mut pg = crate::config::pg_config(config)?;
+    let tls = crate::config::tls(config)?;
+    let opened = crate::transport::open(config, &pg, &tls).await?;
+    pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (peer, refused) = (opened.peer, opened.refused);
+    let (client, conn) = pg.connect_raw(opened.stream, NoTls).await.map_err(|e| {
+        let other = SourceError::pg(format!("connecting source '{}' to {peer}", config.name))(e);
+        crate::transport::Opened::refusal(&config.name, &peer, &refused, other)
+    })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "postgres connection ended");
@@ -1089,14 +1095,35 @@ async fn stream(
             }
         })
     };
-    let mut repl_config = crate::config::replication_config(config, start)?;
+    // pgwire-replication connects to a relay socket carrying the connection opened here
+    // with the source's TLS settings (see `crate::transport`).
+    let opened = {
+        let pg = crate::config::pg_config(config)?;
+        let tls = crate::config::tls(config)?;
+        crate::transport::open(config, &pg, &tls).await?
+    };
+    let (peer, refused) = (opened.peer, opened.refused);
+    let failed = |context: &str| {
+        let context = format!("{context} {peer}");
+        let (peer, refused) = (&peer, &refused);
+        move |e| {
+            let other = SourceError::repl(context)(e);
+            crate::transport::Opened::refusal(&config.name, peer, refused, other)
+        }
+    };
+    let relay_dir = crate::transport::relay(opened.stream).map_err(|e| SourceError::Connect {
+        name: config.name.clone(),
+        host: peer.clone(),
+        message: format!("cannot open the replication relay socket: {e}"),
+    })?;
+    let mut repl_config = crate::config::replication_config(config, start, &relay_dir)?;
     repl_config.feedback_observer = Some(observer);
     let mut repl = ReplicationClient::connect(repl_config)
         .await
-        .map_err(SourceError::repl("connecting"))?;
+        .map_err(failed("connecting to"))?;
     let _ = metrics.set(repl.metrics());
     tokio::select! {
-        r = repl.wait_started() => r.map_err(SourceError::repl("starting replication"))?,
+        r = repl.wait_started() => r.map_err(failed("starting replication on"))?,
         _ = stop.wait_for(|s| *s) => return Ok(()),
     }
     tracing::info!(source = %config.name, slot = %config.slot, from = %format_lsn(start), "streaming");
