@@ -12,6 +12,7 @@ pub mod http;
 pub mod ipc;
 pub mod key;
 pub mod merge;
+pub mod naming;
 pub mod prefixes;
 pub mod schema;
 pub mod secrets;

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use deltalake::DeltaTable;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, Add, Remove, Transaction};
 use deltalake::protocol::{DeltaOperation, OutputMode};
+use deltalake::{DeltaTable, DeltaTableError};
 use freshet_common::delta::{
     FileEntry, TAG_MAX_KEY, TAG_MIN_KEY, applied_sequence, producer_app_id,
 };
@@ -68,6 +68,8 @@ pub fn actions(removed: &[FileEntry], added: &[OutputFile]) -> Vec<Action> {
 /// Commits the actions with the txn at `last_seq` (and one txn per idempotent producer at
 /// its last batch). Returns the new version, or the
 /// current one when the log shows the sequence applied already (a duplicated commit).
+/// A commit that did not land fails with [`Error::CommitConflict`] when another writer
+/// committed first, and with [`Error::Delta`] otherwise (see [`failure`]).
 ///
 /// A commit that reports an error may still have landed (a lost reply): its outcome is
 /// settled from the log, and while the log cannot be read this waits (the table's cycles
@@ -139,10 +141,9 @@ pub async fn commit(
                         return Ok(table.version().map(|v| v as i64).unwrap_or(-1));
                     }
                     Ok(_) => {
-                        return Err(Error::CommitConflict {
-                            table: def.name.clone(),
-                            message: err.to_string(),
-                        });
+                        let planned = snapshot.version() as i64 + 1;
+                        let latest = table.version().map(|v| v as i64).unwrap_or(-1);
+                        return Err(failure(&def.name, planned, latest, err));
                     }
                     Err(e) => {
                         // Unknown outcome: nothing may be cleaned up nor re-planned yet.
@@ -154,5 +155,161 @@ pub async fn commit(
                 }
             }
         }
+    }
+}
+
+/// Whether a commit error means that another writer committed the version first. With
+/// `max_retries(0)` deltalake reports a newer version found before the write, or a
+/// put-if-absent that lost the race, as `MaxCommitAttempts`; the other two are the same
+/// race reported on other paths.
+pub fn is_conflict(err: &DeltaTableError) -> bool {
+    matches!(
+        err,
+        DeltaTableError::VersionAlreadyExists(_)
+            | DeltaTableError::Transaction {
+                source: TransactionError::MaxCommitAttempts(_)
+                    | TransactionError::VersionAlreadyExists(_)
+                    | TransactionError::CommitConflict(_),
+            }
+    )
+}
+
+/// The error of a commit that did not land (the log says so): a conflict
+/// ([`Error::CommitConflict`]: another writer committed version `planned` first, the next
+/// cycle re-plans), or anything else ([`Error::Delta`]: the log store failed, or deltalake
+/// refused the commit), never reported as a conflict.
+pub fn failure(table: &str, planned: i64, latest: i64, err: DeltaTableError) -> Error {
+    if is_conflict(&err) {
+        return Error::CommitConflict {
+            table: table.to_string(),
+            message: format!(
+                "version {planned} was committed first by another writer (the log is at version {latest}): {err}"
+            ),
+        };
+    }
+    let source = match err {
+        // deltalake names every object-store error a failed *read*; a commit's was a write
+        // (or the version probe before it).
+        DeltaTableError::ObjectStore { source } => DeltaTableError::Transaction {
+            source: TransactionError::ObjectStore { source },
+        },
+        other => other,
+    };
+    Error::delta(table, source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use freshet_common::faults::{self, FaultKind, FaultPlan, FaultRule, FaultSpec, Op};
+    use freshet_common::storage::{StorageOptions, log_store, table_url};
+    use std::sync::Arc;
+
+    fn def(dir: &std::path::Path) -> TableDef {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        TableDef::new(
+            "t",
+            dir.to_str().unwrap(),
+            schema,
+            vec!["id".into()],
+            vec![],
+            1 << 20,
+        )
+        .unwrap()
+    }
+
+    async fn open(def: &TableDef, options: &StorageOptions) -> DeltaTable {
+        let url = table_url(&def.name, &def.uri).unwrap();
+        freshet_common::delta::open_or_create_in(def, log_store(&def.name, &url, options).unwrap())
+            .await
+            .unwrap()
+            .0
+    }
+
+    fn output(name: &str) -> OutputFile {
+        OutputFile {
+            path: name.into(),
+            size: 1,
+            num_records: 1,
+            stats_json: r#"{"numRecords":1}"#.into(),
+            min_key_json: r#"["1"]"#.into(),
+            max_key_json: r#"["1"]"#.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn commit_one(def: &TableDef, table: &mut DeltaTable, seq: u64) -> Result<i64> {
+        let file = output(&format!("fr-c{seq}-0-1-a.parquet"));
+        commit(
+            def,
+            table,
+            actions(&[], &[file]),
+            seq,
+            &BTreeMap::new(),
+            &format!("c{seq}"),
+            serde_json::json!({}),
+            &Fence::none(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_loses_the_race_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = def(dir.path());
+        let mut ours = open(&d, &Default::default()).await;
+        let mut theirs = open(&d, &Default::default()).await;
+        assert_eq!(commit_one(&d, &mut theirs, 1).await.unwrap(), 1);
+        // Planned on version 0; version 1 is someone else's now.
+        let e = commit_one(&d, &mut ours, 2).await.unwrap_err();
+        assert!(matches!(e, Error::CommitConflict { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("concurrent commit")
+                && msg.contains("version 1 was committed first by another writer"),
+            "{msg}"
+        );
+        // The next attempt, on the refreshed state, commits.
+        assert_eq!(commit_one(&d, &mut ours, 2).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_store_refuses_is_not_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = def(dir.path());
+        // Every put-if-absent on the log fails (without effect); reads work.
+        let plan = FaultPlan::new(FaultSpec {
+            seed: 1,
+            rules: vec![FaultRule {
+                ops: vec![Op::PutIfAbsent],
+                path_contains: "_delta_log".into(),
+                error_rate: 1.0,
+                ..Default::default()
+            }],
+        });
+        plan.set_enabled(false);
+        let name = uuid::Uuid::new_v4().to_string();
+        faults::register(&name, plan.clone());
+        let options = StorageOptions::from([(faults::FAULTS_OPTION.to_string(), name)]);
+        let mut table = open(&d, &options).await;
+        plan.set_enabled(true);
+        let e = commit_one(&d, &mut table, 1).await.unwrap_err();
+        assert!(plan.total(FaultKind::Error) >= 1);
+        assert!(matches!(e, Error::Delta { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(!msg.contains("concurrent"), "{msg}");
+        assert!(
+            msg.contains("Transaction failed: Log storage error"),
+            "{msg}"
+        );
+        assert!(!is_conflict(&deltalake::DeltaTableError::Generic(
+            "x".into()
+        )));
+        plan.set_enabled(false);
+        assert_eq!(commit_one(&d, &mut table, 1).await.unwrap(), 1);
     }
 }

@@ -1,7 +1,8 @@
 //! Files of abandoned tasks. Before dispatching, a cycle records its id, the Delta version it
 //! planned on, the sequence it would commit and the directories it writes to in
-//! `_freshet/inflight/<cycle>.json`. Files a worker writes are named `fr-<cycle>-...`, so
-//! after a grace period (abandoned attempts may still be writing) such files are deleted,
+//! `_freshet/inflight/<cycle>.json`. Files a worker writes are named `fr-<cycle>-...`
+//! ([`freshet_common::naming::OutputName`] builds and parses those names), so after a grace
+//! period (abandoned attempts may still be writing) such files are deleted,
 //! except every file the Delta log references: that is decided from the log at sweep time
 //! (the Add actions of the commits after the planned version), never from what the cycle
 //! believed, so a commit whose reply was lost keeps its files. When the log cannot be read
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use deltalake::logstore::LogStore;
 use freshet_common::error::{Error, Result};
+use freshet_common::naming::OutputName;
 
 /// Directory of in-flight cycle records.
 pub const INFLIGHT_DIR: &str = "_freshet/inflight";
@@ -76,7 +78,7 @@ pub async fn list_records(store: &Arc<dyn ObjectStore>) -> Result<Vec<InflightRe
 }
 
 /// The cycle's files that the Delta log references (Add actions after the planned version
-/// carrying the cycle's marker); `None` when that cannot be known (no planned version, or a
+/// named as the cycle's outputs); `None` when that cannot be known (no planned version, or a
 /// commit in the range is gone), in which case nothing may be deleted.
 pub async fn referenced_files(
     log: &dyn LogStore,
@@ -92,7 +94,6 @@ pub async fn referenced_files(
         ))
     };
     let latest = log.get_latest_version(from).await.map_err(store_err)?;
-    let marker = output_marker(&rec.cycle_id);
     let mut out = HashSet::new();
     for v in from + 1..=latest {
         let Some(bytes) = log.read_commit_entry(v).await.map_err(store_err)? else {
@@ -103,8 +104,7 @@ pub async fn referenced_files(
                 Error::Internal(format!("commit {v} of the Delta log is not JSON: {e}"))
             })?;
             if let Some(path) = action.pointer("/add/path").and_then(|p| p.as_str()) {
-                let name = path.rsplit('/').next().unwrap_or(path);
-                if name.starts_with(&marker) {
+                if OutputName::is_of_cycle(path, &rec.cycle_id) {
                     out.insert(path.to_string());
                 }
             }
@@ -113,18 +113,12 @@ pub async fn referenced_files(
     Ok(Some(out))
 }
 
-/// The file-name prefix of every file a cycle's tasks write.
-pub fn output_marker(cycle_id: &str) -> String {
-    format!("fr-{cycle_id}-")
-}
-
 /// Deletes the cycle's files that the log does not reference, then its record.
 pub async fn sweep(
     store: &Arc<dyn ObjectStore>,
     log: &dyn LogStore,
     rec: &InflightRecord,
 ) -> Result<usize> {
-    let marker = output_marker(&rec.cycle_id);
     let mut deleted = 0;
     match referenced_files(log, rec).await? {
         Some(keep) => {
@@ -141,7 +135,9 @@ pub async fn sweep(
                     .objects;
                 for m in metas {
                     let name = m.location.filename().unwrap_or_default();
-                    if name.starts_with(&marker) && !keep.contains(m.location.as_ref()) {
+                    if OutputName::is_of_cycle(name, &rec.cycle_id)
+                        && !keep.contains(m.location.as_ref())
+                    {
                         match store.delete(&m.location).await {
                             Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
                             Err(e) => return Err(Error::store(&m.location, e)),
