@@ -53,10 +53,18 @@ pub struct DevArgs {
     /// Cycle interval in milliseconds.
     #[arg(long)]
     interval_ms: Option<u64>,
+    /// Honour the `[testing]` crash and delay switches (tests only).
+    #[arg(long)]
+    allow_fault_injection: bool,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    crate::serve::check_test_switches(&config, args.allow_fault_injection)?;
+    anyhow::ensure!(
+        config.testing.store_faults.is_none(),
+        "[testing] store_faults is for `freshet coordinator`/`worker` processes, not dev"
+    );
     freshet_common::server::init_logging(config.log.json);
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;

@@ -31,8 +31,9 @@ pub struct ServeArgs {
     /// JSON log lines (log.json).
     #[arg(long)]
     log_json: bool,
-    /// Honour `[testing] store_faults` (fault injection into every object store; tests and
-    /// chaos runs only). Without this flag a configuration that sets it is refused.
+    /// Honour the `[testing]` switches (fault injection into every object store, crash
+    /// points, worker delays; tests and chaos runs only). Without this flag a configuration
+    /// that sets one is refused.
     #[arg(long)]
     allow_fault_injection: bool,
 }
@@ -50,6 +51,7 @@ impl ServeArgs {
         if self.log_json {
             c.log.json = true;
         }
+        check_test_switches(&c, self.allow_fault_injection)?;
         if let Some(spec) = c.testing.store_faults.take() {
             anyhow::ensure!(
                 self.allow_fault_injection,
@@ -73,6 +75,25 @@ impl ServeArgs {
         }
         Ok(c)
     }
+}
+
+/// Refuses the `[testing]` crash and delay switches unless the process was started with
+/// `--allow-fault-injection`, and says loudly when one is on.
+pub(crate) fn check_test_switches(c: &Config, allowed: bool) -> anyhow::Result<()> {
+    for (key, set) in [
+        ("crash_at", c.testing.crash_at.is_some()),
+        ("worker_delay_ms", c.testing.worker_delay_ms.is_some()),
+    ] {
+        anyhow::ensure!(
+            !set || allowed,
+            "invalid configuration: [testing] {key} is set; test switches need \
+             --allow-fault-injection"
+        );
+        if set {
+            eprintln!("freshet: TEST SWITCH ON: [testing] {key}");
+        }
+    }
+    Ok(())
 }
 
 /// Runs a coordinator process.

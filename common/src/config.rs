@@ -78,6 +78,11 @@ impl TlsConfig {
 pub struct TestingConfig {
     /// Faults injected into every object store of the process.
     pub store_faults: Option<crate::faults::FaultSpec>,
+    /// Coordinator: abort the process at this point of every cycle (`after_rewrite`,
+    /// `after_commit`), as a crash there would (the crash tests of real processes).
+    pub crash_at: Option<String>,
+    /// Worker: wait this long before each task (slow-worker tests).
+    pub worker_delay_ms: Option<u64>,
 }
 
 /// The coordinator's gRPC server.

@@ -14,10 +14,12 @@ use freshet_proto::admin::v1::{CycleRecord, Phase, TaskRecord};
 use freshet_proto::worker::v1::{InputFile, OutputFile, RewriteRequest, TableSpec};
 use tracing::Instrument;
 
+use crate::commit;
+use crate::context::TermContext;
 use crate::orphans::{self, InflightRecord};
 use crate::planner::plan;
 use crate::tables::{PendingSegment, TableRuntime};
-use crate::{CrashPoint, Inner, commit};
+use crate::testing::CrashPoint;
 
 struct Phases {
     list: Vec<Phase>,
@@ -42,13 +44,13 @@ impl Phases {
 }
 
 /// Runs one cycle. A table with nothing pending gets a "noop" record (not kept in history).
-pub async fn run_cycle(inner: &Inner, t: &Arc<TableRuntime>) -> Result<CycleRecord> {
+pub async fn run_cycle(inner: &TermContext, t: &Arc<TableRuntime>) -> Result<CycleRecord> {
     let id = uuid::Uuid::now_v7().to_string();
     let span = tracing::info_span!("cycle", cycle_id = %id, table = %t.def.name);
     run(inner, t, id).instrument(span).await
 }
 
-async fn run(inner: &Inner, t: &Arc<TableRuntime>, id: String) -> Result<CycleRecord> {
+async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<CycleRecord> {
     let def = &t.def;
     let started = Instant::now();
     let mut rec = CycleRecord {

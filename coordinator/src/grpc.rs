@@ -281,9 +281,9 @@ pub async fn serve(
         .local_addr()
         .map(|a| format!("http://{a}"))
         .unwrap_or_default();
-    let max = coordinator.inner().config.server.max_message_bytes;
-    let tls = freshet_common::tls::ServerTls::coordinator(&coordinator.inner().config.tls)?;
-    let auth = Authenticator::new(&coordinator.inner().config.auth).map_err(Error::from)?;
+    let max = coordinator.context().config.server.max_message_bytes;
+    let tls = freshet_common::tls::ServerTls::coordinator(&coordinator.context().config.tls)?;
+    let auth = Authenticator::new(&coordinator.context().config.auth).map_err(Error::from)?;
     let addr = match tls {
         Some(_) => addr.replacen("http://", "https://", 1),
         None => addr,

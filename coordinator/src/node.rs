@@ -47,7 +47,7 @@ pub struct Node {
 impl Node {
     /// A node that always leads: wraps an already started coordinator.
     pub fn standalone(coordinator: Arc<Coordinator>, address: String) -> Arc<Node> {
-        let inner = coordinator.inner().clone();
+        let inner = coordinator.context().clone();
         Arc::new(Node {
             id: inner.node_id.clone(),
             address: address.clone(),
@@ -135,7 +135,7 @@ impl Node {
     /// The workers: registered ones (with heartbeats) in cluster mode, else the static list.
     pub fn workers(&self) -> Result<Vec<WorkerInfo>> {
         let c = self.coordinator()?;
-        let router = &c.inner().router;
+        let router = &c.context().router;
         Ok(match &self.membership {
             Some(m) => m
                 .workers()
@@ -209,7 +209,7 @@ impl Node {
             })
             .collect();
         self.metrics.workers.set(members.len() as i64);
-        c.inner().router.set_members(members);
+        c.context().router.set_members(members);
     }
 
     fn saw_leader(&self, address: String, epoch: u64) {

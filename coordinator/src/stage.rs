@@ -13,7 +13,7 @@ use object_store::ObjectStoreExt;
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::Inner;
+use crate::context::TermContext;
 use crate::tables::{PendingSegment, TableRuntime};
 
 /// Most bytes (estimated in memory) grouped into one segment.
@@ -52,7 +52,7 @@ pub async fn run_stager(
     table: Arc<TableRuntime>,
     mut rx: mpsc::Receiver<StageRequest>,
     mut next_seq: u64,
-    inner: Arc<Inner>,
+    inner: Arc<TermContext>,
 ) {
     // Sequences below this are durably staged (a source's re-send of one is skipped); fresh
     // sequences come from `next_seq`, which may run ahead of it past failed writes.
@@ -284,7 +284,7 @@ struct Unresolved {
 /// returns false when the stager must stop.
 async fn settle(
     table: &Arc<TableRuntime>,
-    inner: &Arc<Inner>,
+    inner: &Arc<TermContext>,
     u: Unresolved,
     durable_next: &mut u64,
 ) -> bool {

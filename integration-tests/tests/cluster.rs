@@ -238,8 +238,9 @@ async fn a_worker_killed_mid_cycle_loses_nothing() {
         "[cycle]\ninterval_ms = 600000\ntrigger_changes = 100000000\ntask_timeout_ms = 20000\nmax_attempts = 4\n",
     );
     c.add_coordinator();
+    let slow = slow_worker_config(&c, 1500);
     for _ in 0..3 {
-        c.add_worker(&[("FRESHET_WORKER_DELAY_MS", "1500")]);
+        c.add_worker_with(&slow, &["--allow-fault-injection"], &[]);
     }
     let leader = c.wait_leader(&[], Duration::from_secs(60)).await;
     let addrs = c.wait_workers(leader, 3, Duration::from_secs(30)).await;
@@ -378,8 +379,9 @@ async fn a_paused_leader_whose_lease_expired_never_commits_after_it_resumes() {
     let mut c = ProcCluster::new("[cycle]\ninterval_ms = 200\n");
     c.add_coordinator();
     c.add_coordinator();
-    c.add_worker(&[("FRESHET_WORKER_DELAY_MS", "1200")]);
-    c.add_worker(&[("FRESHET_WORKER_DELAY_MS", "1200")]);
+    let slow = slow_worker_config(&c, 1200);
+    c.add_worker_with(&slow, &["--allow-fault-injection"], &[]);
+    c.add_worker_with(&slow, &["--allow-fault-injection"], &[]);
     let old = c.wait_leader(&[], Duration::from_secs(60)).await;
     c.wait_workers(old, 2, Duration::from_secs(30)).await;
     let cfg = table_config(&c.dir, "t", false, 1 << 20);
@@ -532,4 +534,17 @@ fn bad_configuration_fails_at_start_naming_the_problem() {
         dir.path(),
     );
     assert!(e.contains("catalog.uri"), "{e}");
+}
+
+/// The cluster's configuration plus `[testing] worker_delay_ms`: workers that wait `ms`
+/// before each task (started with --allow-fault-injection).
+fn slow_worker_config(c: &ProcCluster, ms: u64) -> std::path::PathBuf {
+    let base = std::fs::read_to_string(&c.config).unwrap();
+    let path = c.dir.join(format!("slow-worker-{ms}.toml"));
+    std::fs::write(
+        &path,
+        format!("{base}\n[testing]\nworker_delay_ms = {ms}\n"),
+    )
+    .unwrap();
+    path
 }

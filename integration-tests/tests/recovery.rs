@@ -154,7 +154,8 @@ async fn killed_process_after_commit_converges() {
             ]);
         cmd.env("FRESHET__CYCLE__ORPHAN_GRACE_MS", "100");
         if let Some(c) = crash {
-            cmd.env("FRESHET_CRASH_AT", c);
+            cmd.arg("--allow-fault-injection")
+                .env("FRESHET__TESTING__CRASH_AT", c);
         }
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

@@ -51,10 +51,7 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(client) = &etcd {
         worker.verify_epochs_with(client.clone(), &config.cluster);
     }
-    if let Ok(ms) = std::env::var("FRESHET_WORKER_DELAY_MS") {
-        let ms: u64 = ms.parse().map_err(|_| {
-            Error::Config(format!("FRESHET_WORKER_DELAY_MS='{ms}' is not a number"))
-        })?;
+    if let Some(ms) = config.testing.worker_delay_ms {
         worker.faults.delay_ms.store(ms, Ordering::SeqCst);
     }
 

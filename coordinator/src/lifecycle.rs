@@ -1,0 +1,223 @@
+//! The tables a term serves: opening (creating or adopting, then recovering) one, creating
+//! one at run time, pausing, the admin view, and each table's cycle loop.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use freshet_common::delta::{applied_sequence, files, open_or_create_in};
+use freshet_common::error::{Error, Result};
+use freshet_common::schema::SchemaSpec;
+use freshet_common::table::TableDef;
+use freshet_proto::admin::v1::TableInfo;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
+use tokio::sync::mpsc;
+
+use crate::stage::run_stager;
+use crate::tables::TableRuntime;
+use crate::term::Inner;
+use crate::{Coordinator, cycle, history, recovery};
+
+/// Marker object whose presence pauses a table (so pauses survive leader changes).
+const PAUSED_MARKER: &str = "_freshet/paused";
+
+impl Coordinator {
+    /// Pauses (or resumes) a table's cycles; recorded in the table's storage so a new
+    /// leader keeps it paused.
+    pub async fn set_paused(&self, table: &str, paused: bool) -> Result<TableInfo> {
+        let t = self.table(table)?;
+        let marker = Path::from(PAUSED_MARKER);
+        if paused {
+            t.store
+                .put(
+                    &marker,
+                    PutPayload::from_static(b"paused by the admin API\n"),
+                )
+                .await
+                .map_err(|e| Error::store(&marker, e))?;
+        } else {
+            match t.store.delete(&marker).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::store(&marker, e)),
+            }
+        }
+        t.paused.store(paused, Ordering::SeqCst);
+        tracing::info!(table = %table, paused, "table pause state changed");
+        if !paused {
+            t.wake.notify_one();
+        }
+        self.table_info(&t).await
+    }
+
+    pub(crate) async fn open_table(&self, def: TableDef) -> Result<(Arc<TableRuntime>, bool)> {
+        freshet_common::prefixes::check_uri(
+            &self.inner().ctx.config.storage.allowed_prefixes,
+            &def.name,
+            &def.uri,
+        )?;
+        let log = self.inner().ctx.log_store(&def)?;
+        let store = log.object_store(None);
+        let (delta, adopted) = open_or_create_in(&def, log).await?;
+        let grace = Duration::from_millis(self.inner().ctx.config.cycle.orphan_grace_ms);
+        let budget = self.inner().ctx.config.ingest.max_pending_bytes;
+        let rec = recovery::recover(&def, &store, &delta, grace, budget).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let t = TableRuntime::new(def, store, delta, tx);
+        t.pending.lock().expect("lock").segments = rec.pending;
+        *t.producers.lock().expect("lock") = rec.producers;
+        let paused = t.store.head(&Path::from(PAUSED_MARKER)).await.is_ok();
+        t.paused.store(paused, Ordering::SeqCst);
+        {
+            let p = t.pending.lock().expect("lock");
+            self.inner()
+                .ctx
+                .metrics
+                .pending(&t.def.name, p.rows(), p.bytes());
+        }
+        {
+            let mut tables = self.inner().tables.write().expect("lock");
+            if tables.contains_key(&t.def.name) {
+                return Err(Error::TableExists(t.def.name.clone()));
+            }
+            tables.insert(t.def.name.clone(), t.clone());
+        }
+        tokio::spawn(run_stager(
+            t.clone(),
+            rx,
+            rec.next_seq,
+            self.inner().ctx.clone(),
+        ));
+        tokio::spawn(table_loop(self.inner().clone(), t.clone()));
+        tokio::spawn(history::load_history(self.inner().clone(), t.clone()));
+        tracing::info!(table = %t.def.name, uri = %t.def.uri, adopted, applied = rec.applied, "serving table");
+        Ok((t, adopted))
+    }
+
+    /// Creates (or adopts) a table at run time and records it in the catalog.
+    pub async fn create_table(&self, def: TableDef) -> Result<(TableInfo, bool)> {
+        freshet_common::prefixes::check_uri(
+            &self.inner().ctx.config.storage.allowed_prefixes,
+            &def.name,
+            &def.uri,
+        )?;
+        if self
+            .inner
+            .tables
+            .read()
+            .expect("lock")
+            .contains_key(&def.name)
+        {
+            return Err(Error::TableExists(def.name.clone()));
+        }
+        let (t, adopted) = self.open_table(def).await?;
+        if let Some(cat) = &self.inner().catalog {
+            cat.save(&t.def).await?;
+        }
+        Ok((self.table_info(&t).await?, adopted))
+    }
+
+    /// A served table.
+    pub fn table(&self, name: &str) -> Result<Arc<TableRuntime>> {
+        self.inner
+            .tables
+            .read()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::TableNotFound(name.to_string()))
+    }
+
+    /// Every served table.
+    pub fn tables(&self) -> Vec<Arc<TableRuntime>> {
+        self.inner
+            .tables
+            .read()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The admin view of a table.
+    pub async fn table_info(&self, t: &TableRuntime) -> Result<TableInfo> {
+        let table = t.delta.lock().await;
+        let active = files(&t.def, &table)?;
+        let applied = applied_sequence(&t.def, &table).await?;
+        let (pending_changes, pending_bytes) = {
+            let p = t.pending.lock().expect("lock");
+            (p.rows(), p.bytes())
+        };
+        // Freshness over the last (up to) 100 committed cycles of the table.
+        let lags = {
+            let h = self.inner().history.lock().expect("lock");
+            let mut v: Vec<u64> = h
+                .iter()
+                .filter(|c| c.table == t.def.name && c.state == "committed")
+                .take(100)
+                .map(|c| c.freshness_lag_ms)
+                .collect();
+            v.sort_unstable();
+            let pct = |p: f64| {
+                if v.is_empty() {
+                    0
+                } else {
+                    v[((v.len() - 1) as f64 * p).round() as usize]
+                }
+            };
+            (pct(0.5), pct(0.99), v.len() as u32)
+        };
+        Ok(TableInfo {
+            name: t.def.name.clone(),
+            uri: t.def.uri.clone(),
+            schema_json: SchemaSpec::from_arrow(&t.def.schema).to_json(),
+            primary_key: t.def.primary_key.clone(),
+            partition_columns: t.def.partition_by.clone(),
+            target_file_size: t.def.target_file_size,
+            version: table.version().map(|v| v as i64).unwrap_or(-1),
+            num_files: active.len() as u64,
+            total_bytes: active.iter().map(|f| f.size).sum(),
+            total_rows: active.iter().map(|f| f.num_records.unwrap_or(0)).sum(),
+            pending_changes,
+            pending_bytes,
+            applied_sequence: applied,
+            last_cycle: t.last_cycle.lock().expect("lock").clone(),
+            paused: t.paused.load(Ordering::SeqCst),
+            freshness_p50_ms: lags.0,
+            freshness_p99_ms: lags.1,
+            freshness_window: lags.2,
+        })
+    }
+}
+
+pub(crate) async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
+    let interval = Duration::from_millis(inner.ctx.config.cycle.interval_ms.max(1));
+    let mut stop = inner.ctx.stop.subscribe();
+    let mut closed = t.closed.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = t.wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+            _ = closed.wait_for(|s| *s) => return,
+        }
+        if t.paused.load(Ordering::SeqCst) || t.pending.lock().expect("lock").segments.is_empty() {
+            continue;
+        }
+        if inner.ctx.is_dead() || *stop.borrow() {
+            return;
+        }
+        match cycle::run_cycle(&inner.ctx, &t).await {
+            Ok(rec) => inner.record(&t, &rec),
+            // A lease check that failed while the term goes on (keep-alives late, say while
+            // etcd restarts) only skips this cycle; a lost term or an injected crash ends it.
+            Err(Error::LeadershipLost(e)) if !inner.ctx.fence.is_lost() => {
+                tracing::warn!(table = %t.def.name, error = %e, "cycle skipped: leadership not confirmed");
+            }
+            Err(e) => {
+                tracing::error!(table = %t.def.name, error = %e, "cycle stopped the coordinator");
+                return;
+            }
+        }
+    }
+}
