@@ -1,4 +1,5 @@
-//! Sends tasks to workers: balanced by bytes, retried on another worker on failure.
+//! Sends tasks to workers: balanced by bytes, retried on another worker when the failure
+//! is the worker's (or the way to it), not the task's: see [`retry_elsewhere`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use freshet_common::tls::ClientTls;
 use freshet_proto::worker::v1::worker_service_client::WorkerServiceClient;
 use freshet_proto::worker::v1::{RewriteRequest, RewriteResponse};
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
@@ -152,7 +154,8 @@ impl Router {
         Ok(c)
     }
 
-    /// Runs every task; a failed attempt is retried on another worker, up to `max_attempts`.
+    /// Runs every task; a failed attempt is retried on another worker, up to `max_attempts`,
+    /// unless its error says the task itself is at fault ([`retry_elsewhere`]).
     /// `weights` (bytes per task) balance the first assignment: largest first, to the worker
     /// whose load per unit of capacity stays lowest. Retries use the membership as it is at
     /// the time of the retry (a worker that joined mid-cycle can take over a task).
@@ -192,11 +195,13 @@ impl Router {
                     let mut req = req.clone();
                     req.attempt = attempt;
                     self.count(&worker, |s| { s.sent += 1; s.in_flight += 1; });
+                    // Err: the message, and whether another worker may succeed.
                     let result = match self.client(&worker) {
-                        Err(e) => Err(e),
+                        // A bad endpoint is that worker's problem, not the task's.
+                        Err(e) => Err((e, true)),
                         Ok(mut client) => match tokio::time::timeout(timeout, client.rewrite(req)).await {
-                            Err(_) => Err(format!("timed out after {timeout:?}")),
-                            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                            Err(_) => Err((format!("timed out after {timeout:?}"), true)),
+                            Ok(Err(status)) => Err((format!("{}: {}", status.code(), status.message()), retry_elsewhere(status.code()))),
                             Ok(Ok(resp)) => Ok(resp.into_inner()),
                         },
                     };
@@ -205,10 +210,14 @@ impl Router {
                         Ok(resp) => {
                             return TaskOutcome { response: Some(resp), worker, attempts: attempt, errors, duration: began.elapsed() };
                         }
-                        Err(e) => {
-                            tracing::warn!(worker = %worker, attempt, error = %e, "task attempt failed");
+                        Err((e, retry)) => {
+                            tracing::warn!(worker = %worker, attempt, error = %e, retry, "task attempt failed");
                             errors.push(format!("attempt {attempt} on {worker}: {e}"));
                             failed.push(worker.clone());
+                            if !retry {
+                                // Every worker would answer the same: the task is at fault.
+                                return TaskOutcome { response: None, worker, attempts: attempt, errors, duration: began.elapsed() };
+                            }
                         }
                     }
                 }
@@ -241,6 +250,42 @@ impl Router {
                     .and_then(|f| members.iter().find(|m| &m.address == f))
             })
             .map(|m| m.address.clone())
+    }
+}
+
+/// Whether a task whose attempt failed with `code` may succeed on another worker.
+///
+/// Retried: failures of the worker or of the way to it, which another worker (or a later
+/// attempt) may not have: UNAVAILABLE (down, draining, a stale epoch, connection refused),
+/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (busy, or a smaller message limit there), ABORTED,
+/// CANCELLED, UNKNOWN (what tonic makes of a connection reset mid-call, e.g. a killed
+/// worker), INTERNAL (the worker's object store or disk failed, injected faults),
+/// DATA_LOSS, UNIMPLEMENTED and UNAUTHENTICATED (that endpoint is not a worker of this
+/// cluster, or does not take our credentials). Timeouts and bad endpoints are retried too.
+///
+/// Not retried: the task itself is refused, and every worker would refuse it the same way:
+/// INVALID_ARGUMENT (a malformed request), FAILED_PRECONDITION, OUT_OF_RANGE, NOT_FOUND,
+/// ALREADY_EXISTS, PERMISSION_DENIED (a table URI outside the allowed prefixes, or an epoch
+/// etcd says is not the leader's). OK never fails.
+pub fn retry_elsewhere(code: Code) -> bool {
+    match code {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::Internal
+        | Code::DataLoss
+        | Code::Unimplemented
+        | Code::Unauthenticated => true,
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::Ok => false,
     }
 }
 
@@ -289,6 +334,47 @@ mod tests {
         let weights = vec![100, 10, 10, 10, 10, 10];
         let a = assign(&members, &weights, &(0..6).collect::<Vec<_>>());
         assert!(a[1..].iter().all(|w| *w != a[0]), "{a:?}");
+    }
+
+    #[test]
+    fn only_failures_of_the_worker_are_retried_elsewhere() {
+        let retried = [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::Internal,
+            Code::DataLoss,
+            Code::Unimplemented,
+            Code::Unauthenticated,
+        ];
+        let permanent = [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::Ok,
+        ];
+        // Every code is in exactly one list.
+        assert_eq!(retried.len() + permanent.len(), 17);
+        for c in retried {
+            assert!(retry_elsewhere(c), "{c:?}");
+        }
+        for c in permanent {
+            assert!(!retry_elsewhere(c), "{c:?}");
+        }
+        // The codes Freshet's own errors map to on a worker.
+        use freshet_common::error::Error;
+        let code = |e: Error| retry_elsewhere(e.code());
+        assert!(!code(Error::invalid("t", "bad request")));
+        assert!(!code(Error::PermissionDenied("forged epoch".into())));
+        assert!(code(Error::Unavailable("draining".into())));
+        assert!(code(Error::Injected("worker rewrite".into())));
+        assert!(code(Error::Internal("disk".into())));
     }
 
     #[test]
