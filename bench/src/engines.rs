@@ -197,7 +197,7 @@ async fn run_freshet(
     let (cpu1, _) = rusage();
     let wcpu1 = procs.cpu_s();
     r.worker_peak_rss_mib = procs.peak_rss_kib() as f64 / 1024.0;
-    if rec.state != "committed" {
+    if rec.state() != freshet_proto::admin::v1::CycleState::Committed {
         bail!("cycle {}: {} {}", rec.id, rec.state, rec.error);
     }
     r.wall_ms = (t2 - t0).as_secs_f64() * 1e3;

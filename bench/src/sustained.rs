@@ -139,7 +139,7 @@ pub async fn run(
             rec = cycles_rx.recv() => {
                 let Ok(rec) = rec else { continue };
                 let now = Instant::now();
-                if rec.table != TABLE || rec.state != "committed" { continue }
+                if rec.table != TABLE || rec.state() != freshet_proto::admin::v1::CycleState::Committed { continue }
                 cycles.push(CyclePoint {
                     at_s: (now - start).as_secs_f64(),
                     duration_ms: rec.duration_ms as f64,

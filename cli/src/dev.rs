@@ -138,7 +138,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         for c in fresh {
             seen.insert(c.id.clone());
             println!("{}", cycle_line(&c));
-            if c.state == "committed" {
+            if c.state() == freshet_proto::admin::v1::CycleState::Committed {
                 committed += 1;
             }
         }

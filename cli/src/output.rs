@@ -82,7 +82,7 @@ pub fn table_json(t: &TableInfo) -> Value {
 
 /// One line per cycle, as `freshet dev` prints them.
 pub fn cycle_line(c: &CycleRecord) -> String {
-    if c.state == "failed" {
+    if c.state() == freshet_proto::admin::v1::CycleState::Failed {
         return format!(
             "cycle {} {} FAILED after {} ms: {}",
             &c.id[c.id.len() - 8..],

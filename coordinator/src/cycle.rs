@@ -10,7 +10,7 @@ use freshet_common::delta::{FileEntry, applied_sequence, files};
 use freshet_common::error::{Error, Result};
 use freshet_common::staging::{batch_sequence, delete_segment, read_segment_contents};
 use freshet_common::table::partition_dir;
-use freshet_proto::admin::v1::{CycleRecord, Phase, TaskRecord};
+use freshet_proto::admin::v1::{CycleRecord, CycleState, Phase, TaskRecord};
 use freshet_proto::worker::v1::{InputFile, OutputFile, RewriteRequest, TableSpec};
 use tracing::Instrument;
 
@@ -56,7 +56,8 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
     let mut rec = CycleRecord {
         id: id.clone(),
         table: def.name.clone(),
-        state: "noop".into(),
+        state: CycleState::Noop.label().into(),
+        outcome: CycleState::Noop as i32,
         started_at_ms: chrono::Utc::now().timestamp_millis(),
         delta_version: -1,
         epoch: inner.epoch,
@@ -98,7 +99,7 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
         let applied = applied_sequence(def, &table).await?;
         let todo: Vec<_> = segments.iter().filter(|s| s.last > applied).collect();
         if todo.is_empty() {
-            rec.state = "committed".into();
+            rec.set_state(CycleState::Committed);
             rec.delta_version = table.version().map(|v| v as i64).unwrap_or(-1);
             return Ok(());
         }
@@ -277,7 +278,7 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
         rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &producers, &id, metrics, &inner.fence).await
             // Not committed (as far as the log says now): the sweep asks the log again.
             .inspect_err(|_| orphans::abandon(t.store.clone(), log.clone(), &inflight, grace))?;
-        rec.state = "committed".into();
+        rec.set_state(CycleState::Committed);
         phases.end("commit");
         inner.crash_point(CrashPoint::AfterCommit)?;
 
@@ -333,14 +334,14 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
             if matches!(e, Error::Injected(_) | Error::LeadershipLost(_)) {
                 return Err(result.unwrap_err());
             }
-            rec.state = "failed".into();
+            rec.set_state(CycleState::Failed);
             rec.error = e.to_string();
             tracing::warn!(error = %e, "cycle failed");
         }
     }
     rec.phases = phases.list;
     rec.duration_ms = started.elapsed().as_millis() as u64;
-    if rec.state == "committed" {
+    if rec.state() == CycleState::Committed {
         tracing::info!(
             version = rec.delta_version,
             changes = rec.changes,

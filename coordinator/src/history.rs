@@ -10,7 +10,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use prost::Message;
 
 use freshet_common::error::{Error, Result};
-use freshet_proto::admin::v1::CycleRecord;
+use freshet_proto::admin::v1::{CycleRecord, CycleState};
 
 use crate::Coordinator;
 use crate::metrics::{CycleLabel, TableLabel};
@@ -76,7 +76,7 @@ impl Inner {
     /// Records a finished cycle: the table's last cycle, the bounded history, watchers,
     /// metrics, and the persisted record.
     pub(crate) fn record(&self, t: &Arc<TableRuntime>, rec: &CycleRecord) {
-        if rec.state == "noop" {
+        if rec.state() == CycleState::Noop {
             return;
         }
         *t.last_cycle.lock().expect("lock") = Some(rec.clone());
@@ -94,10 +94,10 @@ impl Inner {
         m.cycle_seconds
             .get_or_create(&CycleLabel {
                 table: rec.table.clone(),
-                state: rec.state.clone(),
+                state: rec.state().label().to_string(),
             })
             .observe(rec.duration_ms as f64 / 1000.0);
-        if rec.state == "committed" {
+        if rec.state() == CycleState::Committed {
             let lag = rec.freshness_lag_ms as f64 / 1000.0;
             m.freshness_seconds.get_or_create(&table).observe(lag);
             m.freshness_lag.get_or_create(&table).set(lag);

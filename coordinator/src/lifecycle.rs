@@ -9,7 +9,7 @@ use freshet_common::delta::{applied_sequence, files, open_or_create_in};
 use freshet_common::error::{Error, Result};
 use freshet_common::schema::SchemaSpec;
 use freshet_common::table::TableDef;
-use freshet_proto::admin::v1::TableInfo;
+use freshet_proto::admin::v1::{CycleState, TableInfo};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use tokio::sync::mpsc;
@@ -153,7 +153,7 @@ impl Coordinator {
             let h = self.inner().history.lock().expect("lock");
             let mut v: Vec<u64> = h
                 .iter()
-                .filter(|c| c.table == t.def.name && c.state == "committed")
+                .filter(|c| c.table == t.def.name && c.state() == CycleState::Committed)
                 .take(100)
                 .map(|c| c.freshness_lag_ms)
                 .collect();

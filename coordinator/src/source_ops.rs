@@ -7,6 +7,7 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use freshet_common::delta::{applied_sequence, files};
 use freshet_common::error::{Error, Result};
 use freshet_common::table::TableDef;
+use freshet_proto::admin::v1::CycleState;
 
 use crate::tables::TableRuntime;
 use crate::{Coordinator, commit, cycle};
@@ -28,7 +29,7 @@ impl Coordinator {
             }
             let rec = cycle::run_cycle(&self.inner().ctx, t).await?;
             self.inner().record(t, &rec);
-            if rec.state == "failed" {
+            if rec.state() == CycleState::Failed {
                 return Err(Error::Internal(format!(
                     "table '{}': cycle before {what} failed: {}",
                     t.def.name, rec.error
