@@ -9,8 +9,8 @@ use freshet_common::error::{Error, Result};
 use freshet_proto::ingest::v1::{IngestRequest, IngestResponse};
 use tokio::sync::oneshot;
 
-use crate::stage::{self, StageRequest};
 use crate::tables::TableRuntime;
+use crate::tables::{ProducerState, StageRequest};
 use crate::{Coordinator, validate};
 
 impl Coordinator {
@@ -74,7 +74,7 @@ impl Coordinator {
                 .lock()
                 .expect("lock")
                 .entry(producer.to_string())
-                .or_insert(stage::ProducerState { last, sequence: 0 });
+                .or_insert(ProducerState { last, sequence: 0 });
         }
         Ok(())
     }

@@ -16,8 +16,8 @@ use freshet_common::table::TableDef;
 use object_store::ObjectStore;
 
 use crate::orphans;
-use crate::stage::ProducerState;
 use crate::tables::PendingSegment;
+use crate::tables::ProducerState;
 
 /// What recovery found.
 pub struct Recovered {

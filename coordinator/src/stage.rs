@@ -11,41 +11,13 @@ use freshet_common::error::{Error, Result};
 use freshet_common::staging::{OPEN_METADATA, PRODUCERS_METADATA, ProducerMark, write_segment};
 use object_store::ObjectStoreExt;
 use std::collections::HashMap;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::context::TermContext;
-use crate::tables::{PendingSegment, TableRuntime};
+use crate::tables::{PendingSegment, ProducerState, StageRequest, Staged, TableRuntime};
 
 /// Most bytes (estimated in memory) grouped into one segment.
 const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
-
-/// A validated batch waiting to be staged.
-pub struct StageRequest {
-    /// Changes in change-schema form.
-    pub batch: RecordBatch,
-    /// Gets the batch's sequence number once durable.
-    pub reply: oneshot::Sender<Result<Staged>>,
-    /// A sequence chosen by the source (a CDC source's commit LSN); a batch whose sequence
-    /// is below the next one was staged before and is acknowledged without staging again.
-    pub sequence: Option<u64>,
-    /// When the change happened at its origin (a source transaction's commit time, ms since
-    /// the epoch): freshness is measured from here instead of from the acknowledgement.
-    pub origin_ms: Option<i64>,
-    /// The producer's id and its sequence for this batch (idempotent ingest).
-    pub producer: Option<(String, u64)>,
-    /// A chunk of a source transaction that continues in later requests.
-    pub open: bool,
-}
-
-/// The answer to a staged batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Staged {
-    /// Its staging sequence (0 for a duplicate whose sequence is no longer known).
-    pub sequence: u64,
-    /// It was staged before (same source sequence or same producer sequence); nothing new
-    /// was staged.
-    pub duplicate: bool,
-}
 
 /// Runs the stager of one table until `stop` turns true or the queue closes.
 pub async fn run_stager(
@@ -358,16 +330,6 @@ fn durable(
         open,
         acked_at_ms: origin_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
     }
-}
-
-/// What the stager knows of a producer: its last staged (or applied) sequence and the
-/// staging sequence that batch got (0 when only the Delta log's txn told).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProducerState {
-    /// The producer's last sequence staged or applied.
-    pub last: u64,
-    /// The staging sequence of that batch (0: unknown).
-    pub sequence: u64,
 }
 
 /// Decides a producer's batch: `Ok(None)` to stage it, `Ok(Some(..))` for a duplicate, an

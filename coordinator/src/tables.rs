@@ -6,13 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
+use freshet_common::error::Result;
 use freshet_common::table::TableDef;
 use freshet_proto::admin::v1::CycleRecord;
 use object_store::ObjectStore;
 use object_store::path::Path;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::stage::{ProducerState, StageRequest};
 use freshet_common::staging::ProducerMark;
 
 /// A staged segment not yet applied, kept in memory so cycles need not re-read it.
@@ -114,4 +114,42 @@ impl TableRuntime {
             closed: tokio::sync::watch::channel(false).0,
         })
     }
+}
+
+/// A validated batch waiting to be staged.
+pub struct StageRequest {
+    /// Changes in change-schema form.
+    pub batch: RecordBatch,
+    /// Gets the batch's sequence number once durable.
+    pub reply: oneshot::Sender<Result<Staged>>,
+    /// A sequence chosen by the source (a CDC source's commit LSN); a batch whose sequence
+    /// is below the next one was staged before and is acknowledged without staging again.
+    pub sequence: Option<u64>,
+    /// When the change happened at its origin (a source transaction's commit time, ms since
+    /// the epoch): freshness is measured from here instead of from the acknowledgement.
+    pub origin_ms: Option<i64>,
+    /// The producer's id and its sequence for this batch (idempotent ingest).
+    pub producer: Option<(String, u64)>,
+    /// A chunk of a source transaction that continues in later requests.
+    pub open: bool,
+}
+
+/// The answer to a staged batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Staged {
+    /// Its staging sequence (0 for a duplicate whose sequence is no longer known).
+    pub sequence: u64,
+    /// It was staged before (same source sequence or same producer sequence); nothing new
+    /// was staged.
+    pub duplicate: bool,
+}
+
+/// What the stager knows of a producer: its last staged (or applied) sequence and the
+/// staging sequence that batch got (0 when only the Delta log's txn told).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerState {
+    /// The producer's last sequence staged or applied.
+    pub last: u64,
+    /// The staging sequence of that batch (0: unknown).
+    pub sequence: u64,
 }
