@@ -232,8 +232,8 @@ pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {
                     .map(|w| {
                         serde_json::json!({
                             "id": w.id, "address": w.address, "capacity": w.capacity,
-                            "tasksInFlight": w.tasks_in_flight, "lastHeartbeatMs": w.last_heartbeat_ms,
-                            "tasksSent": w.tasks_sent, "tasksFailed": w.tasks_failed,
+                            "tasks_in_flight": w.tasks_in_flight, "last_heartbeat_ms": w.last_heartbeat_ms,
+                            "tasks_sent": w.tasks_sent, "tasks_failed": w.tasks_failed,
                         })
                     })
                     .collect();
@@ -272,9 +272,9 @@ pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
-                        "leader": l.leader, "epoch": l.epoch, "nodeId": l.node_id,
-                        "nodeAddress": l.node_address, "isLeader": l.is_leader,
-                        "leaderChanges": l.leader_changes,
+                        "leader": l.leader, "epoch": l.epoch, "node_id": l.node_id,
+                        "node_address": l.node_address, "is_leader": l.is_leader,
+                        "leader_changes": l.leader_changes,
                     }))?
                 );
             } else if l.leader.is_empty() {

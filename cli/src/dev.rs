@@ -17,7 +17,6 @@ use freshet_coordinator::Coordinator;
 use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
-use freshet_worker::Worker;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
@@ -75,38 +74,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(ms) = args.interval_ms {
         config.cycle.interval_ms = ms;
     }
+    let cluster = freshet_embedded::Builder::new(config)
+        .workers(args.workers.max(1) as usize)
+        .worker_prefix("dev-worker-")
+        .listen(args.listen.clone())
+        .start()
+        .await?;
+    let coordinator = cluster.coordinator.clone();
+    let endpoints = cluster.worker_endpoints.clone();
+    let endpoint = cluster.endpoint.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut endpoints = Vec::new();
-    for i in 0..args.workers.max(1) {
-        let (listener, addr) = freshet_worker::bind("127.0.0.1:0").await?;
-        let worker = Worker::new(
-            format!("dev-worker-{i}"),
-            config.worker.capacity,
-            config.storage.options.clone(),
-        );
-        let mut rx = stop_rx.clone();
-        tokio::spawn(freshet_worker::serve(
-            worker,
-            listener,
-            config.server.max_message_bytes,
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        ));
-        endpoints.push(format!("http://{addr}"));
-    }
-    config.cycle.workers = endpoints.clone();
-    let coordinator = Coordinator::start(config).await?;
-    let (listener, addr) = freshet_worker::bind(&args.listen).await?;
-    let mut rx = stop_rx.clone();
-    tokio::spawn(freshet_coordinator::grpc::serve(
-        coordinator.clone(),
-        listener,
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        },
-    ));
-    let endpoint = format!("http://{addr}");
     eprintln!(
         "freshet dev: coordinator on {endpoint}, {} workers, data in {}",
         endpoints.len(),
@@ -147,7 +124,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    coordinator.shutdown();
+    cluster.stop();
     Ok(())
 }
 

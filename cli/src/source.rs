@@ -37,8 +37,8 @@ pub enum SourceCommand {
 fn json(s: &SourceInfo) -> serde_json::Value {
     serde_json::json!({
         "name": s.name, "kind": s.kind, "slot": s.slot, "publication": s.publication,
-        "state": s.state, "confirmedLsn": s.confirmed_lsn, "lagBytes": s.lag_bytes,
-        "lagMs": s.lag_ms, "snapshotRows": s.snapshot_rows, "transactions": s.transactions,
+        "state": s.state, "confirmed_lsn": s.confirmed_lsn, "lag_bytes": s.lag_bytes,
+        "lag_ms": s.lag_ms, "snapshot_rows": s.snapshot_rows, "transactions": s.transactions,
         "error": s.error, "tables": s.tables, "origin": s.origin,
     })
 }

@@ -21,7 +21,6 @@ use freshet_proto::ingest::v1::IngestRequest;
 use freshet_proto::ingest::v1::ingest_request::Payload;
 use freshet_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use freshet_worker::Worker;
-use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// A running in-process cluster.
@@ -37,7 +36,7 @@ pub struct Cluster {
     /// The configuration it runs with.
     pub config: Config,
     sources: Option<Arc<dyn freshet_coordinator::SourceFactory>>,
-    stop: watch::Sender<bool>,
+    embedded: freshet_embedded::Embedded,
 }
 
 /// A test table: `id` int64 key, optional `region` partition (part of the key), `v` string, `n` int64.
@@ -107,70 +106,32 @@ impl Cluster {
 
     /// Starts a cluster whose coordinator runs sources (configured, catalogued, added).
     pub async fn start_with_sources(
-        mut config: Config,
+        config: Config,
         workers: usize,
         sources: Option<Arc<dyn freshet_coordinator::SourceFactory>>,
     ) -> Cluster {
         freshet_common::server::init_logging(false);
-        let (stop, stop_rx) = watch::channel(false);
-        let mut ws = Vec::new();
-        let mut eps = Vec::new();
-        for i in 0..workers {
-            let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
-            let w = Worker::new(format!("w{i}"), 2, config.storage.options.clone());
-            let mut rx = stop_rx.clone();
-            // With `[tls]`, workers require the coordinator's client certificate (tests/tls.rs).
-            let tls = freshet_common::tls::ServerTls::worker(&config.tls).expect("worker tls");
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            tokio::spawn(freshet_worker::serve_tls(
-                w.clone(),
-                l,
-                256 << 20,
-                tls,
-                async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                },
-            ));
-            ws.push(w);
-            eps.push(format!("{scheme}://{addr}"));
-        }
-        config.cycle.workers = eps.clone();
-        let options = freshet_coordinator::StartOptions {
-            sources: sources.clone(),
-            ..Default::default()
-        };
-        let coordinator = Coordinator::start_with(config.clone(), options)
+        let e = freshet_embedded::Builder::new(config)
+            .workers(workers)
+            .worker_capacity(2)
+            .sources(sources.clone())
+            .start()
             .await
-            .expect("coordinator starts");
-        coordinator.start_sources().await.expect("sources start");
-        let (l, addr) = freshet_worker::bind("127.0.0.1:0").await.unwrap();
-        let mut rx = stop_rx.clone();
-        tokio::spawn(freshet_coordinator::grpc::serve(
-            coordinator.clone(),
-            l,
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        ));
+            .expect("embedded cluster starts");
         Cluster {
-            coordinator,
-            endpoint: if config.tls.enabled() {
-                format!("https://{addr}")
-            } else {
-                format!("http://{addr}")
-            },
-            workers: ws,
-            worker_endpoints: eps,
-            config,
+            coordinator: e.coordinator.clone(),
+            endpoint: e.endpoint.clone(),
+            workers: e.workers.clone(),
+            worker_endpoints: e.worker_endpoints.clone(),
+            config: e.config.clone(),
             sources,
-            stop,
+            embedded: e,
         }
     }
 
     /// Stops everything (as a crash would, storage is left as it is).
     pub fn stop(&self) {
-        self.coordinator.shutdown();
-        let _ = self.stop.send(true);
+        self.embedded.stop();
     }
 
     /// Stops this cluster and starts a new one on the same storage and config.
@@ -196,6 +157,26 @@ impl Cluster {
         AdminServiceClient::connect(self.endpoint.clone())
             .await
             .unwrap()
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, and returns that; panics naming
+/// `what` after `timeout` (the tests' one deadline loop).
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

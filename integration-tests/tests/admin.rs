@@ -24,11 +24,12 @@ async fn pending(c: &Cluster, table: &str) -> (u64, bool) {
 }
 
 async fn wait_applied(c: &Cluster, table: &str) {
-    let end = Instant::now() + Duration::from_secs(30);
-    while pending(c, table).await.0 > 0 {
-        assert!(Instant::now() < end, "changes still pending");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "pending changes applied",
+        Duration::from_secs(30),
+        || async { (pending(c, table).await.0 == 0).then_some(()) },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,5 +149,84 @@ async fn watch_pause_resume_and_history_survive_a_restart() {
     wait_applied(&c, "t").await;
     assert!(!pending(&c, "t").await.1);
     assert_eq!(read_table(&cfg.uri).await, model);
+    c.stop();
+}
+
+/// Every key of every object in `v`, recursively.
+fn keys(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                out.push(k.clone());
+                keys(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| keys(x, out)),
+        _ => {}
+    }
+}
+
+/// The CLI's JSON output uses one naming convention (snake_case, as the proto fields).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_json_output_is_snake_case_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(
+        dir.path(),
+        vec![table_config(dir.path(), "t", false, 4096)],
+        1,
+    )
+    .await;
+    c.ingest_client()
+        .await
+        .ingest(request("t", false, &[(1, Some(("a".into(), 1)))]))
+        .await
+        .unwrap();
+    let rec = c.coordinator.trigger("t").await.unwrap();
+    let endpoint = c.endpoint.clone();
+    let id = rec.id.clone();
+    let outputs = tokio::task::spawn_blocking(move || {
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["admin", "tables"],
+            vec!["admin", "cycles"],
+            vec!["admin", "cycle", &id],
+            vec!["admin", "workers"],
+            vec!["admin", "leader"],
+            vec!["source", "list"],
+        ];
+        commands
+            .into_iter()
+            .map(|args| {
+                let o = std::process::Command::new(freshet_bin())
+                    .arg("--endpoint")
+                    .arg(&endpoint)
+                    .args(&args)
+                    .args(["-o", "json"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    o.status.success(),
+                    "{args:?}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                (format!("{args:?}"), String::from_utf8(o.stdout).unwrap())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (cmd, out) in outputs {
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{cmd}: {e}: {out}"));
+        let mut all = Vec::new();
+        keys(&v, &mut all);
+        let bad: Vec<_> = all
+            .iter()
+            .filter(|k| {
+                !k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            })
+            .collect();
+        assert!(bad.is_empty(), "{cmd}: keys not snake_case: {bad:?}");
+    }
     c.stop();
 }

@@ -466,7 +466,7 @@ async fn the_cli_follows_a_leader_hint_over_tls_verifying_the_name_it_was_given(
         for i in 0..2 {
             let o = cli(&port(i), &["admin", "leader", "-o", "json"]);
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout)
-                && v["isLeader"] == false
+                && v["is_leader"] == false
                 && v["leader"]
                     .as_str()
                     .is_some_and(|l| l.starts_with("https://127.0.0.1:"))
