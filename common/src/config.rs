@@ -63,6 +63,9 @@ pub struct TlsConfig {
     /// its advertised URL (in Kubernetes workers advertise pod IPs, which a certificate
     /// issued ahead of time cannot name). Empty: the advertised host.
     pub worker_server_name: String,
+    /// Serve the HTTP port (`/metrics`, `/livez`, `/readyz`) over TLS too, with the same
+    /// certificate and no client certificates (probes then use scheme HTTPS).
+    pub http: bool,
 }
 
 impl TlsConfig {

@@ -14,6 +14,37 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 
 use crate::error::{Error, Result};
+use crate::tls::{ServerIo, ServerTls};
+
+/// Accepted TLS connections (handshakes done by `tls::incoming`) as an axum listener.
+struct TlsListener {
+    addr: SocketAddr,
+    incoming: Pin<Box<dyn futures::Stream<Item = std::io::Result<ServerIo>> + Send>>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = ServerIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (ServerIo, SocketAddr) {
+        use futures::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(io)) => {
+                    let peer = io.peer_addr().unwrap_or(self.addr);
+                    return (io, peer);
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "http accept failed"),
+                // The accept loop ended (it does not, while the server runs).
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
 
 /// A readiness check: `Ok` when every service the process needs answers.
 pub type ReadyCheck = Arc<
@@ -26,9 +57,14 @@ struct HttpState {
     ready: ReadyCheck,
 }
 
-/// Binds `addr` and serves `/metrics`, `/livez` and `/readyz` until the process ends.
-/// Returns the bound address.
-pub async fn serve(addr: &str, registry: Arc<Registry>, ready: ReadyCheck) -> Result<SocketAddr> {
+/// Binds `addr` and serves `/metrics`, `/livez` and `/readyz` until the process ends,
+/// over TLS when `tls` is given. Returns the bound address.
+pub async fn serve(
+    addr: &str,
+    registry: Arc<Registry>,
+    ready: ReadyCheck,
+    tls: Option<Arc<ServerTls>>,
+) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {addr} (http_listen): {e}")))?;
@@ -41,7 +77,17 @@ pub async fn serve(addr: &str, registry: Arc<Registry>, ready: ReadyCheck) -> Re
         .route("/readyz", get(readyz))
         .with_state(HttpState { registry, ready });
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match tls {
+            None => axum::serve(listener, app).await,
+            Some(tls) => {
+                let incoming = TlsListener {
+                    addr: bound,
+                    incoming: Box::pin(crate::tls::incoming(listener, Some(tls))),
+                };
+                axum::serve(incoming, app).await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "http server stopped");
         }
     });

@@ -257,6 +257,7 @@ pub enum ClientAuth {
 pub struct ServerTls {
     certs: Arc<CertSource>,
     auth: ClientAuth,
+    alpn: &'static [u8],
     config: ByCa<rustls::ServerConfig>,
 }
 
@@ -273,15 +274,49 @@ impl ServerTls {
                 "client certificates need tls.ca_file to verify them with".into(),
             ));
         }
+        Self::with_alpn(cert, key, ca, auth, b"h2")
+    }
+
+    /// [`ServerTls::new`] for another application protocol than gRPC's HTTP/2.
+    fn with_alpn(
+        cert: &Path,
+        key: &Path,
+        ca: Option<&Path>,
+        auth: ClientAuth,
+        alpn: &'static [u8],
+    ) -> Result<Self, TlsError> {
         let certs = Arc::new(CertSource::load(cert, key)?);
         let config = ByCa::new(ca.map(Path::to_path_buf), |roots| {
-            server_config(&certs, auth, roots)
+            server_config(&certs, auth, roots, alpn)
         })?;
         Ok(ServerTls {
             certs,
             auth,
+            alpn,
             config,
         })
+    }
+
+    /// The TLS of the HTTP port (`/metrics`, `/livez`, `/readyz`) when `tls.http` is set:
+    /// the process's certificate, HTTP/1.1, no client certificates (kubelet probes and
+    /// Prometheus present none).
+    pub fn http(cfg: &TlsConfig) -> Result<Option<Arc<Self>>, TlsError> {
+        if !cfg.http {
+            return Ok(None);
+        }
+        if !check(cfg)? {
+            return Err(TlsError::Config(
+                "tls.http needs tls.cert_file and tls.key_file".into(),
+            ));
+        }
+        Self::with_alpn(
+            cfg.cert_file.as_ref(),
+            cfg.key_file.as_ref(),
+            None,
+            ClientAuth::None,
+            b"http/1.1",
+        )
+        .map(|t| Some(Arc::new(t)))
     }
 
     /// A coordinator's server TLS from `[tls]` (None: plaintext). Client certificates are
@@ -324,7 +359,7 @@ impl ServerTls {
     /// The rustls config for the next connection (rebuilt if the CA file changed).
     pub fn config(&self) -> Arc<rustls::ServerConfig> {
         self.config
-            .get(|roots| server_config(&self.certs, self.auth, roots))
+            .get(|roots| server_config(&self.certs, self.auth, roots, self.alpn))
     }
 }
 
@@ -353,6 +388,7 @@ fn server_config(
     certs: &Arc<CertSource>,
     auth: ClientAuth,
     roots: Option<Arc<RootCertStore>>,
+    alpn: &'static [u8],
 ) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -373,8 +409,9 @@ fn server_config(
         }
     };
     let mut config = builder.with_cert_resolver(certs.clone());
-    // gRPC is HTTP/2: clients (grpcurl, grpc-go) insist on ALPN h2.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC is HTTP/2: clients (grpcurl, grpc-go) insist on ALPN h2; the HTTP port speaks
+    // HTTP/1.1.
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 
@@ -552,6 +589,14 @@ impl ServerIo {
         match self {
             ServerIo::Plain(_) => None,
             ServerIo::Tls(s) => s.get_ref().1.peer_certificates(),
+        }
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            ServerIo::Plain(t) => t.peer_addr(),
+            ServerIo::Tls(s) => s.get_ref().0.peer_addr(),
         }
     }
 }

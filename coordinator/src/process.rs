@@ -114,7 +114,12 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
             Box::pin(async move { n.ready().await })
         });
         let http =
-            freshet_common::http::serve(&config.server.http_listen, Arc::new(registry), ready)
+            freshet_common::http::serve(
+                &config.server.http_listen,
+                Arc::new(registry),
+                ready,
+                freshet_common::tls::ServerTls::http(&config.tls)?,
+            )
                 .await?;
         tracing::info!(%http, "metrics and probes");
     }

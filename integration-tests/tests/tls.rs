@@ -486,3 +486,71 @@ async fn the_cli_follows_a_leader_hint_over_tls_verifying_the_name_it_was_given(
     assert!(o.status.success(), "{err}");
     assert!(err.contains("is a follower; using the leader"), "{err}");
 }
+
+/// `tls.http`: the HTTP port (`/metrics`, `/livez`, `/readyz`) speaks TLS with the process's
+/// certificate, HTTP/1.1, without client certificates (probes have none); plaintext fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_serves_metrics_and_probes_over_tls_when_asked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster CA");
+    let ca_file = ca.write(dir.path(), "cluster");
+    let (cert, key) = ca.write_leaf(dir.path(), "node", 1, false);
+    let mut cfg = tls_config(&ca_file, &cert, &key);
+    assert!(
+        ServerTls::http(&cfg).unwrap().is_none(),
+        "off unless tls.http"
+    );
+    cfg.http = true;
+    let tls = ServerTls::http(&cfg).unwrap();
+    let ready: freshet_common::http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    let registry = Arc::new(prometheus_client::registry::Registry::default());
+    let addr = freshet_common::http::serve("127.0.0.1:0", registry, ready, tls)
+        .await
+        .unwrap();
+
+    // HTTPS with the cluster's CA and no client certificate: answered.
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca_file).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.ok();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Plaintext HTTP gets no answer.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        plain.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200"),
+        "plaintext was answered"
+    );
+}

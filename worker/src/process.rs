@@ -99,7 +99,12 @@ pub async fn run(config: Config) -> Result<()> {
             })
         });
         let http =
-            freshet_common::http::serve(&config.worker.http_listen, Arc::new(registry), ready)
+            freshet_common::http::serve(
+                &config.worker.http_listen,
+                Arc::new(registry),
+                ready,
+                freshet_common::tls::ServerTls::http(&config.tls)?,
+            )
                 .await?;
         tracing::info!(%http, "metrics and probes");
     }
