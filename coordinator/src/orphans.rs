@@ -103,10 +103,10 @@ pub async fn referenced_files(
             let action: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
                 Error::Internal(format!("commit {v} of the Delta log is not JSON: {e}"))
             })?;
-            if let Some(path) = action.pointer("/add/path").and_then(|p| p.as_str()) {
-                if OutputName::is_of_cycle(path, &rec.cycle_id) {
-                    out.insert(path.to_string());
-                }
+            if let Some(path) = action.pointer("/add/path").and_then(|p| p.as_str())
+                && OutputName::is_of_cycle(path, &rec.cycle_id)
+            {
+                out.insert(path.to_string());
             }
         }
     }

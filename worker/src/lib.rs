@@ -2,7 +2,9 @@
 //! with their changes directly against object storage.
 
 pub mod epoch;
+pub mod format;
 pub mod metrics;
+pub mod output;
 pub mod process;
 pub mod registration;
 pub mod rewrite;
