@@ -89,9 +89,31 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         endpoints.len(),
         data_dir.display()
     );
-    eprintln!(
-        "  try: FRESHET_ENDPOINT={endpoint} freshet admin cycles   |   freshet query \"select count(*) from orders\""
-    );
+    // Metrics and probes like the processes serve them (a busy port only costs a warning:
+    // dev is for trying things out).
+    let mut registry = prometheus_client::registry::Registry::default();
+    coordinator.context().metrics.register(&mut registry);
+    let ready: freshet_common::http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    let http_listen = cluster.config.server.http_listen.clone();
+    match freshet_common::http::serve(&http_listen, Arc::new(registry), ready, None).await {
+        Ok(http) => eprintln!("  metrics: http://{http}/metrics"),
+        Err(e) => eprintln!("  metrics not served: {e}"),
+    }
+    let query = match coordinator.tables().first() {
+        _ if !args.no_demo => "select count(*) from orders".to_string(),
+        Some(t) => format!("select count(*) from {}", t.def.name),
+        None => String::new(),
+    };
+    if query.is_empty() {
+        eprintln!(
+            "  no tables yet: create one with `FRESHET_ENDPOINT={endpoint} freshet table create ...` (or [[tables]] in --config)"
+        );
+        eprintln!("  try: FRESHET_ENDPOINT={endpoint} freshet admin tables");
+    } else {
+        eprintln!(
+            "  try: FRESHET_ENDPOINT={endpoint} freshet admin cycles   |   freshet query \"{query}\""
+        );
+    }
 
     if !args.no_demo {
         let demo = Demo::start(&coordinator, &data_dir, &endpoint, args.scale).await?;

@@ -113,14 +113,13 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
             let n = n.clone();
             Box::pin(async move { n.ready().await })
         });
-        let http =
-            freshet_common::http::serve(
-                &config.server.http_listen,
-                Arc::new(registry),
-                ready,
-                freshet_common::tls::ServerTls::http(&config.tls)?,
-            )
-                .await?;
+        let http = freshet_common::http::serve(
+            &config.server.http_listen,
+            Arc::new(registry),
+            ready,
+            freshet_common::tls::ServerTls::http(&config.tls)?,
+        )
+        .await?;
         tracing::info!(%http, "metrics and probes");
     }
 

@@ -98,14 +98,13 @@ pub async fn run(config: Config) -> Result<()> {
                 Ok(())
             })
         });
-        let http =
-            freshet_common::http::serve(
-                &config.worker.http_listen,
-                Arc::new(registry),
-                ready,
-                freshet_common::tls::ServerTls::http(&config.tls)?,
-            )
-                .await?;
+        let http = freshet_common::http::serve(
+            &config.worker.http_listen,
+            Arc::new(registry),
+            ready,
+            freshet_common::tls::ServerTls::http(&config.tls)?,
+        )
+        .await?;
         tracing::info!(%http, "metrics and probes");
     }
     tracing::info!(worker = %id, %addr, %advertise, capacity = config.worker.capacity, "worker serving");

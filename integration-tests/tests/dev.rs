@@ -1,0 +1,76 @@
+//! `freshet dev` as a newcomer meets it: the banner suggests only what exists, metrics are
+//! served like the processes serve them, and output to a pipe carries no colour codes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use freshet_integration_tests::procs::{free_port, http_get};
+use freshet_integration_tests::*;
+
+#[test]
+fn dev_without_demo_serves_metrics_and_suggests_nothing_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let mut child = Command::new(freshet_bin())
+        .args(["dev", "--no-demo", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .env("FRESHET__SERVER__HTTP_LISTEN", format!("127.0.0.1:{http}"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let done = line.contains("try:");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+    }
+    let text = banner.join("\n");
+    assert!(text.contains("try:"), "no banner: {text}");
+    assert!(
+        text.contains(&format!("metrics: http://127.0.0.1:{http}/metrics")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("orders"),
+        "suggests a table that does not exist: {text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in piped output: {text:?}"
+    );
+    let metrics = wait_for(|| http_get(http, "/metrics"));
+    assert!(metrics.contains("freshet_"), "{metrics}");
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
