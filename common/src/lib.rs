@@ -17,6 +17,7 @@ pub mod prefixes;
 pub mod schema;
 pub mod secrets;
 pub mod server;
+pub mod sink;
 pub mod source;
 pub mod staging;
 pub mod stats;

@@ -1,7 +1,13 @@
 //! Source definitions: a PostgreSQL source's configuration (where to connect, with the
 //! password from the environment or a file, never from the file itself and never logged),
-//! its publication and slot, and the tables it mirrors, each mapped to a Freshet table.
+//! its publication and slot, and the tables it mirrors, each mapped to a Freshet table;
+//! and where a running source stands ([`SourceState`]) and where its definition comes from
+//! ([`SourceOrigin`]), written into the admin API's `SourceInfo` in one place
+//! ([`SourceInfoExt`]).
 
+use freshet_proto::admin::v1::{
+    SourceInfo, SourceOrigin as ProtoOrigin, SourceState as ProtoState,
+};
 use serde::{Deserialize, Serialize};
 
 /// One PostgreSQL source.
@@ -472,6 +478,159 @@ fn redact(conn: &str) -> String {
         .join(" ")
 }
 
+/// Where a CDC source stands (the admin API's `SourceInfo.state_code`, and its text
+/// `SourceInfo.state`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SourceState {
+    /// Connecting, mapping its tables.
+    #[default]
+    Starting,
+    /// Copying tables.
+    Snapshotting,
+    /// Streaming its replication slot.
+    Streaming,
+    /// Failed; it retries.
+    Error,
+}
+
+impl SourceState {
+    /// The text form (`SourceInfo.state`, the CLI's output).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceState::Starting => "starting",
+            SourceState::Snapshotting => "snapshotting",
+            SourceState::Streaming => "streaming",
+            SourceState::Error => "error",
+        }
+    }
+
+    /// The state of a text form.
+    pub fn parse(text: &str) -> Option<SourceState> {
+        Some(match text {
+            "starting" => SourceState::Starting,
+            "snapshotting" => SourceState::Snapshotting,
+            "streaming" => SourceState::Streaming,
+            "error" => SourceState::Error,
+            _ => return None,
+        })
+    }
+
+    fn code(self) -> ProtoState {
+        match self {
+            SourceState::Starting => ProtoState::Starting,
+            SourceState::Snapshotting => ProtoState::Snapshotting,
+            SourceState::Streaming => ProtoState::Streaming,
+            SourceState::Error => ProtoState::Error,
+        }
+    }
+
+    fn from_code(code: ProtoState) -> Option<SourceState> {
+        Some(match code {
+            ProtoState::Unspecified => return None,
+            ProtoState::Starting => SourceState::Starting,
+            ProtoState::Snapshotting => SourceState::Snapshotting,
+            ProtoState::Streaming => SourceState::Streaming,
+            ProtoState::Error => SourceState::Error,
+        })
+    }
+}
+
+impl std::fmt::Display for SourceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a running source's definition comes from (`SourceInfo.origin_code`, and its text
+/// `SourceInfo.origin`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum SourceOrigin {
+    /// The configuration file.
+    Config,
+    /// Added at run time, recorded in the catalog.
+    Catalog,
+}
+
+impl SourceOrigin {
+    /// The text form (`SourceInfo.origin`, the CLI's output).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceOrigin::Config => "config",
+            SourceOrigin::Catalog => "catalog",
+        }
+    }
+
+    /// The origin of a text form.
+    pub fn parse(text: &str) -> Option<SourceOrigin> {
+        Some(match text {
+            "config" => SourceOrigin::Config,
+            "catalog" => SourceOrigin::Catalog,
+            _ => return None,
+        })
+    }
+
+    fn code(self) -> ProtoOrigin {
+        match self {
+            SourceOrigin::Config => ProtoOrigin::Config,
+            SourceOrigin::Catalog => ProtoOrigin::Catalog,
+        }
+    }
+
+    fn from_code(code: ProtoOrigin) -> Option<SourceOrigin> {
+        Some(match code {
+            ProtoOrigin::Unspecified => return None,
+            ProtoOrigin::Config => SourceOrigin::Config,
+            ProtoOrigin::Catalog => SourceOrigin::Catalog,
+        })
+    }
+}
+
+impl std::fmt::Display for SourceOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The typed fields of the admin API's [`SourceInfo`]: the one place that writes an enum
+/// together with its text form (which JSON output and older clients read), and reads the
+/// enum back (from the text when an older server sent only that).
+pub trait SourceInfoExt {
+    /// Sets `state_code` and `state`.
+    fn set_source_state(&mut self, state: SourceState);
+    /// The state (`None`: neither form names one).
+    fn source_state(&self) -> Option<SourceState>;
+    /// Sets `origin_code` and `origin`.
+    fn set_source_origin(&mut self, origin: SourceOrigin);
+    /// The origin (`None`: neither form names one).
+    fn source_origin(&self) -> Option<SourceOrigin>;
+}
+
+impl SourceInfoExt for SourceInfo {
+    fn set_source_state(&mut self, state: SourceState) {
+        self.set_state_code(state.code());
+        self.state = state.as_str().to_string();
+    }
+
+    fn source_state(&self) -> Option<SourceState> {
+        ProtoState::try_from(self.state_code)
+            .ok()
+            .and_then(SourceState::from_code)
+            .or_else(|| SourceState::parse(&self.state))
+    }
+
+    fn set_source_origin(&mut self, origin: SourceOrigin) {
+        self.set_origin_code(origin.code());
+        self.origin = origin.as_str().to_string();
+    }
+
+    fn source_origin(&self) -> Option<SourceOrigin> {
+        ProtoOrigin::try_from(self.origin_code)
+            .ok()
+            .and_then(SourceOrigin::from_code)
+            .or_else(|| SourceOrigin::parse(&self.origin))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +645,35 @@ source = "public.orders"
 name = "orders"
 uri = "/lake/orders"
 "#;
+
+    #[test]
+    fn source_info_carries_each_state_and_origin_as_enum_and_text() {
+        for state in [
+            SourceState::Starting,
+            SourceState::Snapshotting,
+            SourceState::Streaming,
+            SourceState::Error,
+        ] {
+            let mut info = SourceInfo::default();
+            info.set_source_state(state);
+            assert_eq!(info.source_state(), Some(state));
+            assert_eq!(info.state, state.as_str());
+            // An older server sends the text only.
+            let old = SourceInfo {
+                state: state.as_str().into(),
+                ..Default::default()
+            };
+            assert_eq!(old.source_state(), Some(state));
+        }
+        assert_eq!(SourceInfo::default().source_state(), None);
+        for origin in [SourceOrigin::Config, SourceOrigin::Catalog] {
+            let mut info = SourceInfo::default();
+            info.set_source_origin(origin);
+            assert_eq!(info.source_origin(), Some(origin));
+            assert_eq!(info.origin, origin.as_str());
+        }
+        assert_eq!(SourceInfo::default().source_origin(), None);
+    }
 
     #[test]
     fn parses_bare_or_wrapped_and_names_what_is_wrong() {

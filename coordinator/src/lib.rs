@@ -26,6 +26,7 @@ pub mod planner;
 pub mod process;
 pub mod recovery;
 pub mod router;
+pub mod sink;
 pub mod source_ops;
 pub mod sources;
 pub mod stage;

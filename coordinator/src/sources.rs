@@ -1,45 +1,18 @@
-//! Change-data-capture sources run by a term: the traits a source implementation fills,
-//! starting the configured and catalogued sources, and adding one at run time.
+//! Change-data-capture sources run by a term: starting the configured and catalogued
+//! sources (with the term's coordinator as their [`ChangeSink`], see `sink`), and adding
+//! one at run time. The traits a source implementation fills live in
+//! `freshet_common::sink` and are re-exported here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use freshet_common::error::{Error, Result};
-use freshet_common::source::SourceConfig;
+use freshet_common::sink::ChangeSink;
+pub use freshet_common::sink::{Source, SourceFactory};
+pub use freshet_common::source::SourceOrigin;
+use freshet_common::source::{SourceConfig, SourceInfoExt};
 
 use crate::Coordinator;
-
-/// A change-data-capture source run by a coordinator term.
-pub trait Source: Send + Sync {
-    /// Its state for the admin API.
-    fn info(&self) -> freshet_proto::admin::v1::SourceInfo;
-    /// Asks it to stop (the term ended, or it is being replaced).
-    fn stop(&self);
-    /// Resolves once it has stopped.
-    fn stopped(&self) -> futures::future::BoxFuture<'static, ()>;
-}
-
-/// Makes sources from their definitions (set by the binary, which knows the source
-/// implementations).
-pub trait SourceFactory: Send + Sync {
-    /// Checks a definition against its database without changing anything (tables exist,
-    /// have a key, types map); the error says what is wrong.
-    fn check<'a>(
-        &'a self,
-        config: &'a SourceConfig,
-    ) -> futures::future::BoxFuture<'a, std::result::Result<(), String>>;
-    /// Starts a source; it reports and retries its own failures.
-    fn start(&self, coordinator: Arc<Coordinator>, config: SourceConfig) -> Arc<dyn Source>;
-}
-
-/// Where a running source's definition comes from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum SourceOrigin {
-    /// The configuration file.
-    Config,
-    /// Added at run time, recorded in the catalog.
-    Catalog,
-}
 
 pub(crate) struct RunningSource {
     pub(crate) def: SourceConfig,
@@ -51,10 +24,7 @@ impl RunningSource {
     /// Its state, with where its definition comes from.
     fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
         let mut info = self.source.info();
-        info.origin = match self.origin {
-            SourceOrigin::Config => "config".into(),
-            SourceOrigin::Catalog => "catalog".into(),
-        };
+        info.set_source_origin(self.origin);
         info
     }
 }
@@ -122,7 +92,7 @@ impl Coordinator {
                 }
             };
             tracing::info!(source = %def.name, ?origin, "starting source");
-            let source = factory.start(self.clone(), bound);
+            let source = factory.start(self.clone() as Arc<dyn ChangeSink>, bound);
             self.register_source(def, origin, source);
         }
         match catalog_error {
@@ -214,7 +184,7 @@ impl Coordinator {
                 tracing::warn!(source = %def.name, "the replaced source did not stop within 60 s");
             }
         }
-        let source = factory.start(self.clone(), bound);
+        let source = factory.start(self.clone() as Arc<dyn ChangeSink>, bound);
         Ok(self.register_source(def, SourceOrigin::Catalog, source))
     }
 

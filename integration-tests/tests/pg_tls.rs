@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
+use freshet_common::source::SourceState;
 use freshet_integration_tests::ca::Ca;
 use freshet_integration_tests::pg::{PgOptions, Postgres};
 use freshet_integration_tests::*;
@@ -43,7 +44,7 @@ async fn rows_reach(dir: &Path, src: &freshet_source_postgres::PostgresSource, n
     let end = Instant::now() + Duration::from_secs(90);
     loop {
         let s = src.status();
-        assert_ne!(s.state, "error", "source failed: {}", s.error);
+        assert_ne!(s.state, SourceState::Error, "source failed: {}", s.error);
         if Path::new(&uri).join("_delta_log").exists() {
             let b = query(&uri, "SELECT count(*) FROM t").await;
             if b[0].column(0).as_primitive::<Int64Type>().value(0) == n {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
+use freshet_common::source::{SourceInfoExt, SourceOrigin, SourceState};
 use freshet_integration_tests::pg::Postgres;
 use freshet_integration_tests::*;
 use freshet_source_postgres::{SourceConfig, SourceTable};
@@ -94,7 +95,7 @@ async fn caught_up(
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let s = src.status();
-        assert_ne!(s.state, "error", "source failed: {}", s.error);
+        assert_ne!(s.state, SourceState::Error, "source failed: {}", s.error);
         // A table being re-opened (schema change) counts as pending.
         let pending: u64 = tables
             .iter()
@@ -105,7 +106,7 @@ async fn caught_up(
                     .unwrap_or(1)
             })
             .sum();
-        if s.state == "streaming" && s.polled_lsn >= target && pending == 0 {
+        if s.state == SourceState::Streaming && s.polled_lsn >= target && pending == 0 {
             return;
         }
         assert!(
@@ -280,7 +281,7 @@ async fn key_changes_deletes_truncate_and_a_restart_mid_stream() {
     pg.psql("INSERT INTO orders VALUES (9001, 'us', 3.25, 'after a lost connection', 4); UPDATE orders SET qty = 5 WHERE id = 9000;");
     let end = Instant::now() + Duration::from_secs(30);
     // The error shows, then the retry streams again.
-    while src.status().retries == retries || src.status().state != "streaming" {
+    while src.status().retries == retries || src.status().state != SourceState::Streaming {
         assert!(Instant::now() < end, "no retry: {:?}", src.status());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -370,9 +371,9 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
             .unwrap()
             .into_inner()
             .sources;
-        if s.first()
-            .is_some_and(|s| s.state == "streaming" && s.transactions >= 20)
-        {
+        if s.first().is_some_and(|s| {
+            s.source_state() == Some(SourceState::Streaming) && s.transactions >= 20
+        }) {
             break;
         }
         assert!(Instant::now() < end, "source not streaming: {s:?}");
@@ -420,8 +421,11 @@ async fn coordinator_killed_mid_stream_converges_and_the_slot_never_runs_ahead()
             .table
             .unwrap();
         let s = s.first().cloned().unwrap_or_default();
-        assert_ne!(s.state, "error", "{s:?}");
-        if s.state == "streaming" && s.lag_bytes == 0 && t.pending_changes == 0 {
+        assert_ne!(s.source_state(), Some(SourceState::Error), "{s:?}");
+        if s.source_state() == Some(SourceState::Streaming)
+            && s.lag_bytes == 0
+            && t.pending_changes == 0
+        {
             let want = pg_rows(&pg, ORDERS_PG);
             let got = delta_rows(&uri, ORDERS_DELTA).await;
             if got == want {
@@ -777,7 +781,7 @@ async fn add_column_evolves_the_table_and_an_incompatible_change_pauses_it() {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let s = src.status();
-        if s.state == "error" {
+        if s.state == SourceState::Error {
             assert!(
                 s.error.contains("default") && s.error.contains("evo"),
                 "{}",
@@ -808,7 +812,7 @@ async fn stopped_with_error(src: &freshet_source_postgres::PostgresSource) -> St
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let s = src.status();
-        if s.state == "error" {
+        if s.state == SourceState::Error {
             return s.error;
         }
         assert!(Instant::now() < end, "the source did not stop: {s:?}");
@@ -1007,7 +1011,7 @@ async fn a_transaction_committed_but_still_running_at_the_snapshot_is_not_lost()
             .await
             .unwrap();
     let end = Instant::now() + Duration::from_secs(30);
-    while src.status().state != "snapshotting" {
+    while src.status().state != SourceState::Snapshotting {
         assert!(Instant::now() < end, "{:?}", src.status());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1024,7 +1028,7 @@ async fn a_transaction_committed_but_still_running_at_the_snapshot_is_not_lost()
     older.join().unwrap();
     // The table is copied (or the copy waits for the held transaction).
     let end = Instant::now() + Duration::from_secs(5);
-    while src.status().state != "streaming" && Instant::now() < end {
+    while src.status().state != SourceState::Streaming && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(pg.held_commits(), 1);
@@ -1059,7 +1063,12 @@ async fn a_transaction_committed_but_still_running_at_the_snapshot_is_not_lost()
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(src.status().state, "snapshotting", "{:?}", src.status());
+    assert_eq!(
+        src.status().state,
+        SourceState::Snapshotting,
+        "{:?}",
+        src.status()
+    );
     pg.release_held_commits();
     held.join().unwrap();
     caught_up(&pg, &c, &src, &["seam", "seam2"]).await;
@@ -1240,7 +1249,11 @@ async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survive
         info[0].snapshot_rows >= 19_000 && info[0].snapshot_rows < 25_000,
         "{info:?}"
     );
-    assert_eq!(info[0].state, "streaming", "{info:?}");
+    assert_eq!(
+        info[0].source_state(),
+        Some(SourceState::Streaming),
+        "{info:?}"
+    );
 
     // A restarted coordinator runs the catalogued source again and streams on.
     let c = c.restart().await;
@@ -1248,7 +1261,11 @@ async fn a_source_added_at_run_time_copies_an_added_table_on_its_own_and_survive
     converges(&pg, &b_pg, &b_uri, KV_DELTA, "b after a restart").await;
     converges(&pg, &a_pg, &a_uri, KV_DELTA, "a after a restart").await;
     let info = source_info(&c).await;
-    assert_eq!(info[0].origin, "catalog", "{info:?}");
+    assert_eq!(
+        info[0].source_origin(),
+        Some(SourceOrigin::Catalog),
+        "{info:?}"
+    );
     assert_eq!(
         info[0].snapshot_rows, 0,
         "nothing is copied again: {info:?}"
@@ -1310,7 +1327,7 @@ async fn idle_tables_do_not_hold_wal_and_a_failing_source_retries_until_it_works
     cfg.publication = "later_pub".into();
     let later = freshet_source_postgres::launch(cfg, c.coordinator.clone());
     let end = Instant::now() + Duration::from_secs(20);
-    while later.status().state != "error" {
+    while later.status().state != SourceState::Error {
         assert!(Instant::now() < end, "{:?}", later.status());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

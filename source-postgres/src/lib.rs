@@ -4,6 +4,7 @@
 //! exactly once under sequences derived from commit LSNs.
 
 pub mod array;
+pub mod assembly;
 pub mod config;
 pub mod copy;
 pub mod error;

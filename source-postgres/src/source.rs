@@ -16,20 +16,19 @@
 //! sees is skipped for that table; every other one commits at or after `L`, sorts after
 //! the copy and is applied, so nothing is missed or applied twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Int8Array};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use freshet_common::changes::{OP_DELETE, OP_UPSERT, change_schema};
+use freshet_common::changes::{OP_UPSERT, change_schema};
 use freshet_common::schema::SchemaSpec;
+use freshet_common::sink::{ChangeSink, Source, SourceFactory};
+use freshet_common::source::{SourceInfoExt, SourceState};
 use freshet_common::table::{DEFAULT_TARGET_FILE_SIZE, TableDef};
-use freshet_coordinator::Coordinator;
 use futures::StreamExt;
-use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutPayload};
 use pgwire_replication::{
     FeedbackObserver, Lsn, ReplicationClient, ReplicationEvent, ReplicationMetrics,
 };
@@ -37,19 +36,19 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
-use crate::copy::CopyText;
-
+use crate::assembly::{CHUNK_BYTES, Row, Step, Txn, appended, relation_change, seq};
 use crate::config::{SourceConfig, SourceTable};
+use crate::copy::CopyText;
 use crate::error::{Result, SourceError};
-use crate::pgoutput::{Message, OldTuple, Value, decode, format_lsn, parse_lsn};
+use crate::pgoutput::{Message, Value, decode, format_lsn, parse_lsn};
 use crate::schema::{PgTable, describe};
 use crate::types::array_from_text;
 
 /// Where the source stands.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceStatus {
-    /// `starting`, `snapshotting`, `streaming` or `error`.
-    pub state: String,
+    /// Starting, snapshotting, streaming, or failed (and retrying).
+    pub state: SourceState,
     /// The slot's confirmed position.
     pub confirmed_lsn: u64,
     /// WAL bytes between the server's current position and the confirmed one.
@@ -93,15 +92,14 @@ impl PostgresSource {
     }
 }
 
-impl freshet_coordinator::Source for PostgresSource {
+impl Source for PostgresSource {
     fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
         let s = self.status();
-        freshet_proto::admin::v1::SourceInfo {
+        let mut info = freshet_proto::admin::v1::SourceInfo {
             name: self.config.name.clone(),
             kind: "postgres".into(),
             slot: self.config.slot.clone(),
             publication: self.config.publication.clone(),
-            state: s.state,
             confirmed_lsn: format_lsn(s.confirmed_lsn),
             lag_bytes: s.lag_bytes,
             lag_ms: s.lag_ms,
@@ -109,8 +107,10 @@ impl freshet_coordinator::Source for PostgresSource {
             transactions: s.transactions,
             error: s.error,
             tables: self.config.tables.iter().map(|t| t.name.clone()).collect(),
-            origin: String::new(),
-        }
+            ..Default::default()
+        };
+        info.set_source_state(s.state);
+        info
     }
 
     fn stop(&self) {
@@ -128,7 +128,7 @@ impl freshet_coordinator::Source for PostgresSource {
 /// Makes PostgreSQL sources for the coordinator.
 pub struct PostgresFactory;
 
-impl freshet_coordinator::SourceFactory for PostgresFactory {
+impl SourceFactory for PostgresFactory {
     fn check<'a>(
         &'a self,
         config: &'a SourceConfig,
@@ -136,12 +136,8 @@ impl freshet_coordinator::SourceFactory for PostgresFactory {
         Box::pin(async move { check(config).await.map_err(|e| e.to_string()) })
     }
 
-    fn start(
-        &self,
-        coordinator: Arc<Coordinator>,
-        config: SourceConfig,
-    ) -> Arc<dyn freshet_coordinator::Source> {
-        Arc::new(launch(config, coordinator))
+    fn start(&self, sink: Arc<dyn ChangeSink>, config: SourceConfig) -> Arc<dyn Source> {
+        Arc::new(launch(config, sink))
     }
 }
 
@@ -225,12 +221,6 @@ async fn next_full_xid(client: &Client) -> Result<u64> {
     Ok(v as u64)
 }
 
-const MARKER: &str = "_freshet/source.json";
-
-fn seq(lsn: u64, n: u64) -> u64 {
-    (lsn << 16) | n
-}
-
 struct Mirror {
     cfg: SourceTable,
     pg: PgTable,
@@ -241,14 +231,6 @@ struct Mirror {
     /// may show an older, shorter shape (it ran before a column was added); one committed
     /// at or after it cannot, so a shape missing columns of `pg` there is a drop.
     shape_lsn: u64,
-}
-
-/// How many columns `new` appends to `old`: `Some(n)` when `new` is `old` followed by `n`
-/// more columns (0: the same), `None` for any other change (a column dropped, the last one
-/// included, renamed, retyped or moved). The one rule for which column changes are
-/// mirrored without stopping, since a Delta table can only grow at the end.
-fn appended<T: PartialEq>(old: &[T], new: &[T]) -> Option<usize> {
-    (new.len() >= old.len() && new[..old.len()] == *old).then(|| new.len() - old.len())
 }
 
 /// A column as a relation change is judged by: name, type and type modifier.
@@ -267,9 +249,6 @@ fn table_shape(pg: &PgTable) -> Vec<ColumnShape<'_>> {
         .map(|c| (c.name.as_str(), c.type_oid, c.type_mod))
         .collect()
 }
-
-/// A change row: op and values in PostgreSQL column order.
-type Row = (i8, Vec<Value>);
 
 impl Mirror {
     fn batch(&self, rows: &[Row]) -> Result<RecordBatch> {
@@ -300,10 +279,6 @@ impl Mirror {
         )));
         RecordBatch::try_new(self.schema.clone(), cols)
             .map_err(|e| SourceError::Protocol(format!("{}: {e}", self.pg.qualified)))
-    }
-
-    fn key_of<'a>(&self, v: &'a [Value]) -> Vec<&'a Value> {
-        self.key_idx.iter().map(|i| &v[*i]).collect()
     }
 }
 
@@ -336,25 +311,25 @@ async fn connect(config: &SourceConfig) -> Result<Client> {
 /// Starts a source: checks and maps its tables (creating the Freshet tables), ensures the
 /// publication, then snapshots (when needed) and streams in the background. Errors in the
 /// setup are returned; later errors put the source in state `error` and it retries.
-pub async fn start(config: SourceConfig, coordinator: Arc<Coordinator>) -> Result<PostgresSource> {
-    let prepared = prepare(&config, &coordinator).await?;
-    Ok(supervise(config, coordinator, Some(prepared)))
+pub async fn start(config: SourceConfig, sink: Arc<dyn ChangeSink>) -> Result<PostgresSource> {
+    let prepared = prepare(&config, &*sink).await?;
+    Ok(supervise(config, sink, Some(prepared)))
 }
 
 /// Starts a source that never fails here: whatever goes wrong (PostgreSQL down, a refused
 /// table, a lost connection) shows as state `error` and is retried with a backoff (1 s
 /// doubling to 60 s) until the source is stopped.
-pub fn launch(config: SourceConfig, coordinator: Arc<Coordinator>) -> PostgresSource {
-    supervise(config, coordinator, None)
+pub fn launch(config: SourceConfig, sink: Arc<dyn ChangeSink>) -> PostgresSource {
+    supervise(config, sink, None)
 }
 
 fn supervise(
     config: SourceConfig,
-    coordinator: Arc<Coordinator>,
+    sink: Arc<dyn ChangeSink>,
     prepared: Option<(Client, Vec<Mirror>)>,
 ) -> PostgresSource {
     let status = Arc::new(Mutex::new(SourceStatus {
-        state: "starting".into(),
+        state: SourceState::Starting,
         ..Default::default()
     }));
     let (stop, mut stop_rx) = watch::channel(false);
@@ -369,17 +344,9 @@ fn supervise(
             let attempt = async {
                 let (client, mirrors) = match prepared.take() {
                     Some(p) => p,
-                    None => prepare(&run_config, &coordinator).await?,
+                    None => prepare(&run_config, &*sink).await?,
                 };
-                run(
-                    &run_config,
-                    &coordinator,
-                    client,
-                    mirrors,
-                    &run_status,
-                    run_stop,
-                )
-                .await
+                run(&run_config, &*sink, client, mirrors, &run_status, run_stop).await
             };
             let r = tokio::select! {
                 r = attempt => r,
@@ -389,7 +356,7 @@ fn supervise(
             tracing::error!(source = %run_config.name, error = %e, retry_in_s = backoff.as_secs(), "source failed; retrying");
             {
                 let mut s = run_status.lock().expect("lock");
-                s.state = "error".into();
+                s.state = SourceState::Error;
                 s.error = e.to_string();
                 s.retries += 1;
             }
@@ -411,19 +378,12 @@ fn supervise(
 
 /// Connects, describes and maps every table (creating missing Freshet tables, evolving
 /// ones whose PostgreSQL table gained columns meanwhile) and ensures the publication.
-async fn prepare(
-    config: &SourceConfig,
-    coordinator: &Arc<Coordinator>,
-) -> Result<(Client, Vec<Mirror>)> {
+async fn prepare(config: &SourceConfig, sink: &dyn ChangeSink) -> Result<(Client, Vec<Mirror>)> {
     let client = connect(config).await?;
     let mut mirrors = Vec::new();
     for t in &config.tables {
         let (pg, def) = describe_table(&client, t).await?;
-        match coordinator.create_table(def.clone()).await {
-            Ok(_) | Err(freshet_common::error::Error::TableExists(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let current = coordinator.table(&t.name)?.def.clone();
+        let current = sink.ensure_table(def.clone()).await?;
         let mut m = Mirror {
             cfg: t.clone(),
             schema: change_schema(&current),
@@ -431,7 +391,7 @@ async fn prepare(
             pg,
             shape_lsn: 0,
         };
-        reconcile(&client, coordinator, &mut m, &current, &def).await?;
+        reconcile(&client, sink, &mut m, &current, &def).await?;
         m.key_idx =
             m.pg.key
                 .iter()
@@ -464,7 +424,7 @@ async fn prepare(
 /// table and fails, before anything is written.
 async fn reconcile(
     client: &Client,
-    coordinator: &Arc<Coordinator>,
+    sink: &dyn ChangeSink,
     m: &mut Mirror,
     current: &TableDef,
     wanted: &TableDef,
@@ -483,7 +443,7 @@ async fn reconcile(
         return Ok(());
     }
     if added.is_none() {
-        let _ = coordinator.set_paused(&m.cfg.name, true).await;
+        let _ = sink.set_paused(&m.cfg.name, true).await;
         let show = |v: &[(String, DataType)]| {
             v.iter()
                 .map(|(n, t)| format!("{n} {}", crate::types::type_name(t)))
@@ -522,7 +482,7 @@ async fn reconcile(
         .map_err(SourceError::pg(format!("looking up {}", m.pg.qualified)))?
         .get(0);
     m.pg.columns.truncate(have.len());
-    evolve(client, coordinator, m, oid as u32, &columns).await?;
+    evolve(client, sink, m, oid as u32, &columns).await?;
     m.pg = full;
     Ok(())
 }
@@ -582,29 +542,20 @@ async fn ensure_publication(
     Ok(())
 }
 
-async fn read_marker(coordinator: &Coordinator, m: &Mirror) -> Result<Option<SnapshotMarker>> {
-    let t = coordinator.table(&m.cfg.name)?;
-    let b = freshet_common::storage::read_object(&t.store, &Path::from(MARKER)).await?;
+async fn read_marker(sink: &dyn ChangeSink, m: &Mirror) -> Result<Option<SnapshotMarker>> {
+    let b = sink.read_marker(&m.cfg.name).await?;
     Ok(b.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
-async fn write_marker(
-    coordinator: &Coordinator,
-    m: &Mirror,
-    marker: &SnapshotMarker,
-) -> Result<()> {
-    let t = coordinator.table(&m.cfg.name)?;
+async fn write_marker(sink: &dyn ChangeSink, m: &Mirror, marker: &SnapshotMarker) -> Result<()> {
     let body = serde_json::to_vec_pretty(marker).expect("json");
-    t.store
-        .put(&Path::from(MARKER), PutPayload::from(body))
-        .await
-        .map_err(|e| freshet_common::error::Error::store(MARKER, e))?;
+    sink.write_marker(&m.cfg.name, body.into()).await?;
     Ok(())
 }
 
 async fn run(
     config: &SourceConfig,
-    coordinator: &Arc<Coordinator>,
+    sink: &dyn ChangeSink,
     client: Client,
     mut mirrors: Vec<Mirror>,
     status: &Arc<Mutex<SourceStatus>>,
@@ -622,7 +573,7 @@ async fn run(
     if slot_exists {
         for m in &mirrors {
             markers.push(
-                read_marker(coordinator, m)
+                read_marker(sink, m)
                     .await?
                     .filter(|x| x.slot == config.slot),
             );
@@ -644,9 +595,9 @@ async fn run(
         .filter(|i| markers[*i].is_none())
         .collect();
     if !missing.is_empty() {
-        status.lock().expect("lock").state = "snapshotting".into();
+        status.lock().expect("lock").state = SourceState::Snapshotting;
         for i in missing {
-            markers[i] = Some(snapshot(config, coordinator, &mirrors[i], status).await?);
+            markers[i] = Some(snapshot(config, sink, &mirrors[i], status).await?);
             if *stop.borrow() {
                 return Ok(());
             }
@@ -655,12 +606,12 @@ async fn run(
     let markers: Vec<SnapshotMarker> = markers.into_iter().map(|m| m.expect("set")).collect();
     {
         let mut s = status.lock().expect("lock");
-        s.state = "streaming".into();
+        s.state = SourceState::Streaming;
         s.error.clear();
     }
     stream(
         config,
-        coordinator,
+        sink,
         &client,
         &mut mirrors,
         &markers,
@@ -725,7 +676,7 @@ async fn wait_for_older_transactions(client: &Client) -> Result<()> {
 /// follows `L`.
 async fn snapshot(
     config: &SourceConfig,
-    coordinator: &Arc<Coordinator>,
+    sink: &dyn ChangeSink,
     m: &Mirror,
     status: &Arc<Mutex<SourceStatus>>,
 ) -> Result<SnapshotMarker> {
@@ -778,7 +729,7 @@ async fn snapshot(
     };
     tracing::info!(source = %config.name, table = %m.cfg.name, lsn = %format_lsn(base), snapshot = %snap, estimated_rows = estimate, "copying table");
     // Whatever an interrupted earlier copy left goes first.
-    coordinator.truncate(&m.cfg.name, seq(base, 0)).await?;
+    sink.truncate(&m.cfg.name, seq(base, 0)).await?;
     // At most ~60k chunks, so chunk numbers stay inside the sequence's 16 bits.
     let batch_rows = config
         .snapshot_batch_rows
@@ -828,8 +779,7 @@ async fn snapshot(
                         .into(),
                 });
             }
-            coordinator
-                .stage_changes(&m.cfg.name, m.batch(&part)?, seq(base, chunk), None)
+            sink.stage_changes(&m.cfg.name, m.batch(&part)?, seq(base, chunk), None)
                 .await?;
             copied += part.len() as u64;
             status.lock().expect("lock").snapshot_rows += part.len() as u64;
@@ -842,7 +792,7 @@ async fn snapshot(
     tx.commit()
         .await
         .map_err(SourceError::pg("ending the snapshot"))?;
-    write_marker(coordinator, m, &marker).await?;
+    write_marker(sink, m, &marker).await?;
     tracing::info!(table = %m.cfg.name, rows = copied, "table copied");
     Ok(marker)
 }
@@ -866,7 +816,7 @@ fn quote_ident(name: &str) -> String {
 /// row rewritten: refused (the table is paused) rather than left null.
 async fn evolve(
     client: &Client,
-    coordinator: &Arc<Coordinator>,
+    sink: &dyn ChangeSink,
     m: &mut Mirror,
     oid: u32,
     columns: &[crate::pgoutput::RelationColumn],
@@ -885,7 +835,7 @@ async fn evolve(
         .map(|r| r.get(0))
         .collect();
     if !with_default.is_empty() {
-        let _ = coordinator.set_paused(&m.cfg.name, true).await;
+        let _ = sink.set_paused(&m.cfg.name, true).await;
         return Err(SourceError::Table {
             table: m.pg.qualified.clone(),
             message: format!(
@@ -908,7 +858,7 @@ async fn evolve(
             type_name: String::new(),
         });
     }
-    let current = coordinator.table(&m.cfg.name)?.def.clone();
+    let current = sink.table_def(&m.cfg.name)?;
     let spec = SchemaSpec {
         fields: pg.column_specs(),
     };
@@ -920,8 +870,8 @@ async fn evolve(
         current.partition_by.clone(),
         current.target_file_size,
     )?;
-    coordinator.add_columns(def).await?;
-    m.schema = change_schema(&coordinator.table(&m.cfg.name)?.def);
+    sink.add_columns(def).await?;
+    m.schema = change_schema(&sink.table_def(&m.cfg.name)?);
     m.pg = pg;
     tracing::info!(table = %m.cfg.name, added = ?names, "schema evolved");
     Ok(())
@@ -1016,18 +966,32 @@ async fn fill_unchanged(client: &Client, m: &Mirror, xid: u64, new: &mut [Value]
     Ok(true)
 }
 
-/// One decoded transaction's work, in order.
-enum Event {
-    Rows(usize, Vec<Row>),
-    Truncate(usize),
-}
-
-impl Event {
-    fn table(&self) -> usize {
-        match self {
-            Event::Rows(t, _) | Event::Truncate(t) => *t,
+/// Carries out a transaction's staging steps (see `crate::assembly`) in order; each
+/// returns once durable.
+async fn run_steps(
+    sink: &dyn ChangeSink,
+    mirrors: &[Mirror],
+    steps: Vec<Step>,
+    origin_ms: Option<i64>,
+) -> Result<()> {
+    for step in steps {
+        match step {
+            Step::Stage {
+                table,
+                sequence,
+                rows,
+                open,
+            } => {
+                let m = &mirrors[table];
+                sink.stage_chunk(&m.cfg.name, m.batch(&rows)?, sequence, origin_ms, open)
+                    .await?;
+            }
+            Step::Truncate { table, sequence } => {
+                sink.truncate(&mirrors[table].cfg.name, sequence).await?;
+            }
         }
     }
+    Ok(())
 }
 
 /// Streams the slot over the replication protocol (`START_REPLICATION ... LOGICAL` from the
@@ -1049,7 +1013,7 @@ impl Event {
 /// supervisor retries, and streaming resumes from the slot's confirmed position.
 async fn stream(
     config: &SourceConfig,
-    coordinator: &Arc<Coordinator>,
+    sink: &dyn ChangeSink,
     client: &Client,
     mirrors: &mut [Mirror],
     markers: &[SnapshotMarker],
@@ -1143,10 +1107,8 @@ async fn stream(
     // Where 32-bit xids from the stream take their epoch from (see `full_xid`): the
     // server's next xid, read again at every status refresh.
     let mut xid_reference = next_full_xid(client).await?;
-    let mut events: Vec<Event> = Vec::new();
-    // The transaction's staging (in chunks when it is large) and its bytes not yet staged.
-    let mut txn = TxnStage::new(0);
-    let mut txn_bytes = 0usize;
+    // The transaction being assembled (staged in chunks when it is large).
+    let mut txn = Txn::new(0, CHUNK_BYTES);
     // The newest keepalive position received outside a transaction (safe to confirm).
     let mut heartbeat_at = start;
     let mut last_heartbeat = Instant::now();
@@ -1224,23 +1186,14 @@ async fn stream(
             ReplicationEvent::Begin { xid, final_lsn, .. } => {
                 open = Some(full_xid(xid, xid_reference));
                 open_lsn = final_lsn.as_u64();
-                events.clear();
-                txn = TxnStage::new(open_lsn);
-                txn_bytes = 0;
+                txn = Txn::new(open_lsn, CHUNK_BYTES);
             }
             ReplicationEvent::XLogData { data, .. } => {
                 // A large transaction is staged in chunks as it arrives (bounded memory);
                 // the coordinator applies it in one commit once its last chunk is staged.
                 if let Some(xid) = open {
-                    if txn_bytes >= CHUNK_BYTES {
-                        let todo: Vec<Event> = std::mem::take(&mut events)
-                            .into_iter()
-                            .filter(|e| !markers[e.table()].sees(xid))
-                            .collect();
-                        txn.stage(coordinator, mirrors, todo, None, false).await?;
-                        txn_bytes = 0;
-                    }
-                    txn_bytes += data.len();
+                    let chunk = txn.message(data.len(), |t| markers[t].sees(xid));
+                    run_steps(sink, mirrors, chunk, None).await?;
                 }
                 match decode(&data)? {
                     Message::Relation {
@@ -1257,17 +1210,13 @@ async fn stream(
                         let m = &mirrors[i];
                         let rel = relation_shape(&columns);
                         let known = table_shape(&m.pg);
-                        // Within this session, every relation message must extend the last one.
-                        let since_last = shapes
-                            .get(&i)
-                            .map(|last: &Vec<_>| appended(&relation_shape(last), &rel).is_some());
-                        let added = appended(&known, &rel);
-                        let compatible = since_last != Some(false)
-                            && (added.is_some()
-                            // Shorter: an older shape replayed, only from before the
-                            // table was described; later, columns were dropped.
-                            || (appended(&rel, &known).is_some() && open_lsn < m.shape_lsn));
-                        if !compatible {
+                        // Within this session, every relation message must extend the last
+                        // one; a shorter shape than known is an older one replayed only
+                        // before the table was described.
+                        let last = shapes.get(&i).map(|last| relation_shape(last));
+                        let replayed = open_lsn < m.shape_lsn;
+                        let added = relation_change(&known, last.as_deref(), &rel, replayed);
+                        let Some(added) = added else {
                             // A dropped (the last one too), renamed or retyped column: writing
                             // on would be wrong.
                             let table = mirrors[i].cfg.name.clone();
@@ -1276,7 +1225,7 @@ async fn stream(
                                 .filter(|k| !rel.iter().any(|r| r.0 == k.0))
                                 .map(|k| k.0)
                                 .collect();
-                            let _ = coordinator.set_paused(&table, true).await;
+                            let _ = sink.set_paused(&table, true).await;
                             return Err(SourceError::Table {
                                 table: q,
                                 message: format!(
@@ -1293,70 +1242,58 @@ async fn stream(
                                     }
                                 ),
                             });
-                        }
-                        if added.is_some_and(|n| n > 0) {
+                        };
+                        if added > 0 {
                             // ALTER TABLE ADD COLUMN: evolve the Delta table first.
-                            evolve(client, coordinator, &mut mirrors[i], oid, &columns).await?;
+                            evolve(client, sink, &mut mirrors[i], oid, &columns).await?;
                         }
                         shapes.insert(i, columns);
                         // Fewer columns than known: an older shape replayed; rows are padded.
                         relations.insert(oid, i);
                     }
                     Message::Insert { oid, new } => {
-                        push(&mut events, &relations, oid, (OP_UPSERT, new))
+                        if let Some(&i) = relations.get(&oid) {
+                            txn.insert(i, new);
+                        }
                     }
                     Message::Update { oid, old, new } => {
                         let Some(&i) = relations.get(&oid) else {
                             continue;
                         };
                         let m = &mirrors[i];
-                        let mut new = new;
-                        if let Some(old) = &old {
-                            // A changed key is a delete of the old key plus an insert.
-                            if m.key_of(old.values()) != m.key_of(&new) {
-                                let gone = old.values().to_vec();
-                                push(&mut events, &relations, oid, (OP_DELETE, gone));
-                            }
-                            // Unchanged TOASTed values keep the old value, but only a whole old
-                            // row (REPLICA IDENTITY FULL) has it: a key-only old tuple (a key
-                            // change under the default identity) holds nulls there instead.
-                            if let OldTuple::Row(row) = old {
-                                for (j, v) in new.iter_mut().enumerate() {
-                                    if *v == Value::Unchanged && !matches!(row[j], Value::Unchanged)
-                                    {
-                                        *v = row[j].clone();
-                                    }
+                        // A changed key is a delete of the old key plus an insert; unchanged
+                        // TOASTed values come from a whole old row, or else from the table.
+                        let Some(mut new) = txn.update(i, &m.key_idx, old, new) else {
+                            continue;
+                        };
+                        let Some(xid) = open else {
+                            return Err(SourceError::Protocol(
+                                "an update outside a transaction".into(),
+                            ));
+                        };
+                        if fill_unchanged(client, m, xid, &mut new).await? {
+                            txn.upsert(i, new);
+                        } else {
+                            // The row is gone: a later transaction, still to come in the
+                            // stream, deleted it or moved it to another key. A delete
+                            // (which needs the key only) converges the same way.
+                            for v in new.iter_mut() {
+                                if *v == Value::Unchanged {
+                                    *v = Value::Null;
                                 }
                             }
+                            txn.delete(i, new);
                         }
-                        if new.contains(&Value::Unchanged) {
-                            let Some(xid) = open else {
-                                return Err(SourceError::Protocol(
-                                    "an update outside a transaction".into(),
-                                ));
-                            };
-                            if !fill_unchanged(client, m, xid, &mut new).await? {
-                                // The row is gone: a later transaction, still to come in the
-                                // stream, deleted it or moved it to another key. A delete
-                                // (which needs the key only) converges the same way.
-                                for v in new.iter_mut() {
-                                    if *v == Value::Unchanged {
-                                        *v = Value::Null;
-                                    }
-                                }
-                                push(&mut events, &relations, oid, (OP_DELETE, new));
-                                continue;
-                            }
-                        }
-                        push(&mut events, &relations, oid, (OP_UPSERT, new));
                     }
                     Message::Delete { oid, old } => {
-                        push(&mut events, &relations, oid, (OP_DELETE, old))
+                        if let Some(&i) = relations.get(&oid) {
+                            txn.delete(i, old);
+                        }
                     }
                     Message::Truncate { oids } => {
                         for oid in oids {
                             if let Some(&i) = relations.get(&oid) {
-                                events.push(Event::Truncate(i));
+                                txn.truncate(i);
                             }
                         }
                     }
@@ -1375,20 +1312,14 @@ async fn stream(
                         format_lsn(lsn.as_u64())
                     )));
                 };
-                // Each table skips what its own snapshot already holds.
-                let todo: Vec<Event> = std::mem::take(&mut events)
-                    .into_iter()
-                    .filter(|e| !markers[e.table()].sees(xid))
-                    .collect();
                 // PostgreSQL's epoch is 2000-01-01; freshness starts at the source commit.
                 let origin_ms = commit_time_micros / 1000 + 946_684_800_000;
-                if !todo.is_empty() || txn.is_chunked() {
-                    debug_assert_eq!(txn.commit_lsn, lsn.as_u64());
-                    let mut stage = std::mem::replace(&mut txn, TxnStage::new(0));
-                    stage.commit_lsn = lsn.as_u64();
-                    stage
-                        .stage(coordinator, mirrors, todo, Some(origin_ms), true)
-                        .await?;
+                debug_assert_eq!(txn.commit_lsn(), lsn.as_u64());
+                // Each table skips what its own snapshot already holds.
+                let steps = std::mem::replace(&mut txn, Txn::new(0, CHUNK_BYTES))
+                    .commit(lsn.as_u64(), |t| markers[t].sees(xid));
+                if !steps.is_empty() {
+                    run_steps(sink, mirrors, steps, Some(origin_ms)).await?;
                     status.lock().expect("lock").transactions += 1;
                 }
                 last_commit_ms = Some(origin_ms);
@@ -1447,107 +1378,6 @@ async fn slot_free(
     }
 }
 
-fn push(events: &mut Vec<Event>, relations: &HashMap<u32, usize>, oid: u32, row: Row) {
-    let Some(&i) = relations.get(&oid) else {
-        return;
-    };
-    if let Some(Event::Rows(j, rows)) = events.last_mut() {
-        if *j == i {
-            rows.push(row);
-            return;
-        }
-    }
-    events.push(Event::Rows(i, vec![row]));
-}
-
-/// Decoded bytes of a transaction staged as one chunk once reached. A constant, not a
-/// setting: a transaction re-sent after a crash must be cut at the same places so that its
-/// chunks get the same sequences (and those already staged are skipped).
-const CHUNK_BYTES: usize = 16 * 1024 * 1024;
-
-/// Stages one source transaction: in one piece, or in chunks as it arrives when it is large
-/// (every chunk but the last staged as open, so no cycle applies part of it).
-struct TxnStage {
-    /// The transaction's commit position (its sequences are derived from it).
-    commit_lsn: u64,
-    /// Per table: sequences handed out so far.
-    n: HashMap<usize, u64>,
-    /// Tables with an open chunk staged (their last chunk must close it).
-    open: std::collections::BTreeSet<usize>,
-}
-
-impl TxnStage {
-    fn new(commit_lsn: u64) -> Self {
-        TxnStage {
-            commit_lsn,
-            n: HashMap::new(),
-            open: Default::default(),
-        }
-    }
-
-    /// Whether chunks of it were staged already.
-    fn is_chunked(&self) -> bool {
-        !self.open.is_empty()
-    }
-
-    fn next(&mut self, t: usize) -> u64 {
-        let e = self.n.entry(t).or_insert(0);
-        *e += 1;
-        seq(self.commit_lsn, *e)
-    }
-
-    /// Stages `events` (rows accumulate per table until a TRUNCATE of that table or the
-    /// end of the chunk); with `last`, the transaction ends here and every open table is
-    /// closed (with an empty batch when it has no rows left).
-    async fn stage(
-        &mut self,
-        coordinator: &Coordinator,
-        mirrors: &[Mirror],
-        events: Vec<Event>,
-        origin_ms: Option<i64>,
-        last: bool,
-    ) -> Result<()> {
-        let mut pending: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
-        for ev in events {
-            match ev {
-                Event::Rows(t, rows) => pending.entry(t).or_default().extend(rows),
-                Event::Truncate(t) => {
-                    // What precedes a TRUNCATE is applied before it (its own commit).
-                    let rows = pending.remove(&t).unwrap_or_default();
-                    if !rows.is_empty() || self.open.contains(&t) {
-                        let m = &mirrors[t];
-                        let s = self.next(t);
-                        coordinator
-                            .stage_chunk(&m.cfg.name, m.batch(&rows)?, s, origin_ms, false)
-                            .await?;
-                        self.open.remove(&t);
-                    }
-                    let s = self.next(t);
-                    coordinator.truncate(&mirrors[t].cfg.name, s).await?;
-                }
-            }
-        }
-        if last {
-            for t in self.open.clone() {
-                pending.entry(t).or_default();
-            }
-        }
-        for (t, rows) in pending {
-            let m = &mirrors[t];
-            let s = self.next(t);
-            coordinator
-                .stage_chunk(&m.cfg.name, m.batch(&rows)?, s, origin_ms, !last)
-                .await?;
-            if last {
-                self.open.remove(&t);
-            } else {
-                self.open.insert(t);
-            }
-        }
-        Ok(())
-    }
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1568,19 +1398,6 @@ mod tests {
             xmax,
             xip,
         }
-    }
-
-    #[test]
-    fn only_columns_added_at_the_end_are_append_only() {
-        assert_eq!(appended(&["id", "a"], &["id", "a"]), Some(0));
-        assert_eq!(appended(&["id", "a"], &["id", "a", "b", "c"]), Some(2));
-        // Dropping the last column, or any other.
-        assert_eq!(appended(&["id", "a", "b"], &["id", "a"]), None);
-        assert_eq!(appended(&["id", "a", "b"], &["id", "b"]), None);
-        // Renamed or moved.
-        assert_eq!(appended(&["id", "a"], &["id", "x"]), None);
-        assert_eq!(appended(&["id", "a"], &["a", "id"]), None);
-        assert_eq!(appended(&["id", "a"], &["id", "x", "a"]), None);
     }
 
     #[test]
