@@ -44,6 +44,14 @@ pub enum AdminCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: Format,
     },
+    /// Show what a table's next cycle would do with what is pending now (nothing is
+    /// written): files touched and pruned, bytes, tasks and their workers.
+    Explain {
+        /// The table.
+        table: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
     /// Show the current leader and its epoch.
     Leader {
         #[arg(short, long, value_enum, default_value_t)]
@@ -266,6 +274,20 @@ pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {
                 println!("{t}");
             }
         }
+        AdminCommand::Explain {
+            table: name,
+            output,
+        } => {
+            let e = c
+                .explain_cycle(ExplainCycleRequest { table: name })
+                .await?
+                .into_inner();
+            if output == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&explain_json(&e))?);
+            } else {
+                print_explain(&e);
+            }
+        }
         AdminCommand::Leader { output } => {
             let l = c.get_leader(GetLeaderRequest {}).await?.into_inner();
             if output == Format::Json {
@@ -425,4 +447,82 @@ fn print_cycle(c: &CycleRecord, output: Format) -> anyhow::Result<()> {
     }
     println!("{t}");
     Ok(())
+}
+
+/// An explained cycle as JSON (snake_case keys, as the proto fields).
+fn explain_json(e: &ExplainCycleResponse) -> serde_json::Value {
+    serde_json::json!({
+        "table": e.table, "note": e.note, "segments": e.segments,
+        "segments_left": e.segments_left, "first_sequence": e.first_sequence,
+        "last_sequence": e.last_sequence, "changes": e.changes, "keys": e.keys,
+        "files_total": e.files_total,
+        "files_untouched_partitions": e.files_untouched_partitions,
+        "files_pruned_by_range": e.files_pruned_by_range,
+        "files_to_rewrite": e.files_to_rewrite, "bytes_to_read": e.bytes_to_read,
+        "bytes_to_write_estimate": e.bytes_to_write_estimate, "rounds": e.rounds,
+        "tasks": e.tasks.iter().map(|t| serde_json::json!({
+            "partition": t.partition, "inputs": t.inputs, "input_bytes": t.input_bytes,
+            "changes": t.changes, "worker": t.worker,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_explain(e: &ExplainCycleResponse) {
+    if !e.note.is_empty() {
+        println!("{}: {}", e.table, e.note);
+        if e.segments == 0 {
+            return;
+        }
+    }
+    println!(
+        "{}: next cycle takes {} segment(s) (sequences {}..={}), {} changes on {} keys{}",
+        e.table,
+        e.segments,
+        e.first_sequence,
+        e.last_sequence,
+        e.changes,
+        e.keys,
+        if e.segments_left > 0 {
+            format!("; {} segment(s) left for later cycles", e.segments_left)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "files: {} in the table, {} pruned (partition not touched), {} pruned (no changed key in range), {} to rewrite",
+        e.files_total, e.files_untouched_partitions, e.files_pruned_by_range, e.files_to_rewrite
+    );
+    println!(
+        "bytes: {} to read, about {} to write{}",
+        bytes(e.bytes_to_read),
+        bytes(e.bytes_to_write_estimate),
+        if e.rounds > 1 {
+            format!(" (first of {} rounds)", e.rounds)
+        } else {
+            String::new()
+        }
+    );
+    let mut t = table(&[
+        "task",
+        "partition",
+        "inputs",
+        "input bytes",
+        "changes",
+        "worker",
+    ]);
+    for (i, x) in e.tasks.iter().enumerate() {
+        t.add_row(vec![
+            i.to_string(),
+            if x.partition.is_empty() {
+                "-".into()
+            } else {
+                x.partition.clone()
+            },
+            x.inputs.len().to_string(),
+            bytes(x.input_bytes),
+            x.changes.to_string(),
+            x.worker.clone(),
+        ]);
+    }
+    println!("{t}");
 }

@@ -129,19 +129,6 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same work may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::ObjectStore { .. }
-                | Error::Rpc { .. }
-                | Error::Unavailable(_)
-                | Error::NotLeader { .. }
-                | Error::CommitConflict { .. }
-                | Error::Backpressure { .. }
-        )
-    }
-
     /// The gRPC code for this error: the one place errors meet status codes.
     pub fn code(&self) -> Code {
         match self {

@@ -38,6 +38,7 @@ const READ: &[&str] = &[
     "ListWorkers",
     "WatchCycles",
     "ListSources",
+    "ExplainCycle",
 ];
 const ADMIN: &[&str] = &[
     "CreateTable",

@@ -362,7 +362,7 @@ const MAX_PRODUCERS_IN_MEMORY: usize = 10_000;
 /// How many of the oldest pending segments a cycle takes: up to `cap` bytes (at least one
 /// segment), never ending inside a chunked transaction (whose chunks are taken together,
 /// beyond the cap if need be) and never taking a transaction whose last chunk is not staged.
-fn select(segments: &[PendingSegment], cap: u64) -> usize {
+pub(crate) fn select(segments: &[PendingSegment], cap: u64) -> usize {
     let (mut bytes, mut boundary) = (0u64, 0usize);
     for (i, s) in segments.iter().enumerate() {
         if bytes > 0 && bytes + s.bytes > cap && boundary == i {
@@ -377,7 +377,10 @@ fn select(segments: &[PendingSegment], cap: u64) -> usize {
 }
 
 /// Splits a cycle's segments into rounds of at most `cap` bytes (at least one segment each).
-fn rounds_of<'a>(segments: &[&'a PendingSegment], cap: u64) -> Vec<Vec<&'a PendingSegment>> {
+pub(crate) fn rounds_of<'a>(
+    segments: &[&'a PendingSegment],
+    cap: u64,
+) -> Vec<Vec<&'a PendingSegment>> {
     let mut rounds: Vec<Vec<&PendingSegment>> = Vec::new();
     let mut bytes = 0u64;
     for s in segments {

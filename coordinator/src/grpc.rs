@@ -177,6 +177,15 @@ impl AdminService for CoordinatorGrpc {
         Ok(Response::new(out?))
     }
 
+    async fn explain_cycle(
+        &self,
+        r: Request<ExplainCycleRequest>,
+    ) -> Result<Response<ExplainCycleResponse>, Status> {
+        Ok(Response::new(
+            self.c()?.explain(&r.into_inner().table).await?,
+        ))
+    }
+
     type WatchCyclesStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<CycleRecord, Status>> + Send>>;
 

@@ -12,6 +12,7 @@ pub mod commit;
 pub mod context;
 pub mod cycle;
 pub mod election;
+pub mod explain;
 pub mod fence;
 pub mod fenced_store;
 pub mod grpc;

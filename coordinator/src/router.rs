@@ -230,6 +230,21 @@ impl Router {
 }
 
 impl Router {
+    /// The worker each task of `weights` would go to first (a dry run of `run`'s
+    /// assignment; nothing is sent).
+    pub fn preview(&self, weights: &[u64]) -> Vec<String> {
+        let members = self.members();
+        if members.is_empty() {
+            return vec![String::new(); weights.len()];
+        }
+        let mut order: Vec<usize> = (0..weights.len()).collect();
+        order.sort_by_key(|i| std::cmp::Reverse(weights[*i]));
+        assign(&members, weights, &order)
+            .into_iter()
+            .map(|i| members[i].address.clone())
+            .collect()
+    }
+
     /// The worker for a retry: the least-used current worker that has not failed this task,
     /// else any current worker.
     fn next_worker(&self, failed: &[String]) -> Option<String> {

@@ -191,6 +191,7 @@ async fn cli_json_output_is_snake_case_everywhere() {
             vec!["admin", "cycle", &id],
             vec!["admin", "workers"],
             vec!["admin", "leader"],
+            vec!["admin", "explain", "t"],
             vec!["source", "list"],
         ];
         commands
