@@ -125,6 +125,19 @@ pub struct ClusterConfig {
     pub lease_ttl_s: u64,
     /// Time to wait for etcd at start, in milliseconds.
     pub etcd_connect_timeout_ms: u64,
+    /// PEM CA bundle that etcd's server certificate is verified with. Setting it turns TLS
+    /// on: endpoints are then `https://` (or have no scheme). Empty: plaintext.
+    pub etcd_ca_file: String,
+    /// PEM client certificate presented to etcd (its `--client-cert-auth`); needs
+    /// `etcd_key_file` and `etcd_ca_file`.
+    pub etcd_cert_file: String,
+    /// PEM private key of `etcd_cert_file`.
+    pub etcd_key_file: String,
+    /// etcd user (etcd's RBAC, `auth enable`); needs `etcd_password_file`. Empty: anonymous.
+    pub etcd_user: String,
+    /// File holding the password of `etcd_user` (one trailing newline ignored). Re-read
+    /// while running, so a rotated password is picked up; never configured inline.
+    pub etcd_password_file: String,
 }
 
 impl Default for ClusterConfig {
@@ -134,6 +147,11 @@ impl Default for ClusterConfig {
             etcd_endpoints: Vec::new(),
             lease_ttl_s: 10,
             etcd_connect_timeout_ms: 5000,
+            etcd_ca_file: String::new(),
+            etcd_cert_file: String::new(),
+            etcd_key_file: String::new(),
+            etcd_user: String::new(),
+            etcd_password_file: String::new(),
         }
     }
 }
@@ -142,6 +160,190 @@ impl ClusterConfig {
     /// The etcd key prefix of this cluster.
     pub fn prefix(&self) -> String {
         format!("/freshet/{}/", self.name)
+    }
+
+    /// Whether etcd is reached over TLS (`etcd_ca_file` set).
+    pub fn etcd_tls(&self) -> bool {
+        !self.etcd_ca_file.is_empty()
+    }
+
+    /// Refuses settings that do not fit together, naming the key: a certificate without
+    /// its key (or the other way round) or without a CA, a user without a password file
+    /// (or the other way round), an `https://` endpoint without `etcd_ca_file` or an
+    /// `http://` one with it, etcd security settings without endpoints, a lease TTL below
+    /// 2 s. Files are read when connecting (common/src/etcd.rs).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let set = |v: &str| !v.is_empty();
+        if self.etcd_endpoints.is_empty() {
+            for (key, value) in [
+                ("etcd_ca_file", &self.etcd_ca_file),
+                ("etcd_cert_file", &self.etcd_cert_file),
+                ("etcd_key_file", &self.etcd_key_file),
+                ("etcd_user", &self.etcd_user),
+                ("etcd_password_file", &self.etcd_password_file),
+            ] {
+                if set(value) {
+                    return bad(format!(
+                        "cluster.{key} is set but cluster.etcd_endpoints is empty (no etcd)"
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        if self.lease_ttl_s < 2 {
+            return bad(format!(
+                "cluster.lease_ttl_s is {}; it must be at least 2",
+                self.lease_ttl_s
+            ));
+        }
+        let pairs = [
+            (
+                "etcd_cert_file",
+                &self.etcd_cert_file,
+                "etcd_key_file",
+                &self.etcd_key_file,
+            ),
+            (
+                "etcd_user",
+                &self.etcd_user,
+                "etcd_password_file",
+                &self.etcd_password_file,
+            ),
+        ];
+        for (a, va, b, vb) in pairs {
+            for (x, vx, y, vy) in [(a, va, b, vb), (b, vb, a, va)] {
+                if set(vx) && !set(vy) {
+                    return bad(format!("cluster.{x} is set but cluster.{y} is not"));
+                }
+            }
+        }
+        if set(&self.etcd_cert_file) && !self.etcd_tls() {
+            return bad(
+                "cluster.etcd_cert_file is set but cluster.etcd_ca_file is not: a client \
+                 certificate needs TLS, which etcd_ca_file turns on"
+                    .into(),
+            );
+        }
+        for e in &self.etcd_endpoints {
+            let lower = e.to_ascii_lowercase();
+            if lower.starts_with("https://") && !self.etcd_tls() {
+                return bad(format!(
+                    "cluster.etcd_endpoints has '{e}' (https) but cluster.etcd_ca_file is not \
+                     set: TLS to etcd needs the CA that signed etcd's certificate"
+                ));
+            }
+            if lower.starts_with("http://") && self.etcd_tls() {
+                return bad(format!(
+                    "cluster.etcd_endpoints has '{e}' (plaintext http) but cluster.etcd_ca_file \
+                     is set: use https:// endpoints with TLS"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::ClusterConfig;
+
+    fn cluster(f: impl FnOnce(&mut ClusterConfig)) -> Result<(), String> {
+        let mut c = ClusterConfig {
+            etcd_endpoints: vec!["https://etcd:2379".into()],
+            etcd_ca_file: "/ca.pem".into(),
+            ..Default::default()
+        };
+        f(&mut c);
+        c.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn complete_etcd_security_settings_pass() {
+        cluster(|_| {}).unwrap();
+        cluster(|c| {
+            c.etcd_cert_file = "/c.pem".into();
+            c.etcd_key_file = "/k.pem".into();
+            c.etcd_user = "freshet".into();
+            c.etcd_password_file = "/pw".into();
+            c.etcd_endpoints.push("etcd-1:2379".into());
+        })
+        .unwrap();
+        // Plaintext and anonymous stays possible (development), and no etcd at all.
+        cluster(|c| {
+            c.etcd_ca_file.clear();
+            c.etcd_endpoints = vec!["http://127.0.0.1:2379".into()];
+            c.etcd_user = "u".into();
+            c.etcd_password_file = "/pw".into();
+        })
+        .unwrap();
+        ClusterConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn half_configured_etcd_security_is_refused_naming_the_key() {
+        let cases: Vec<(Box<dyn FnOnce(&mut ClusterConfig)>, &str)> = vec![
+            (
+                Box::new(|c| c.etcd_cert_file = "/c".into()),
+                "cluster.etcd_key_file is not",
+            ),
+            (
+                Box::new(|c| c.etcd_key_file = "/k".into()),
+                "cluster.etcd_cert_file is not",
+            ),
+            (
+                Box::new(|c| c.etcd_user = "u".into()),
+                "cluster.etcd_password_file is not",
+            ),
+            (
+                Box::new(|c| c.etcd_password_file = "/p".into()),
+                "cluster.etcd_user is not",
+            ),
+            (
+                Box::new(|c| {
+                    c.etcd_ca_file.clear();
+                    c.etcd_cert_file = "/c".into();
+                    c.etcd_key_file = "/k".into();
+                    c.etcd_endpoints = vec!["etcd:2379".into()];
+                }),
+                "cluster.etcd_ca_file is not",
+            ),
+            (
+                Box::new(|c| c.etcd_ca_file.clear()),
+                "'https://etcd:2379' (https) but cluster.etcd_ca_file is not set",
+            ),
+            (
+                Box::new(|c| c.etcd_endpoints.push("HTTP://other:2379".into())),
+                "'HTTP://other:2379' (plaintext http) but cluster.etcd_ca_file is set",
+            ),
+            (
+                Box::new(|c| c.etcd_endpoints.clear()),
+                "cluster.etcd_ca_file is set but cluster.etcd_endpoints is empty",
+            ),
+            (Box::new(|c| c.lease_ttl_s = 1), "cluster.lease_ttl_s is 1"),
+        ];
+        for (f, want) in cases {
+            let e = cluster(f).unwrap_err();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn etcd_keys_parse_from_toml() {
+        let c = crate::config::Config::from_toml(
+            "[cluster]\netcd_endpoints = [\"https://e:2379\"]\netcd_ca_file = \"/ca\"\n\
+             etcd_cert_file = \"/c\"\netcd_key_file = \"/k\"\netcd_user = \"freshet\"\n\
+             etcd_password_file = \"/pw\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.etcd_user, "freshet");
+        assert_eq!(c.cluster.etcd_password_file, "/pw");
+        c.cluster.validate().unwrap();
+        // No inline password.
+        let e = crate::config::Config::from_toml("[cluster]\netcd_password = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("etcd_password"), "{e}");
     }
 }
 

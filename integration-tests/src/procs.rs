@@ -128,25 +128,85 @@ impl Drop for Proc {
 
 /// A running etcd.
 pub struct Etcd {
-    /// `http://127.0.0.1:port`.
+    /// `http://127.0.0.1:port` (`https://` when secure).
     pub endpoint: String,
     proc: Proc,
     dir: PathBuf,
     client: u16,
     peer: u16,
+    secure: Option<(EtcdSecurity, u16)>,
+}
+
+/// The password of etcd's `root` user in a secure etcd with auth enabled.
+pub const ETCD_ROOT_PASSWORD: &str = "root-secret";
+
+/// TLS and authentication of a secure etcd ([`Etcd::start_secure`]).
+#[derive(Debug, Clone)]
+pub struct EtcdSecurity {
+    /// CA bundle: etcd verifies client certificates with it (`--trusted-ca-file`).
+    pub ca_file: PathBuf,
+    /// etcd's server certificate (for 127.0.0.1) and key; the harness also presents it as
+    /// its own client certificate while it sets up users.
+    pub cert_file: PathBuf,
+    /// Key of `cert_file`.
+    pub key_file: PathBuf,
+    /// `--client-cert-auth`: clients without a certificate of `ca_file` are refused.
+    pub client_cert_auth: bool,
+    /// A user (name, password) granted readwrite on the prefix `/freshet/` (role
+    /// `freshet`); with it, a `root` user ([`ETCD_ROOT_PASSWORD`]) is made and auth enabled.
+    pub user: Option<(String, String)>,
+    /// `--auth-token-ttl` in seconds: how long etcd's simple tokens live *without use*
+    /// (etcd's default is 300; each use extends them).
+    pub auth_token_ttl_s: Option<u64>,
+    /// JWT tokens (`--auth-token jwt,...,sign-method=ES256,ttl=<n>s`, key pair made in the
+    /// data directory's parent) that expire `n` seconds after issue, used or not.
+    pub jwt_ttl_s: Option<u64>,
 }
 
 impl Etcd {
     /// Starts etcd with its data under `dir`; waits until it reports healthy.
     pub fn start(dir: &Path) -> Etcd {
         let (client, peer) = (free_port(), free_port());
-        let proc = Self::spawn_on(dir, client, peer, false);
+        let proc = Self::spawn_on(dir, client, peer, None, false);
         Etcd {
             endpoint: format!("http://127.0.0.1:{client}"),
             proc,
             dir: dir.to_path_buf(),
             client,
             peer,
+            secure: None,
+        }
+    }
+
+    /// Starts etcd serving clients over TLS only (`https://127.0.0.1:port`), health on a
+    /// plaintext metrics port; with `security.user`, makes the users and role and enables
+    /// auth before returning.
+    pub fn start_secure(dir: &Path, security: EtcdSecurity) -> Etcd {
+        let (client, peer, metrics) = (free_port(), free_port(), free_port());
+        let proc = Self::spawn_on(dir, client, peer, Some((&security, metrics)), false);
+        let endpoint = format!("https://127.0.0.1:{client}");
+        if let Some((user, password)) = security.user.clone() {
+            let (ep, sec) = (endpoint.clone(), security.clone());
+            let setup = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(enable_auth(&ep, &sec, &user, &password))
+            })
+            .join()
+            .unwrap();
+            if let Err(e) = setup {
+                panic!("etcd auth setup failed: {e}\n{}", proc.log_text());
+            }
+        }
+        Etcd {
+            endpoint,
+            proc,
+            dir: dir.to_path_buf(),
+            client,
+            peer,
+            secure: Some((security, metrics)),
         }
     }
 
@@ -159,7 +219,8 @@ impl Etcd {
     /// log is continued); waits until it reports healthy.
     pub fn restart(&mut self) {
         self.proc.kill9();
-        self.proc = Self::spawn_on(&self.dir, self.client, self.peer, true);
+        let secure = self.secure.as_ref().map(|(s, m)| (s, *m));
+        self.proc = Self::spawn_on(&self.dir, self.client, self.peer, secure, true);
     }
 
     /// The etcd process id.
@@ -167,10 +228,22 @@ impl Etcd {
         self.proc.pid()
     }
 
-    fn spawn_on(dir: &Path, client: u16, peer: u16, append: bool) -> Proc {
+    /// The etcd log so far.
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    fn spawn_on(
+        dir: &Path,
+        client: u16,
+        peer: u16,
+        secure: Option<(&EtcdSecurity, u16)>,
+        append: bool,
+    ) -> Proc {
         let bin = which("etcd")
             .expect("etcd is not installed: `apt-get install -y etcd-server` (.ci/run does this)");
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if secure.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let mut cmd = Command::new(bin);
         cmd.args([
             "--name",
@@ -188,10 +261,46 @@ impl Etcd {
             "--initial-cluster",
             &format!("test=http://127.0.0.1:{peer}"),
         ]);
+        // Health of a secure etcd is asked on a plaintext metrics port.
+        let health_port = match secure {
+            None => client,
+            Some((s, metrics)) => {
+                cmd.args([
+                    "--cert-file",
+                    &s.cert_file.display().to_string(),
+                    "--key-file",
+                    &s.key_file.display().to_string(),
+                    "--trusted-ca-file",
+                    &s.ca_file.display().to_string(),
+                    "--listen-metrics-urls",
+                    &format!("http://127.0.0.1:{metrics}"),
+                ]);
+                if s.client_cert_auth {
+                    cmd.arg("--client-cert-auth");
+                }
+                if let Some(ttl) = s.auth_token_ttl_s {
+                    cmd.arg(format!("--auth-token-ttl={ttl}"));
+                }
+                if let Some(ttl) = s.jwt_ttl_s {
+                    let (private, public) = (dir.join("jwt-key.pem"), dir.join("jwt-pub.pem"));
+                    if !private.exists() {
+                        let key = rcgen::KeyPair::generate().unwrap();
+                        std::fs::write(&private, key.serialize_pem()).unwrap();
+                        std::fs::write(&public, key.public_key_pem()).unwrap();
+                    }
+                    cmd.arg(format!(
+                        "--auth-token=jwt,pub-key={},priv-key={},sign-method=ES256,ttl={ttl}s",
+                        public.display(),
+                        private.display()
+                    ));
+                }
+                metrics
+            }
+        };
         let proc = Proc::spawn_log("etcd", &mut cmd, dir.join("etcd.log"), append);
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            if http_get(client, "/health").is_some_and(|b| b.contains("true")) {
+            if http_get(health_port, "/health").is_some_and(|b| b.contains("true")) {
                 break;
             }
             assert!(
@@ -203,6 +312,51 @@ impl Etcd {
         }
         proc
     }
+}
+
+/// A client of a secure etcd as the harness (its certificate; `user` when auth is on).
+pub async fn etcd_admin_client(
+    endpoint: &str,
+    security: &EtcdSecurity,
+    user: Option<(&str, &str)>,
+) -> Result<etcd_client::Client, etcd_client::Error> {
+    use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(read(&security.ca_file)))
+        .identity(Identity::from_pem(
+            read(&security.cert_file),
+            read(&security.key_file),
+        ));
+    let mut options = ConnectOptions::new()
+        .with_tls(tls)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10));
+    if let Some((u, p)) = user {
+        options = options.with_user(u, p);
+    }
+    etcd_client::Client::connect([endpoint], Some(options)).await
+}
+
+/// Makes `root` (root role), the role `freshet` (readwrite on `/freshet/`), `user` with that
+/// role, and enables auth.
+async fn enable_auth(
+    endpoint: &str,
+    security: &EtcdSecurity,
+    user: &str,
+    password: &str,
+) -> Result<(), etcd_client::Error> {
+    use etcd_client::Permission;
+    let mut c = etcd_admin_client(endpoint, security, None).await?;
+    c.user_add("root", ETCD_ROOT_PASSWORD, None).await?;
+    c.user_grant_role("root", "root").await?;
+    c.role_add("freshet").await?;
+    c.role_grant_permission("freshet", Permission::read_write("/freshet/").with_prefix())
+        .await?;
+    c.user_add(user, password, None).await?;
+    c.user_grant_role(user, "freshet").await?;
+    c.auth_enable().await?;
+    Ok(())
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -260,14 +414,21 @@ pub struct ProcCluster {
 impl ProcCluster {
     /// Starts etcd; writes the config (cluster, catalog, plus `extra` TOML). No processes yet.
     pub fn new(extra: &str) -> ProcCluster {
+        Self::with_etcd(extra, |dir| (Etcd::start(dir), String::new()))
+    }
+
+    /// [`ProcCluster::new`] with the etcd `start` makes in the cluster's directory (say
+    /// [`Etcd::start_secure`]) and the extra `[cluster]` lines it returns (say
+    /// `etcd_ca_file = ...`).
+    pub fn with_etcd(extra: &str, start: impl FnOnce(&Path) -> (Etcd, String)) -> ProcCluster {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let etcd = Etcd::start(&dir);
+        let (etcd, cluster_lines) = start(&dir);
         let config = dir.join("freshet.toml");
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nname = \"test\"\netcd_endpoints = [\"{}\"]\nlease_ttl_s = 3\n\n[catalog]\nuri = \"{}\"\n\n{extra}\n",
+                "[cluster]\nname = \"test\"\netcd_endpoints = [\"{}\"]\nlease_ttl_s = 3\n{cluster_lines}\n[catalog]\nuri = \"{}\"\n\n{extra}\n",
                 etcd.endpoint,
                 dir.join("catalog").display()
             ),
