@@ -18,6 +18,8 @@ use crate::{Coordinator, StartOptions};
 /// whenever this coordinator begins leading.
 pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>) -> Result<()> {
     // Fail at start, naming the problem, rather than at the first cycle.
+    // Half-configured etcd security is refused even when there is no etcd to connect to.
+    config.cluster.validate()?;
     for t in &config.tables {
         let def = t.to_def()?;
         // Outside storage.allowed_prefixes is refused before table_url creates a directory.

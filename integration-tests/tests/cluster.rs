@@ -505,6 +505,11 @@ fn bad_configuration_fails_at_start_naming_the_problem() {
     assert!(e.contains("intervall_ms"), "{e}");
     let e = start_fails("[worker]\ncapacityy = 5\n", "worker", dir.path());
     assert!(e.contains("capacityy"), "{e}");
+    // etcd security without etcd: refused by both, naming the key.
+    for role in ["coordinator", "worker"] {
+        let e = start_fails("[cluster]\netcd_ca_file = \"/etc/ca.pem\"\n", role, dir.path());
+        assert!(e.contains("cluster.etcd_ca_file"), "{role}: {e}");
+    }
 
     let unreachable = format!(
         "[cluster]\netcd_endpoints = [\"http://127.0.0.1:{dead}\"]\netcd_connect_timeout_ms = 1000\n[catalog]\nuri = \"{catalog}\"\n"

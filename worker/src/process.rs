@@ -15,6 +15,8 @@ use crate::{Worker, bind, serve_tls};
 
 /// Runs a worker until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
+    // Half-configured etcd security is refused even when there is no etcd to connect to.
+    config.cluster.validate()?;
     let id =
         config.worker.id.clone().unwrap_or_else(|| {
             format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
