@@ -75,6 +75,14 @@ pub enum AdminCommand {
         /// The table.
         table: String,
     },
+    /// Show table maintenance: settings and the last runs (checkpoints, expired log
+    /// entries removed, files vacuumed, bytes freed, errors).
+    Maintenance {
+        /// Only this table (default: every table).
+        table: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
 }
 
 impl AdminCommand {
@@ -372,6 +380,94 @@ pub async fn run(endpoint: &str, cmd: AdminCommand) -> anyhow::Result<()> {
             .await?;
             println!("table {tname} resumed");
         }
+        AdminCommand::Maintenance {
+            table: tname,
+            output,
+        } => {
+            let tables = c
+                .get_maintenance(GetMaintenanceRequest {
+                    table: tname.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .tables;
+            print_maintenance(&tables, output)?;
+        }
+    }
+    Ok(())
+}
+
+fn maintenance_run_json(r: &MaintenanceRun) -> serde_json::Value {
+    serde_json::json!({
+        "started_at_ms": r.started_at_ms, "duration_ms": r.duration_ms,
+        "table_version": r.table_version, "checkpoint_version": r.checkpoint_version,
+        "checkpoint_written": r.checkpoint_written, "log_entries_removed": r.log_entries_removed,
+        "files_vacuumed": r.files_vacuumed, "bytes_freed": r.bytes_freed,
+        "properties_set": r.properties_set, "error": r.error, "epoch": r.epoch,
+    })
+}
+
+fn print_maintenance(tables: &[TableMaintenance], output: Format) -> anyhow::Result<()> {
+    if output == Format::Json {
+        let v: Vec<_> = tables
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "table": m.table, "interval_ms": m.interval_ms,
+                    "checkpoint_interval": m.checkpoint_interval,
+                    "log_retention_ms": m.log_retention_ms,
+                    "deleted_file_retention_ms": m.deleted_file_retention_ms,
+                    "files_vacuumed_total": m.files_vacuumed_total,
+                    "bytes_freed_total": m.bytes_freed_total,
+                    "runs": m.runs.iter().map(maintenance_run_json).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let hours = |ms: u64| format!("{:.1} h", ms as f64 / 3_600_000.0);
+    for m in tables {
+        println!(
+            "table {}: every {} ms; checkpoint every {} commits, log retention {}, deleted-file retention {}; vacuumed {} files, {} since the term began",
+            m.table,
+            m.interval_ms,
+            m.checkpoint_interval,
+            hours(m.log_retention_ms),
+            hours(m.deleted_file_retention_ms),
+            m.files_vacuumed_total,
+            bytes(m.bytes_freed_total)
+        );
+        let mut t = table(&[
+            "at",
+            "ms",
+            "version",
+            "checkpoint",
+            "log removed",
+            "vacuumed",
+            "freed",
+            "error",
+        ]);
+        for r in &m.runs {
+            let at = chrono::DateTime::from_timestamp_millis(r.started_at_ms)
+                .map(|d| d.format("%H:%M:%S%.3f").to_string())
+                .unwrap_or_default();
+            t.add_row(vec![
+                at,
+                r.duration_ms.to_string(),
+                r.table_version.to_string(),
+                match (r.checkpoint_version, r.checkpoint_written) {
+                    (-1, _) => "none".into(),
+                    (v, true) => format!("{v} (written)"),
+                    (v, false) => v.to_string(),
+                },
+                r.log_entries_removed.to_string(),
+                r.files_vacuumed.to_string(),
+                bytes(r.bytes_freed),
+                r.error.clone(),
+            ]);
+        }
+        println!("{t}");
     }
     Ok(())
 }

@@ -43,6 +43,141 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Tokens and roles of the ingest and admin APIs (none configured: open).
     pub auth: crate::auth::AuthConfig,
+    /// Table maintenance on the leader: checkpoints, expired log cleanup, vacuum.
+    pub maintenance: MaintenanceConfig,
+}
+
+/// Table maintenance, run by the leader per table between cycles (docs/maintenance.md).
+/// The three Delta settings are written into a table that lacks them (one metadata
+/// commit); a table's own `delta.*` property wins over them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Run maintenance at all.
+    pub enabled: bool,
+    /// Time between maintenance runs of a table, in milliseconds.
+    pub interval_ms: u64,
+    /// A checkpoint every this many commits (`delta.checkpointInterval`).
+    pub checkpoint_interval: u64,
+    /// Log entries older than this (and older than the latest checkpoint) are deleted
+    /// (`delta.logRetentionDuration`), e.g. "720h" (Delta's default, 30 days).
+    pub log_retention: HumanDuration,
+    /// Data files removed from the table longer ago than this are deleted by vacuum
+    /// (`delta.deletedFileRetentionDuration`), e.g. "168h" (Delta's default, 7 days).
+    /// Time travel to versions older than this fails; below 1 h a warning is logged.
+    pub deleted_file_retention: HumanDuration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            enabled: true,
+            interval_ms: 60_000,
+            checkpoint_interval: 10,
+            log_retention: HumanDuration(std::time::Duration::from_secs(30 * 24 * 3600)),
+            deleted_file_retention: HumanDuration(std::time::Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    /// Refuses an interval or checkpoint interval of 0.
+    pub fn validate(&self) -> Result<()> {
+        if self.interval_ms == 0 {
+            return Err(Error::Config(
+                "maintenance.interval_ms must be above 0".into(),
+            ));
+        }
+        if self.checkpoint_interval == 0 {
+            return Err(Error::Config(
+                "maintenance.checkpoint_interval must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A duration written as a number and a unit, or several: "500ms", "90s", "15m", "168h",
+/// "30d", "1h30m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub std::time::Duration);
+
+impl HumanDuration {
+    /// Parses "<number><unit>..." with units ms, s, m, h, d, w.
+    pub fn parse(text: &str) -> std::result::Result<HumanDuration, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("empty duration".into());
+        }
+        let mut total = std::time::Duration::ZERO;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            if digits == 0 {
+                return Err(format!(
+                    "'{text}' is not a duration (e.g. 500ms, 90s, 15m, 168h, 30d)"
+                ));
+            }
+            let n: u64 = rest[..digits]
+                .parse()
+                .map_err(|e| format!("'{text}': {e}"))?;
+            rest = &rest[digits..];
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let ms: u64 = match &rest[..unit_len] {
+                "ms" => 1,
+                "s" => 1000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "d" => 86_400_000,
+                "w" => 7 * 86_400_000,
+                u => {
+                    return Err(format!(
+                        "'{text}': unknown unit '{u}' (ms, s, m, h, d or w)"
+                    ));
+                }
+            };
+            rest = &rest[unit_len..];
+            total += std::time::Duration::from_millis(
+                n.checked_mul(ms)
+                    .ok_or_else(|| format!("'{text}' is too long"))?,
+            );
+        }
+        Ok(HumanDuration(total))
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis() as u64;
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms > 0 && ms % size == 0 {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// TLS of every gRPC server and client of the process (docs/security.md, "TLS"). Empty
@@ -603,6 +738,38 @@ mod tests {
         std::fs::write(&p, "[cycle]\nintervall_ms = 500\n").unwrap();
         let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
         assert!(e.contains("intervall_ms"), "{e}");
+    }
+
+    #[test]
+    fn maintenance_durations_parse_and_bad_ones_name_the_key() {
+        let c = Config::from_toml(
+            "[maintenance]\ndeleted_file_retention = \"1h30m\"\nlog_retention = \"500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.maintenance.deleted_file_retention.0,
+            std::time::Duration::from_secs(5400)
+        );
+        assert_eq!(c.maintenance.log_retention.to_string(), "500ms");
+        assert_eq!(c.maintenance.checkpoint_interval, 10);
+        assert_eq!(
+            Config::default()
+                .maintenance
+                .deleted_file_retention
+                .to_string(),
+            "7d"
+        );
+        for bad in ["7 days", "h", "12x", ""] {
+            let e = Config::from_toml(&format!(
+                "[maintenance]\ndeleted_file_retention = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("deleted_file_retention"), "{bad}: {e}");
+        }
+        let mut m = MaintenanceConfig::default();
+        m.checkpoint_interval = 0;
+        assert!(m.validate().is_err());
     }
 
     #[test]

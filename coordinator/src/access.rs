@@ -39,6 +39,7 @@ const READ: &[&str] = &[
     "WatchCycles",
     "ListSources",
     "ExplainCycle",
+    "GetMaintenance",
 ];
 const ADMIN: &[&str] = &[
     "CreateTable",

@@ -177,6 +177,14 @@ impl AdminService for CoordinatorGrpc {
         Ok(Response::new(out?))
     }
 
+    async fn get_maintenance(
+        &self,
+        r: Request<GetMaintenanceRequest>,
+    ) -> Result<Response<GetMaintenanceResponse>, Status> {
+        let tables = self.c()?.maintenance(&r.into_inner().table)?;
+        Ok(Response::new(GetMaintenanceResponse { tables }))
+    }
+
     async fn explain_cycle(
         &self,
         r: Request<ExplainCycleRequest>,

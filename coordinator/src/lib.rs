@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod history;
 pub mod ingest;
 pub mod lifecycle;
+pub mod maintenance;
 pub mod membership;
 pub mod metrics;
 pub mod node;

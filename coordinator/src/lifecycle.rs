@@ -89,6 +89,11 @@ impl Coordinator {
             self.inner().ctx.clone(),
         ));
         tokio::spawn(table_loop(self.inner().clone(), t.clone()));
+        // Checkpoints, log cleanup and vacuum between cycles (under the same Delta lock).
+        tokio::spawn(crate::maintenance::maintenance_loop(
+            self.inner().ctx.clone(),
+            t.clone(),
+        ));
         tokio::spawn(history::load_history(self.inner().clone(), t.clone()));
         tracing::info!(table = %t.def.name, uri = %t.def.uri, adopted, applied = rec.applied, "serving table");
         Ok((t, adopted))

@@ -53,6 +53,16 @@ pub struct CoordinatorMetrics {
     pub leader_changes: Counter,
     /// 1 while this coordinator leads.
     pub is_leader: Gauge,
+    /// Data files deleted by vacuum.
+    pub vacuumed_files: Family<TableLabel, Counter>,
+    /// Bytes freed by vacuum.
+    pub vacuumed_bytes: Family<TableLabel, Counter>,
+    /// Expired Delta log entries deleted by maintenance.
+    pub log_entries_removed: Family<TableLabel, Counter>,
+    /// Checkpoints written by maintenance (the commit path writes the others).
+    pub checkpoints_written: Family<TableLabel, Counter>,
+    /// Maintenance runs that failed (the next run tries again).
+    pub maintenance_failures: Family<TableLabel, Counter>,
 }
 
 impl Default for CoordinatorMetrics {
@@ -69,6 +79,11 @@ impl Default for CoordinatorMetrics {
             workers: Gauge::default(),
             leader_changes: Counter::default(),
             is_leader: Gauge::default(),
+            vacuumed_files: Family::default(),
+            vacuumed_bytes: Family::default(),
+            log_entries_removed: Family::default(),
+            checkpoints_written: Family::default(),
+            maintenance_failures: Family::default(),
         }
     }
 }
@@ -131,6 +146,31 @@ impl CoordinatorMetrics {
             "is_leader",
             "1 while this coordinator leads",
             self.is_leader.clone(),
+        );
+        r.register(
+            "vacuumed_files",
+            "Data files deleted by vacuum (removed from the table beyond the retention)",
+            self.vacuumed_files.clone(),
+        );
+        r.register(
+            "vacuumed_bytes",
+            "Bytes freed by vacuum",
+            self.vacuumed_bytes.clone(),
+        );
+        r.register(
+            "log_entries_removed",
+            "Expired Delta log entries deleted by maintenance",
+            self.log_entries_removed.clone(),
+        );
+        r.register(
+            "checkpoints_written",
+            "Delta checkpoints written by maintenance",
+            self.checkpoints_written.clone(),
+        );
+        r.register(
+            "maintenance_failures",
+            "Maintenance runs that failed",
+            self.maintenance_failures.clone(),
         );
     }
 
