@@ -3,7 +3,9 @@
 
 use anyhow::bail;
 use clap::Subcommand;
-use freshet_proto::admin::v1::{AddSourceRequest, ListSourcesRequest, SourceInfo};
+use freshet_proto::admin::v1::{
+    AddSourceRequest, ListSourcesRequest, RemoveSourceRequest, ResyncTableRequest, SourceInfo,
+};
 
 use crate::output::{Format, table};
 
@@ -19,6 +21,21 @@ pub enum SourceCommand {
         file: String,
         #[arg(short, long, value_enum, default_value_t)]
         output: Format,
+    },
+    /// Remove a source added at run time: stop it, drop its replication slot and
+    /// publication, forget it. Its tables stay (drop them with `freshet table drop`).
+    Remove {
+        /// The source's name.
+        name: String,
+        /// Keep the publication (other consumers use it).
+        #[arg(long)]
+        keep_publication: bool,
+    },
+    /// Copy a source's table again from scratch and stream on (after an incompatible
+    /// schema change paused it). The Delta table is deleted and re-created.
+    Resync {
+        /// The Freshet table.
+        table: String,
     },
     /// List sources with their state, confirmed LSN and lag.
     List {
@@ -63,13 +80,50 @@ pub async fn run(endpoint: &str, cmd: SourceCommand) -> anyhow::Result<()> {
         );
         return print(&[added], output);
     }
+    if let SourceCommand::Remove {
+        name,
+        keep_publication,
+    } = &cmd
+    {
+        c.remove_source(RemoveSourceRequest {
+            name: name.clone(),
+            keep_publication: *keep_publication,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        eprintln!(
+            "source '{name}' removed: slot dropped{}; its tables stay served",
+            if *keep_publication {
+                ""
+            } else {
+                ", publication dropped"
+            }
+        );
+        return Ok(());
+    }
+    if let SourceCommand::Resync { table } = &cmd {
+        let r = c
+            .resync_table(ResyncTableRequest {
+                table: table.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        eprintln!(
+            "table '{table}' deleted; source '{}' copies it again (follow with `freshet source status {}`)",
+            r.source, r.source
+        );
+        return Ok(());
+    }
     let sources = c
         .list_sources(ListSourcesRequest {})
         .await?
         .into_inner()
         .sources;
     let (sources, output) = match cmd {
-        SourceCommand::Add { .. } => unreachable!("handled above"),
+        SourceCommand::Add { .. } | SourceCommand::Remove { .. } | SourceCommand::Resync { .. } => {
+            unreachable!("handled above")
+        }
         SourceCommand::List { output } => (sources, output),
         SourceCommand::Status { name, output } => {
             let one: Vec<_> = sources.into_iter().filter(|s| s.name == name).collect();

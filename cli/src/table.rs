@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use freshet_common::schema::{SchemaSpec, canonical_schema};
-use freshet_proto::admin::v1::CreateTableRequest;
+use freshet_proto::admin::v1::{CreateTableRequest, DropTableRequest};
 
 use crate::output::table_json;
 
@@ -33,6 +33,18 @@ pub enum TableCommand {
         /// Target file size in bytes (default: the server's, 32 MiB).
         #[arg(long, default_value_t = 0)]
         target_file_size: u64,
+    },
+    /// Stop serving a table created at run time and forget it (its data stays unless
+    /// --delete-data).
+    Drop {
+        /// The table's name.
+        name: String,
+        /// Also delete every object under the table's URI (data, Delta log, staged changes).
+        #[arg(long)]
+        delete_data: bool,
+        /// Drop even though acknowledged changes are still pending (they are discarded).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -84,6 +96,35 @@ pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
                 t.uri
             );
             println!("{}", serde_json::to_string_pretty(&table_json(&t))?);
+        }
+        TableCommand::Drop {
+            name,
+            delete_data,
+            force,
+        } => {
+            let mut c = crate::admin::client(endpoint).await?;
+            let r = c
+                .drop_table(DropTableRequest {
+                    name: name.clone(),
+                    delete_data,
+                    force,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!(
+                "dropped table '{name}'{}{}",
+                if r.pending_discarded > 0 {
+                    format!(", {} pending changes discarded", r.pending_discarded)
+                } else {
+                    String::new()
+                },
+                if delete_data {
+                    format!(", {} objects deleted", r.objects_deleted)
+                } else {
+                    ", data kept".to_string()
+                }
+            );
         }
     }
     Ok(())

@@ -29,6 +29,9 @@ pub enum Error {
     /// No such cycle.
     #[error("no cycle with id '{0}'")]
     CycleNotFound(String),
+    /// No such source.
+    #[error("source '{0}' not found")]
+    SourceNotFound(String),
     /// Configuration is wrong.
     #[error("configuration: {0}")]
     Config(String),
@@ -137,7 +140,9 @@ impl Error {
             | Error::InvalidSource { .. }
             | Error::Config(_) => Code::InvalidArgument,
             Error::TooLarge { .. } | Error::Backpressure { .. } => Code::ResourceExhausted,
-            Error::TableNotFound(_) | Error::CycleNotFound(_) => Code::NotFound,
+            Error::TableNotFound(_) | Error::CycleNotFound(_) | Error::SourceNotFound(_) => {
+                Code::NotFound
+            }
             Error::TableExists(_) => Code::AlreadyExists,
             Error::OutOfOrder(_) => Code::FailedPrecondition,
             Error::UriNotAllowed { .. } | Error::PermissionDenied(_) => Code::PermissionDenied,

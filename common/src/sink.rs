@@ -99,4 +99,12 @@ pub trait SourceFactory: Send + Sync {
     ) -> BoxFuture<'a, std::result::Result<(), String>>;
     /// Starts a source writing into `sink`; it reports and retries its own failures.
     fn start(&self, sink: Arc<dyn ChangeSink>, config: SourceConfig) -> Arc<dyn Source>;
+    /// Releases what a removed source holds in its database (a PostgreSQL source: its
+    /// replication slot, which would otherwise keep WAL forever, and its publication
+    /// unless `keep_publication`). Called after the source stopped.
+    fn release<'a>(
+        &'a self,
+        config: &'a SourceConfig,
+        keep_publication: bool,
+    ) -> BoxFuture<'a, std::result::Result<(), String>>;
 }

@@ -47,6 +47,9 @@ const ADMIN: &[&str] = &[
     "PauseTable",
     "ResumeTable",
     "AddSource",
+    "DropTable",
+    "RemoveSource",
+    "ResyncTable",
 ];
 
 /// The class of the method at gRPC `path` (`/package.Service/Method`).

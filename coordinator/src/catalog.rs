@@ -34,6 +34,24 @@ impl Catalog {
             .await
     }
 
+    /// Forgets a table (dropped).
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        let path = Path::from(format!("tables/{name}.json"));
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store(&path, e)),
+        }
+    }
+
+    /// Forgets a source added at run time (removed).
+    pub async fn remove_source(&self, name: &str) -> Result<()> {
+        let path = Path::from(format!("sources/{name}.json"));
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store(&path, e)),
+        }
+    }
+
     /// Records a source added at run time (its definition holds no password).
     pub async fn save_source(&self, source: &SourceConfig) -> Result<()> {
         self.put_json(&format!("sources/{}.json", source.name), source)

@@ -177,12 +177,68 @@ impl AdminService for CoordinatorGrpc {
         Ok(Response::new(out?))
     }
 
+    async fn drop_table(
+        &self,
+        r: Request<DropTableRequest>,
+    ) -> Result<Response<DropTableResponse>, Status> {
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let req = r.into_inner();
+        let out = async {
+            Ok::<_, Status>(
+                self.c()?
+                    .drop_table(&req.name, req.delete_data, req.force)
+                    .await?,
+            )
+        }
+        .await;
+        let target = format!(
+            "{} (delete_data={}, force={})",
+            req.name, req.delete_data, req.force
+        );
+        access::audit(&who, &peer, "DropTable", &target, &out);
+        let (pending_discarded, objects_deleted) = out?;
+        Ok(Response::new(DropTableResponse {
+            pending_discarded,
+            objects_deleted,
+        }))
+    }
+
     async fn get_maintenance(
         &self,
         r: Request<GetMaintenanceRequest>,
     ) -> Result<Response<GetMaintenanceResponse>, Status> {
         let tables = self.c()?.maintenance(&r.into_inner().table)?;
         Ok(Response::new(GetMaintenanceResponse { tables }))
+    }
+
+    async fn remove_source(
+        &self,
+        r: Request<RemoveSourceRequest>,
+    ) -> Result<Response<RemoveSourceResponse>, Status> {
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let req = r.into_inner();
+        let out = async {
+            Ok::<_, Status>(
+                self.c()?
+                    .remove_source(&req.name, req.keep_publication)
+                    .await?,
+            )
+        }
+        .await;
+        access::audit(&who, &peer, "RemoveSource", &req.name, &out);
+        out?;
+        Ok(Response::new(RemoveSourceResponse {}))
+    }
+
+    async fn resync_table(
+        &self,
+        r: Request<ResyncTableRequest>,
+    ) -> Result<Response<ResyncTableResponse>, Status> {
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let table = r.into_inner().table;
+        let out = async { Ok::<_, Status>(self.c()?.resync_table(&table).await?) }.await;
+        access::audit(&who, &peer, "ResyncTable", &table, &out);
+        Ok(Response::new(ResyncTableResponse { source: out? }))
     }
 
     async fn explain_cycle(

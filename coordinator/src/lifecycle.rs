@@ -122,6 +122,91 @@ impl Coordinator {
         Ok((self.table_info(&t).await?, adopted))
     }
 
+    /// Stops serving a table created at run time and forgets it (catalog); with
+    /// `delete_data` every object under its URI is deleted. Refused for a table of the
+    /// configuration file, a table a source feeds, and (without `force`) a table with
+    /// acknowledged changes still pending. Returns (pending changes discarded, objects
+    /// deleted).
+    pub async fn drop_table(
+        &self,
+        name: &str,
+        delete_data: bool,
+        force: bool,
+    ) -> Result<(u64, u64)> {
+        let refuse = |message: String| Error::InvalidTable {
+            table: name.to_string(),
+            message,
+        };
+        if self.inner.ctx.config.tables.iter().any(|t| t.name == name) {
+            return Err(refuse(
+                "defined in the configuration file: remove it there".into(),
+            ));
+        }
+        let t = self.table(name)?;
+        {
+            let sources = self.inner.sources.lock().expect("lock");
+            if let Some(s) = sources
+                .iter()
+                .find(|s| s.def.tables.iter().any(|x| x.name == name))
+            {
+                return Err(refuse(format!(
+                    "fed by source '{}': remove the source, or the table from its definition, first",
+                    s.def.name
+                )));
+            }
+        }
+        if self.inner.catalog.is_none() {
+            return Err(refuse(
+                "tables are dropped from the catalog: set catalog.uri".into(),
+            ));
+        };
+        // The table's lock: a running cycle ends first, and none starts meanwhile.
+        let _delta = t.delta.lock().await;
+        let pending = t.pending.lock().expect("lock").rows();
+        if pending > 0 && !force {
+            return Err(refuse(format!(
+                "{pending} acknowledged changes are not applied yet: wait for the next cycle, or drop with force to discard them"
+            )));
+        }
+        let deleted = self.forget_table(&t, delete_data).await?;
+        tracing::info!(table = %name, pending_discarded = pending, objects_deleted = deleted, "table dropped");
+        Ok((pending, deleted))
+    }
+
+    /// Stops serving `t` and forgets it (catalog); with `delete_data` deletes every object
+    /// under its URI. The caller holds the table's Delta lock. Returns objects deleted.
+    pub(crate) async fn forget_table(
+        &self,
+        t: &Arc<TableRuntime>,
+        delete_data: bool,
+    ) -> Result<u64> {
+        let name = t.def.name.as_str();
+        self.inner.ctx.fence.check().await?;
+        if let Some(catalog) = &self.inner.catalog {
+            catalog.remove(name).await?;
+        }
+        let _ = t.closed.send(true);
+        self.inner.tables.write().expect("lock").remove(name);
+        let mut deleted = 0u64;
+        if delete_data {
+            use futures::TryStreamExt;
+            let objects: Vec<_> = t
+                .store
+                .list(None)
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await
+                .map_err(|e| Error::store(&t.def.uri, e))?;
+            for path in objects {
+                match t.store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                    Err(e) => return Err(Error::store(&path, e)),
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// A served table.
     pub fn table(&self, name: &str) -> Result<Arc<TableRuntime>> {
         self.inner

@@ -9,25 +9,11 @@ use std::time::Duration;
 use freshet_common::error::{Error, Result};
 use freshet_common::sink::ChangeSink;
 pub use freshet_common::sink::{Source, SourceFactory};
+use freshet_common::source::SourceConfig;
 pub use freshet_common::source::SourceOrigin;
-use freshet_common::source::{SourceConfig, SourceInfoExt};
 
 use crate::Coordinator;
-
-pub(crate) struct RunningSource {
-    pub(crate) def: SourceConfig,
-    pub(crate) origin: SourceOrigin,
-    pub(crate) source: Arc<dyn Source>,
-}
-
-impl RunningSource {
-    /// Its state, with where its definition comes from.
-    fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
-        let mut info = self.source.info();
-        info.set_source_origin(self.origin);
-        info
-    }
-}
+use crate::term::RunningSource;
 
 impl Coordinator {
     /// Starts the sources of the configuration file and of the catalog (called once a
@@ -202,6 +188,119 @@ impl Coordinator {
         let info = running.info();
         self.inner.sources.lock().expect("lock").push(running);
         info
+    }
+
+    /// Removes a source added at run time: stops it, releases what it holds in its
+    /// database (its replication slot; its publication unless `keep_publication`) and
+    /// forgets it (catalog). The tables it fed stay served (drop them on their own).
+    pub async fn remove_source(&self, name: &str, keep_publication: bool) -> Result<()> {
+        let invalid = |message: String| Error::InvalidSource {
+            name: name.to_string(),
+            message,
+        };
+        if self.inner.ctx.config.sources.iter().any(|s| s.name == name) {
+            return Err(invalid(
+                "defined in the configuration file; remove it there".into(),
+            ));
+        }
+        let factory = self
+            .inner
+            .factory
+            .clone()
+            .ok_or_else(|| invalid("this coordinator runs no sources".into()))?;
+        let Some(catalog) = &self.inner.catalog else {
+            return Err(invalid(
+                "run-time sources live in the catalog: set catalog.uri".into(),
+            ));
+        };
+        let running = {
+            let mut running = self.inner.sources.lock().expect("lock");
+            let i = running
+                .iter()
+                .position(|r| r.def.name == name)
+                .ok_or_else(|| Error::SourceNotFound(name.to_string()))?;
+            running.remove(i)
+        };
+        self.inner.ctx.fence.check().await?;
+        running.source.stop();
+        if tokio::time::timeout(Duration::from_secs(60), running.source.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(source = %name, "the removed source did not stop within 60 s");
+        }
+        let bound = freshet_common::secrets::bind(
+            &running.def,
+            &self.inner.ctx.config.secrets,
+            freshet_common::secrets::Origin::RunTime,
+        )?;
+        // Forgotten first: should releasing fail, no later leader restarts the source (and
+        // re-creates the slot); the error says what to drop by hand.
+        catalog.remove_source(name).await?;
+        factory
+            .release(&bound, keep_publication)
+            .await
+            .map_err(|m| invalid(format!("stopped and forgotten, but not released: {m}")))?;
+        tracing::info!(source = %name, keep_publication, "source removed");
+        Ok(())
+    }
+
+    /// Copies a source's table again from scratch and streams on (after an incompatible
+    /// schema change paused it): the source stops, the table's Delta table (data, log,
+    /// staged changes, snapshot marker) is deleted, and the source starts again; finding
+    /// no marker, it copies that table on its own under its current shape while its other
+    /// tables stream on. Readers see the table's history start again.
+    pub async fn resync_table(self: &Arc<Self>, table: &str) -> Result<String> {
+        let running = {
+            let mut running = self.inner.sources.lock().expect("lock");
+            let i = running
+                .iter()
+                .position(|r| r.def.tables.iter().any(|t| t.name == table))
+                .ok_or_else(|| Error::InvalidTable {
+                    table: table.to_string(),
+                    message: "no source feeds it: only a source's tables can be copied again"
+                        .into(),
+                })?;
+            running.remove(i)
+        };
+        let factory = self
+            .inner
+            .factory
+            .clone()
+            .ok_or_else(|| Error::Internal("a running source without a factory".into()))?;
+        let name = running.def.name.clone();
+        running.source.stop();
+        if tokio::time::timeout(Duration::from_secs(60), running.source.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(source = %name, "the source did not stop within 60 s");
+        }
+        let result = async {
+            if let Ok(t) = self.table(table) {
+                let _delta = t.delta.lock().await;
+                self.forget_table(&t, true).await?;
+            }
+            let allowed = match running.origin {
+                SourceOrigin::Config => freshet_common::secrets::Origin::ConfigFile,
+                _ => freshet_common::secrets::Origin::RunTime,
+            };
+            freshet_common::secrets::bind(&running.def, &self.inner.ctx.config.secrets, allowed)
+        }
+        .await;
+        // The source runs again whatever happened (it would pause the table again if the
+        // table could not be deleted).
+        let bound = match result {
+            Ok(b) => b,
+            Err(e) => {
+                self.inner.sources.lock().expect("lock").push(running);
+                return Err(e);
+            }
+        };
+        let source = factory.start(self.clone() as Arc<dyn ChangeSink>, bound);
+        self.register_source(running.def, running.origin, source);
+        tracing::info!(source = %name, table, "table copied again from the source");
+        Ok(name)
     }
 
     /// The running sources.

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use freshet_common::config::Config;
 use freshet_common::error::{Error, Result};
+use freshet_common::sink::{Source, SourceFactory};
+use freshet_common::source::{SourceConfig, SourceInfoExt, SourceOrigin};
 use freshet_proto::admin::v1::CycleRecord;
 use tokio::sync::broadcast;
 
@@ -17,7 +19,6 @@ use crate::cycle;
 use crate::fence::Fence;
 use crate::metrics::CoordinatorMetrics;
 use crate::router::Router;
-use crate::sources::{RunningSource, SourceFactory};
 use crate::tables::TableRuntime;
 use crate::testing::{CrashPoint, CrashSwitch};
 
@@ -44,6 +45,22 @@ impl Default for StartOptions {
             metrics: Arc::new(CoordinatorMetrics::default()),
             sources: None,
         }
+    }
+}
+
+/// A source the term runs, with its definition and where that comes from.
+pub(crate) struct RunningSource {
+    pub(crate) def: SourceConfig,
+    pub(crate) origin: SourceOrigin,
+    pub(crate) source: Arc<dyn Source>,
+}
+
+impl RunningSource {
+    /// Its state, with where its definition comes from.
+    pub(crate) fn info(&self) -> freshet_proto::admin::v1::SourceInfo {
+        let mut info = self.source.info();
+        info.set_source_origin(self.origin);
+        info
     }
 }
 

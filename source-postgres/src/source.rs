@@ -139,6 +139,65 @@ impl SourceFactory for PostgresFactory {
     fn start(&self, sink: Arc<dyn ChangeSink>, config: SourceConfig) -> Arc<dyn Source> {
         Arc::new(launch(config, sink))
     }
+
+    fn release<'a>(
+        &'a self,
+        config: &'a SourceConfig,
+        keep_publication: bool,
+    ) -> futures::future::BoxFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move {
+            release(config, keep_publication)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Drops a removed source's replication slot (waiting up to 30 s for its walsender to let
+/// go of it) and, unless `keep_publication`, its publication. Either may already be gone.
+pub async fn release(config: &SourceConfig, keep_publication: bool) -> Result<()> {
+    let client = connect(config).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(SourceError::pg("reading the slot"))?;
+        match row {
+            None => break,
+            Some(r) if !r.get::<_, bool>(0) => {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
+                    .await
+                    .map_err(SourceError::pg("dropping the replication slot"))?;
+                tracing::info!(source = %config.name, slot = %config.slot, "replication slot dropped");
+                break;
+            }
+            Some(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Some(_) => {
+                return Err(SourceError::Config(format!(
+                    "source '{}': slot '{}' is still in use by another connection; drop it with pg_drop_replication_slot once it is free",
+                    config.name, config.slot
+                )));
+            }
+        }
+    }
+    if !keep_publication {
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_ident(&config.publication)
+            ))
+            .await
+            .map_err(SourceError::pg("dropping the publication"))?;
+        tracing::info!(source = %config.name, publication = %config.publication, "publication dropped");
+    }
+    Ok(())
 }
 
 /// Checks a source against its database without changing anything: it connects, and
