@@ -50,6 +50,16 @@ pub async fn open_or_create(
 
 /// [`open_or_create`] on a given log store (say, one over a wrapped object store).
 pub async fn open_or_create_in(def: &TableDef, store: LogStoreRef) -> Result<(DeltaTable, bool)> {
+    open_or_create_with(def, store, Default::default()).await
+}
+
+/// [`open_or_create_in`], a table created now getting the table properties `properties`
+/// (maintenance settings, so no later commit has to add them).
+pub async fn open_or_create_with(
+    def: &TableDef,
+    store: LogStoreRef,
+    properties: std::collections::HashMap<String, String>,
+) -> Result<(DeltaTable, bool)> {
     let mut table = DeltaTable::new(store);
     match table.load().await {
         Ok(()) => {
@@ -70,6 +80,7 @@ pub async fn open_or_create_in(def: &TableDef, store: LogStoreRef) -> Result<(De
                 .with_table_name(&def.name)
                 .with_columns(schema.fields().cloned())
                 .with_partition_columns(def.partition_by.clone())
+                .with_configuration(properties.into_iter().map(|(k, v)| (k, Some(v))))
                 .with_comment(format!(
                     "Freshet table, primary key ({})",
                     def.primary_key.join(", ")

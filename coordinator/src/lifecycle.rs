@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use freshet_common::delta::{applied_sequence, files, open_or_create_in};
+use freshet_common::delta::{applied_sequence, files, open_or_create_with};
 use freshet_common::error::{Error, Result};
 use freshet_common::schema::SchemaSpec;
 use freshet_common::table::TableDef;
@@ -58,7 +58,16 @@ impl Coordinator {
         )?;
         let log = self.inner().ctx.log_store(&def)?;
         let store = log.object_store(None);
-        let (delta, adopted) = open_or_create_in(&def, log).await?;
+        // A table created now carries the maintenance settings from its first version.
+        let properties = if self.inner.ctx.config.maintenance.enabled {
+            crate::maintenance::missing_properties(
+                &Default::default(),
+                &self.inner.ctx.config.maintenance,
+            )
+        } else {
+            Default::default()
+        };
+        let (delta, adopted) = open_or_create_with(&def, log, properties).await?;
         let grace = Duration::from_millis(self.inner().ctx.config.cycle.orphan_grace_ms);
         let budget = self.inner().ctx.config.ingest.max_pending_bytes;
         let rec = recovery::recover(&def, &store, &delta, grace, budget).await?;
