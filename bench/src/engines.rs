@@ -161,9 +161,11 @@ pub async fn start_cluster(
     config.ingest.max_batch_rows = 10_000_000;
     config.ingest.max_batch_bytes = 1 << 30;
     let procs = WorkerProcs::spawn(workers)?;
-    config.cycle.workers = procs.endpoints();
-    let coordinator = Coordinator::start(config).await?;
-    Ok((coordinator, procs))
+    let cluster = freshet_embedded::Builder::new(config)
+        .external_workers(procs.endpoints())
+        .start()
+        .await?;
+    Ok((cluster.coordinator.clone(), procs))
 }
 
 pub fn ingest_request(batch: &RecordBatch) -> Result<IngestRequest> {

@@ -78,6 +78,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .workers(args.workers.max(1) as usize)
         .worker_prefix("dev-worker-")
         .listen(args.listen.clone())
+        // The [[sources]] of --config (and sources added with `freshet source add`) run too.
+        .sources(Some(Arc::new(freshet_source_postgres::PostgresFactory)))
         .start()
         .await?;
     let coordinator = cluster.coordinator.clone();
@@ -104,6 +106,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(t) => format!("select count(*) from {}", t.def.name),
         None => String::new(),
     };
+    if !cluster.config.sources.is_empty() {
+        let names: Vec<&str> = cluster
+            .config
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        eprintln!(
+            "  sources: {} (their tables appear once copied: `FRESHET_ENDPOINT={endpoint} freshet source list`)",
+            names.join(", ")
+        );
+    }
     if query.is_empty() {
         eprintln!(
             "  no tables yet: create one with `FRESHET_ENDPOINT={endpoint} freshet table create ...` (or [[tables]] in --config)"

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use freshet_common::schema::{SchemaSpec, canonical_schema};
-use freshet_proto::admin::v1::{CreateTableRequest, DropTableRequest};
+use freshet_proto::admin::v1::{AlterTableRequest, CreateTableRequest, DropTableRequest};
 
 use crate::output::table_json;
 
@@ -33,6 +33,16 @@ pub enum TableCommand {
         /// Target file size in bytes (default: the server's, 32 MiB).
         #[arg(long, default_value_t = 0)]
         target_file_size: u64,
+    },
+    /// Add nullable columns at the end of a table fed by the ingest API (existing rows read
+    /// them as null).
+    Alter {
+        /// The table's name.
+        name: String,
+        /// A column to add, as NAME:TYPE (types as in schemas: int64, string, decimal(12,2),
+        /// timestamp, array<int32>, ...); repeat for several.
+        #[arg(long = "add-column", required = true)]
+        add_column: Vec<String>,
     },
     /// Stop serving a table created at run time and forget it (its data stays unless
     /// --delete-data).
@@ -95,6 +105,32 @@ pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
                 t.name,
                 t.uri
             );
+            println!("{}", serde_json::to_string_pretty(&table_json(&t))?);
+        }
+        TableCommand::Alter { name, add_column } => {
+            let mut fields = Vec::new();
+            for c in &add_column {
+                let (n, t) = c.split_once(':').with_context(|| {
+                    format!("--add-column '{c}': give NAME:TYPE, e.g. note:string")
+                })?;
+                fields.push(freshet_common::schema::ColumnSpec {
+                    name: n.trim().to_string(),
+                    data_type: t.trim().to_string(),
+                    nullable: true,
+                });
+            }
+            let spec = SchemaSpec { fields };
+            let mut c = crate::admin::client(endpoint).await?;
+            let r = c
+                .alter_table(AlterTableRequest {
+                    name: name.clone(),
+                    add_columns_json: spec.to_json(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let t = r.table.context("no table in reply")?;
+            println!("altered table '{}'", t.name);
             println!("{}", serde_json::to_string_pretty(&table_json(&t))?);
         }
         TableCommand::Drop {

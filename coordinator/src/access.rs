@@ -50,6 +50,7 @@ const ADMIN: &[&str] = &[
     "DropTable",
     "RemoveSource",
     "ResyncTable",
+    "AlterTable",
 ];
 
 /// The class of the method at gRPC `path` (`/package.Service/Method`).

@@ -241,6 +241,26 @@ impl AdminService for CoordinatorGrpc {
         Ok(Response::new(ResyncTableResponse { source: out? }))
     }
 
+    async fn alter_table(
+        &self,
+        r: Request<AlterTableRequest>,
+    ) -> Result<Response<AlterTableResponse>, Status> {
+        let (who, peer) = (access::principal(&r)?, access::peer(&r));
+        let req = r.into_inner();
+        let out = async {
+            let spec =
+                SchemaSpec::from_json(&req.add_columns_json).map_err(|e| Error::InvalidTable {
+                    table: req.name.clone(),
+                    message: e.to_string(),
+                })?;
+            Ok::<_, Status>(self.c()?.alter_table_add_columns(&req.name, spec).await?)
+        }
+        .await;
+        let target = format!("{} add {}", req.name, req.add_columns_json);
+        access::audit(&who, &peer, "AlterTable", &target, &out);
+        Ok(Response::new(AlterTableResponse { table: Some(out?) }))
+    }
+
     async fn explain_cycle(
         &self,
         r: Request<ExplainCycleRequest>,

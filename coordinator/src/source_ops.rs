@@ -13,6 +13,67 @@ use crate::tables::TableRuntime;
 use crate::{Coordinator, commit, cycle};
 
 impl Coordinator {
+    /// Adds nullable columns at the end of a table fed by the ingest API (`freshet table
+    /// alter`); a source's tables follow their database instead.
+    pub async fn alter_table_add_columns(
+        &self,
+        name: &str,
+        columns: freshet_common::schema::SchemaSpec,
+    ) -> Result<freshet_proto::admin::v1::TableInfo> {
+        let t = self.table(name)?;
+        let refuse = |message: String| Error::InvalidTable {
+            table: name.to_string(),
+            message,
+        };
+        if let Some(s) = self
+            .inner
+            .sources
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|s| s.def.tables.iter().any(|x| x.name == name))
+        {
+            return Err(refuse(format!(
+                "fed by source '{}': its columns follow the database (ALTER TABLE there)",
+                s.def.name
+            )));
+        }
+        if self.inner.ctx.config.tables.iter().any(|x| x.name == name) {
+            return Err(refuse(
+                "defined in the configuration file, whose [[tables]] entry gives its columns"
+                    .into(),
+            ));
+        }
+        if columns.fields.is_empty() {
+            return Err(refuse("no columns to add".into()));
+        }
+        let added = columns.to_arrow().map_err(|e| refuse(e.to_string()))?;
+        let mut fields: Vec<arrow::datatypes::Field> = t
+            .def
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        for f in added.fields() {
+            if t.def.schema.field_with_name(f.name()).is_ok() {
+                return Err(refuse(format!("column '{}' exists already", f.name())));
+            }
+            fields.push(f.as_ref().clone().with_nullable(true));
+        }
+        let new_def = TableDef::new(
+            &t.def.name,
+            &t.def.uri,
+            Arc::new(arrow::datatypes::Schema::new(fields)),
+            t.def.primary_key.clone(),
+            t.def.partition_by.clone(),
+            t.def.target_file_size,
+        )?;
+        self.add_columns(new_def).await?;
+        let t = self.table(name)?;
+        self.table_info(&t).await
+    }
+
     /// Runs cycles until no staged segment starts below `before` (a barrier before an
     /// operation that must follow those changes).
     async fn apply_pending(&self, t: &Arc<TableRuntime>, before: u64, what: &str) -> Result<()> {

@@ -18,6 +18,7 @@ pub struct Builder {
     worker_prefix: String,
     listen: String,
     sources: Option<Arc<dyn SourceFactory>>,
+    external: Option<Vec<String>>,
 }
 
 /// A running embedded cluster; [`Embedded::stop`] stops it (storage stays as a crash would
@@ -46,7 +47,15 @@ impl Builder {
             worker_prefix: "w".into(),
             listen: "127.0.0.1:0".into(),
             sources: None,
+            external: None,
         }
+    }
+
+    /// Uses workers that run elsewhere (say, processes the benchmark measures) at these
+    /// endpoints instead of starting any in this process.
+    pub fn external_workers(mut self, endpoints: Vec<String>) -> Self {
+        self.external = Some(endpoints);
+        self
     }
 
     /// The number of workers (at least 1).
@@ -87,8 +96,9 @@ impl Builder {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let capacity = self.worker_capacity.unwrap_or(config.worker.capacity);
         let mut workers = Vec::new();
-        let mut endpoints = Vec::new();
-        for i in 0..self.workers {
+        let mut endpoints = self.external.clone().unwrap_or_default();
+        let in_process = if self.external.is_some() { 0 } else { self.workers };
+        for i in 0..in_process {
             let (listener, addr) = freshet_worker::bind("127.0.0.1:0").await?;
             let w = Worker::new(
                 format!("{}{i}", self.worker_prefix),

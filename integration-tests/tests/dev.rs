@@ -65,7 +65,7 @@ fn dev_without_demo_serves_metrics_and_suggests_nothing_that_does_not_exist() {
 }
 
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(v) = f() {
             return v;
@@ -73,4 +73,56 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "timed out");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `freshet dev --config FILE` runs the file's `[[sources]]`: a newcomer mirroring a local
+/// PostgreSQL sees the table appear and follow the database.
+#[test]
+fn dev_runs_the_sources_of_its_config_file() {
+    let pg = freshet_integration_tests::pg::Postgres::start();
+    pg.psql("CREATE TABLE t (id bigint PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("freshet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cycle]\ninterval_ms = 200\n\n[[sources]]\nname = \"pg\"\nconnection = \"{}\"\npublication = \"freshet_pub\"\nslot = \"freshet_slot\"\npoll_ms = 100\n\n[[sources.tables]]\nsource = \"public.t\"\nname = \"t\"\nuri = \"{}\"\n",
+            pg.conninfo(),
+            dir.path().join("t").display()
+        ),
+    )
+    .unwrap();
+    let grpc = free_port();
+    let mut child = Command::new(freshet_bin())
+        .args(["dev", "--no-demo", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen", &format!("127.0.0.1:{grpc}"), "--config"])
+        .arg(&config)
+        .env(
+            "FRESHET__SERVER__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uri = dir.path().join("t").display().to_string();
+    let count = |uri: &str| -> i64 {
+        if !std::path::Path::new(uri).join("_delta_log").exists() {
+            return -1;
+        }
+        rt.block_on(async {
+            let b = query(uri, "SELECT count(*) FROM t").await;
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b[0].column(0))
+                .value(0)
+        })
+    };
+    wait_for(|| (count(&uri) == 100).then_some(()));
+    pg.psql("INSERT INTO t VALUES (1000, 'streamed');");
+    wait_for(|| (count(&uri) == 101).then_some(()));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
 }

@@ -126,3 +126,94 @@ async fn a_dropped_table_is_forgotten_across_restarts_and_its_data_kept_or_delet
     assert_eq!(names(&c).await.len(), 2);
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_alter_adds_nullable_columns_that_new_batches_fill_and_old_rows_read_as_null() {
+    use freshet_proto::admin::v1::AlterTableRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(
+        dir.path(),
+        vec![table_config(dir.path(), "fixed", false, 4096)],
+        1,
+    )
+    .await;
+    let mut admin = c.admin_client().await;
+    let uri = dir.path().join("r");
+    admin.create_table(create("r", &uri)).await.unwrap();
+    c.ingest_client()
+        .await
+        .ingest(request("r", false, &[(1, Some(("a".into(), 1)))]))
+        .await
+        .unwrap();
+
+    // Refused: an existing column, a bad type, a table of the configuration file.
+    let alter = |name: &str, json: &str| AlterTableRequest {
+        name: name.into(),
+        add_columns_json: json.into(),
+    };
+    let e = admin
+        .alter_table(alter("r", r#"{"fields":[{"name":"v","type":"string"}]}"#))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("column 'v' exists already"),
+        "{}",
+        e.message()
+    );
+    let e = admin
+        .alter_table(alter("r", r#"{"fields":[{"name":"x","type":"wat"}]}"#))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("wat"), "{}", e.message());
+    let e = admin
+        .alter_table(alter(
+            "fixed",
+            r#"{"fields":[{"name":"x","type":"int32"}]}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("configuration file"),
+        "{}",
+        e.message()
+    );
+
+    // Through the CLI: the pending change goes in first under the old schema.
+    let out = std::process::Command::new(freshet_bin())
+        .args([
+            "--endpoint",
+            &c.endpoint,
+            "table",
+            "alter",
+            "r",
+            "--add-column",
+            "note:string",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = c.coordinator.table("r").unwrap();
+    assert!(t.def.schema.field_with_name("note").unwrap().is_nullable());
+    let rows = query(
+        &uri.display().to_string(),
+        "SELECT id, note IS NULL AS n FROM t ORDER BY id",
+    )
+    .await;
+    assert_eq!(rows[0].num_rows(), 1);
+    // A restarted coordinator serves the altered table (from the catalog).
+    let c = c.restart().await;
+    assert!(
+        c.coordinator
+            .table("r")
+            .unwrap()
+            .def
+            .schema
+            .field_with_name("note")
+            .is_ok()
+    );
+    c.stop();
+}
