@@ -220,3 +220,61 @@ async fn a_table_paused_by_an_incompatible_change_is_copied_again_and_streams_on
     assert!(!c.coordinator.table_info(&t).await.unwrap().paused);
     c.stop();
 }
+
+/// A coordinator process exports each source's lag, state and progress on /metrics.
+#[test]
+fn source_lag_and_state_are_metrics() {
+    use freshet_integration_tests::procs::{free_port, http_get};
+    let pg = Postgres::start();
+    pg.psql("CREATE TABLE t (id bigint PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');");
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let config = dir.path().join("freshet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n\n\
+             [cycle]\ninterval_ms = 200\nworkers = [\"http://127.0.0.1:{}\"]\n\n{}",
+            free_port(),
+            definition(&pg, dir.path())
+                .replacen("name = \"pg\"", "[[sources]]\nname = \"pg\"", 1)
+                .replace("[[tables]]", "[[sources.tables]]")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("c.log")).unwrap();
+    let mut child = std::process::Command::new(freshet_bin())
+        .args(["coordinator", "--config"])
+        .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        if let Some(m) = http_get(http, "/metrics")
+            && m.contains("freshet_source_state{source=\"pg\"")
+            && m.contains("freshet_source_lag_bytes{source=\"pg\"}")
+        {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no source metrics: {}",
+            std::fs::read_to_string(dir.path().join("c.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        text.contains("freshet_source_lag_milliseconds{source=\"pg\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("freshet_source_snapshot_rows{source=\"pg\"}"),
+        "{text}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
