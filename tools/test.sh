@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import deltalake, pyarrow" 2>/dev/null; then
-  echo "installing Python deltalake + pyarrow into .venv"
-  .venv/bin/pip install --quiet --disable-pip-version-check deltalake pyarrow
+if ! .venv/bin/python -c "import deltalake, pyarrow, adbc_driver_flightsql" 2>/dev/null; then
+  echo "installing Python deltalake + pyarrow + adbc-driver-flightsql into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check deltalake pyarrow adbc-driver-flightsql
 fi
 if [ ! -x .venv/bin/moto_server ]; then
   echo "installing moto[server] (the S3-compatible server of the S3 tests) into .venv"

@@ -72,6 +72,8 @@ pub fn classify(path: &str, reflection_open: bool) -> Class {
         "freshet.admin.v1.AdminService" if method == "GetLeader" => Class::Authenticated,
         "freshet.admin.v1.AdminService" if READ.contains(&method) => Class::Read,
         "freshet.admin.v1.AdminService" if ADMIN.contains(&method) => Class::Admin,
+        // Flight SQL (coordinator/src/flight.rs) only reads: writes are refused there.
+        "arrow.flight.protocol.FlightService" => Class::Read,
         // Unknown: only admins, until someone classifies it.
         _ => Class::Admin,
     }
@@ -256,6 +258,10 @@ mod tests {
         }
         assert!(seen >= 14, "only {seen} methods found");
         assert_eq!(classify("/grpc.health.v1.Health/Check", false), Class::Open);
+        assert_eq!(
+            classify("/arrow.flight.protocol.FlightService/DoGet", false),
+            Class::Read
+        );
         assert_eq!(
             classify(
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

@@ -392,8 +392,8 @@ pub async fn serve(
     .await
 }
 
-/// Serves ingest, admin, health and reflection for `node` until `shutdown` resolves, over
-/// TLS when `tls` is given, every call checked by `auth` (None: open).
+/// Serves ingest, admin, Flight SQL, health and reflection for `node` until `shutdown`
+/// resolves, over TLS when `tls` is given, every call checked by `auth` (None: open).
 pub async fn serve_node(
     node: Arc<Node>,
     max: usize,
@@ -410,6 +410,7 @@ pub async fn serve_node(
         .set_serving::<AdminServiceServer<CoordinatorGrpc>>()
         .await;
     let (refl_v1, refl_v1alpha) = freshet_common::server::reflection();
+    let flight = crate::flight::server(node.clone(), max);
     let grpc = CoordinatorGrpc(node);
     tonic::transport::Server::builder()
         .layer(AccessLayer::new(auth))
@@ -426,6 +427,7 @@ pub async fn serve_node(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
+        .add_service(flight)
         .serve_with_incoming_shutdown(freshet_common::tls::incoming(listener, tls), shutdown)
         .await
         .map_err(|e| Error::Internal(format!("coordinator server: {e}")))
