@@ -26,14 +26,27 @@ pub struct QueryArgs {
     /// Ask the coordinator (Flight SQL); `--via-flight=false` reads the Delta tables here.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     via_flight: bool,
+    /// `committed` (what cycles committed, what every Delta reader sees) or `latest` (also
+    /// every acknowledged change not yet committed: read-your-writes; through the coordinator).
+    #[arg(long, default_value = "committed", value_parser = ["committed", "latest"])]
+    freshness: String,
     #[arg(short, long, value_enum, default_value_t)]
     output: Format,
 }
 
 pub async fn run(endpoint: &str, args: QueryArgs) -> anyhow::Result<()> {
+    let latest = args.freshness == "latest";
+    if latest && !(args.tables.is_empty() && args.version.is_none() && args.via_flight) {
+        anyhow::bail!(
+            "--freshness latest needs the coordinator (staged changes live there): drop --table/--version/--via-flight=false"
+        );
+    }
     let batches = if args.tables.is_empty() && args.version.is_none() && args.via_flight {
-        match via_flight(endpoint, &args.sql).await {
+        match via_flight(endpoint, &args.sql, latest).await {
             Ok(b) => b,
+            Err(Fallback::Local(why)) if latest => {
+                anyhow::bail!("--freshness latest needs a coordinator with Flight SQL ({why})")
+            }
             Err(Fallback::Local(why)) => {
                 eprintln!(
                     "freshet query: the coordinator does not serve Flight SQL ({why}); reading the tables here"
@@ -56,11 +69,18 @@ enum Fallback {
 }
 
 /// Runs `sql` through the coordinator's Flight SQL endpoint.
-async fn via_flight(endpoint: &str, sql: &str) -> Result<Vec<arrow::array::RecordBatch>, Fallback> {
+async fn via_flight(
+    endpoint: &str,
+    sql: &str,
+    latest: bool,
+) -> Result<Vec<arrow::array::RecordBatch>, Fallback> {
     use arrow_flight::error::FlightError;
     use arrow_flight::sql::client::FlightSqlServiceClient;
     let conn = crate::channel(endpoint).await.map_err(Fallback::Fail)?;
     let mut client = FlightSqlServiceClient::new(conn);
+    if latest {
+        client.set_header("x-freshet-freshness", "latest");
+    }
     let fail = |e: FlightError| match &e {
         // tonic's answer for a service the server does not have: no message of ours.
         FlightError::Tonic(s)

@@ -40,6 +40,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::fresh_read::Freshness;
 use crate::node::Node;
 
 /// The `arrow-flight` crate this module serves with, for clients in the workspace (the CLI).
@@ -179,8 +180,10 @@ impl FreshetFlightSql {
         }
     }
 
-    /// A session with every served table registered at its current committed version.
-    async fn session(&self) -> Result<SessionContext, Status> {
+    /// A session with every served table registered as `freshness` says: the committed
+    /// version (default), or with the acknowledged, not yet committed changes laid over it
+    /// (`x-freshet-freshness: latest`, read-your-writes; see `fresh_read`).
+    async fn session(&self, freshness: Freshness) -> Result<SessionContext, Status> {
         let c = self.node.coordinator()?;
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
@@ -188,26 +191,7 @@ impl FreshetFlightSql {
             .with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
         for t in c.tables() {
-            // The runtime's table is the last committed version this coordinator knows; while
-            // a cycle (or maintenance) holds it, the table is read from its log instead.
-            let table = match t.delta.try_lock() {
-                Ok(d) => d.clone(),
-                Err(_) => {
-                    let store = c.context().log_store(&t.def)?;
-                    let mut d = deltalake::DeltaTable::new(store);
-                    d.load()
-                        .await
-                        .map_err(|e| Status::unavailable(format!("table '{}': {e}", t.def.name)))?;
-                    d
-                }
-            };
-            table
-                .update_datafusion_session(&ctx.state())
-                .map_err(|e| Status::internal(format!("table '{}': {e}", t.def.name)))?;
-            let provider = table
-                .table_provider()
-                .await
-                .map_err(|e| Status::internal(format!("table '{}': {e}", t.def.name)))?;
+            let provider = c.table_provider(&ctx, &t, freshness).await?;
             ctx.register_table(t.def.name.as_str(), provider)
                 .map_err(df_status)?;
         }
@@ -215,8 +199,8 @@ impl FreshetFlightSql {
     }
 
     /// Plans `sql` read-only (DML, DDL and statements such as SET are refused).
-    async fn plan(&self, sql: &str) -> Result<DataFrame, Status> {
-        let ctx = self.session().await?;
+    async fn plan(&self, sql: &str, freshness: Freshness) -> Result<DataFrame, Status> {
+        let ctx = self.session(freshness).await?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -238,8 +222,9 @@ impl FreshetFlightSql {
         &self,
         sql: &str,
         params: Option<Vec<ScalarValue>>,
+        freshness: Freshness,
     ) -> Result<Response<DoGetStream>, Status> {
-        let mut df = self.plan(sql).await?;
+        let mut df = self.plan(sql, freshness).await?;
         if let Some(p) = params {
             df = df
                 .with_param_values(ParamValues::from(p))
@@ -310,7 +295,7 @@ impl FlightSqlService for FreshetFlightSql {
         if query.transaction_id.is_some() {
             return Err(read_only("a transaction"));
         }
-        let df = self.plan(&query.query).await?;
+        let df = self.plan(&query.query, freshness(&request)?).await?;
         let schema = df.schema().as_arrow().clone();
         // Stateless: the ticket carries the SQL, planned again by DoGet.
         let ticket = TicketStatementQuery {
@@ -335,7 +320,7 @@ impl FlightSqlService for FreshetFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let (sql, params) = self.prepared_sql(&cmd.prepared_statement_handle)?;
-        let mut df = self.plan(&sql).await?;
+        let mut df = self.plan(&sql, freshness(&request)?).await?;
         if let Some(p) = params {
             df = df
                 .with_param_values(ParamValues::from(p))
@@ -393,20 +378,20 @@ impl FlightSqlService for FreshetFlightSql {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let sql = String::from_utf8(ticket.statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("malformed statement ticket"))?;
-        self.execute(&sql, None).await
+        self.execute(&sql, None, freshness(&request)?).await
     }
 
     async fn do_get_prepared_statement(
         &self,
         query: CommandPreparedStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let (sql, params) = self.prepared_sql(&query.prepared_statement_handle)?;
-        self.execute(&sql, params).await
+        self.execute(&sql, params, freshness(&request)?).await
     }
 
     async fn do_get_catalogs(
@@ -554,12 +539,12 @@ impl FlightSqlService for FreshetFlightSql {
     async fn do_action_create_prepared_statement(
         &self,
         query: ActionCreatePreparedStatementRequest,
-        _request: Request<arrow_flight::Action>,
+        request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         if query.transaction_id.is_some() {
             return Err(read_only("a transaction"));
         }
-        let df = self.plan(&query.query).await?;
+        let df = self.plan(&query.query, freshness(&request)?).await?;
         let dataset_schema = schema_bytes(df.schema().as_arrow())?;
         let parameter_schema = schema_bytes(&parameter_schema(&df)?)?;
         let handle = uuid::Uuid::new_v4().to_string();
@@ -630,5 +615,22 @@ mod tests {
         assert!(like(Some("_rders"), "orders"));
         assert!(!like(Some("users"), "orders"));
         assert!(!like(Some("ord"), "orders"));
+    }
+}
+
+/// The metadata header that asks for read-your-writes.
+pub const FRESHNESS_HEADER: &str = "x-freshet-freshness";
+
+/// What a call asks to see: `x-freshet-freshness: latest` or `committed` (the default).
+fn freshness<T>(request: &Request<T>) -> Result<Freshness, Status> {
+    match request.metadata().get(FRESHNESS_HEADER) {
+        None => Ok(Freshness::Committed),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| Status::invalid_argument(format!("{FRESHNESS_HEADER} is not text")))?
+            .parse()
+            .map_err(|e: freshet_common::error::Error| {
+                Status::invalid_argument(format!("{FRESHNESS_HEADER}: {e}"))
+            }),
     }
 }

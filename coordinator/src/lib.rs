@@ -15,6 +15,7 @@ pub mod election;
 pub mod explain;
 pub mod fence;
 pub mod fenced_store;
+pub mod fresh_read;
 pub mod flight;
 pub mod grpc;
 pub mod history;

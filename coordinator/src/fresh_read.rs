@@ -1,0 +1,196 @@
+//! Read-your-writes: a table as acknowledged, not only as committed. With
+//! [`Freshness::Latest`] a query sees the committed snapshot with the staged, not yet
+//! committed changes laid over it (the last change per key; deletes hide rows), so a change
+//! is visible as soon as its batch is acknowledged, before its cycle commits.
+//!
+//! Consistency: the pending segments are taken first, then the committed snapshot, and only
+//! segments above the snapshot's applied sequence are laid over it. A segment committed in
+//! between is then in the snapshot (and skipped), and a segment acknowledged after the first
+//! step and already committed has a higher sequence than every one taken, so all of those
+//! are skipped too: the view is always the table after some prefix of the acknowledged
+//! batches, never older than what was acknowledged before the query began. A source
+//! transaction staged in chunks is laid over only once its last chunk is staged.
+
+use std::sync::Arc;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use datafusion::datasource::TableProvider;
+use datafusion::logical_expr::JoinType;
+use datafusion::prelude::{SessionContext, cast, col};
+use freshet_common::changes::{OP_COLUMN, OP_UPSERT, last_change_per_key};
+use freshet_common::delta::applied_sequence;
+use freshet_common::error::{Error, Result};
+use freshet_common::staging::{batch_sequence, read_segment_contents};
+
+use crate::Coordinator;
+use crate::tables::TableRuntime;
+
+/// What a read sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Freshness {
+    /// What the last cycle committed (what every Delta reader sees).
+    #[default]
+    Committed,
+    /// The committed snapshot with every acknowledged change laid over it.
+    Latest,
+}
+
+impl std::str::FromStr for Freshness {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "committed" => Ok(Freshness::Committed),
+            "latest" => Ok(Freshness::Latest),
+            _ => Err(Error::Config(format!(
+                "unknown freshness '{s}' (committed, latest)"
+            ))),
+        }
+    }
+}
+
+fn df(table: &str) -> impl Fn(datafusion::error::DataFusionError) -> Error + '_ {
+    move |e| Error::Internal(format!("table '{table}': {e}"))
+}
+
+impl Coordinator {
+    /// A DataFusion session with every served table registered under its name, as
+    /// `freshness` says.
+    pub async fn query_session(&self, freshness: Freshness) -> Result<SessionContext> {
+        let ctx = SessionContext::new();
+        for t in self.tables() {
+            let provider = self.table_provider(&ctx, &t, freshness).await?;
+            ctx.register_table(t.def.name.as_str(), provider)
+                .map_err(df(&t.def.name))?;
+        }
+        Ok(ctx)
+    }
+
+    /// One table for `ctx` as `freshness` says.
+    pub async fn table_provider(
+        &self,
+        ctx: &SessionContext,
+        t: &Arc<TableRuntime>,
+        freshness: Freshness,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let name = t.def.name.as_str();
+        // 1. The pending segments (before the snapshot: see the module doc), up to the last
+        //    one that does not end inside a chunked transaction.
+        let segments = if freshness == Freshness::Latest {
+            let p = t.pending.lock().expect("lock");
+            let end = p
+                .segments
+                .iter()
+                .rposition(|s| !s.open)
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            p.segments[..end].to_vec()
+        } else {
+            Vec::new()
+        };
+        // 2. The committed snapshot: the table's handle when no cycle holds it, else the
+        //    log's latest version.
+        let delta = match t.delta.try_lock() {
+            Ok(d) => d.clone(),
+            Err(_) => {
+                let log = self.context().log_store(&t.def)?;
+                let mut d = deltalake::DeltaTable::new(log);
+                d.load().await.map_err(|e| Error::delta(name, e))?;
+                d
+            }
+        };
+        delta
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| Error::delta(name, e))?;
+        let committed = delta.table_provider().await.map_err(df(name))?;
+        if segments.is_empty() {
+            return Ok(committed);
+        }
+        let applied = applied_sequence(&t.def, &delta).await?;
+        let mut batches = Vec::new();
+        for s in segments.iter().filter(|s| s.last > applied) {
+            match &s.batches {
+                Some(b) => batches.extend(b.iter().cloned()),
+                None => {
+                    let c = read_segment_contents(&t.store, &s.path).await?;
+                    batches.extend(
+                        c.batches
+                            .into_iter()
+                            .filter(|b| batch_sequence(b).is_none_or(|q| !s.skip.contains(&q))),
+                    );
+                }
+            }
+        }
+        if batches.is_empty() {
+            return Ok(committed);
+        }
+        // 3. The last change per key, laid over the snapshot.
+        let changes: Vec<RecordBatch> = last_change_per_key(&t.def, &batches)?
+            .into_iter()
+            .map(|p| p.batch)
+            .collect();
+        let schema = changes[0].schema();
+        let changes = arrow::compute::concat_batches(&schema, &changes)
+            .map_err(|e| Error::Internal(format!("table '{name}': {e}")))?;
+        let ops = changes
+            .column_by_name(OP_COLUMN)
+            .ok_or_else(|| Error::Internal("changes without __op".into()))?
+            .as_primitive::<arrow::datatypes::Int8Type>();
+        let is_upsert: arrow::array::BooleanArray =
+            ops.iter().map(|o| Some(o == Some(OP_UPSERT))).collect();
+        let upserts = filter_record_batch(&changes, &is_upsert)
+            .map_err(|e| Error::Internal(format!("table '{name}': {e}")))?;
+
+        let key_alias: Vec<String> = t
+            .def
+            .primary_key
+            .iter()
+            .map(|k| format!("__freshet_key_{k}"))
+            .collect();
+        let keys = ctx
+            .read_batch(changes.clone())
+            .map_err(df(name))?
+            .select(
+                t.def
+                    .primary_key
+                    .iter()
+                    .zip(&key_alias)
+                    .map(|(k, a)| col(format!("\"{k}\"")).alias(a))
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(df(name))?;
+        let committed_df = ctx.read_table(committed.clone()).map_err(df(name))?;
+        let target = committed.schema();
+        // Both sides in the table's column order, with the snapshot's types.
+        let columns: Vec<_> = t
+            .def
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let typed = |df: datafusion::dataframe::DataFrame| {
+            df.select(
+                columns
+                    .iter()
+                    .map(|c| {
+                        let ty = target
+                            .field_with_name(c)
+                            .map(|f| f.data_type().clone())
+                            .unwrap_or(arrow::datatypes::DataType::Null);
+                        cast(col(format!("\"{c}\"")), ty).alias(c)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let pk: Vec<&str> = t.def.primary_key.iter().map(String::as_str).collect();
+        let alias: Vec<&str> = key_alias.iter().map(String::as_str).collect();
+        let kept = committed_df
+            .join(keys, JoinType::LeftAnti, &pk, &alias, None)
+            .map_err(df(name))?;
+        let kept = typed(kept).map_err(df(name))?;
+        let fresh = typed(ctx.read_batch(upserts).map_err(df(name))?).map_err(df(name))?;
+        let view = kept.union(fresh).map_err(df(name))?;
+        Ok(view.into_view())
+    }
+}
