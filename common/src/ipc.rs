@@ -177,7 +177,11 @@ pub fn decode_bounded(
 /// streams (an unknown type id, a validity bitmap shorter than its array), and a malformed
 /// request deserves an answer, not a dropped connection.
 fn unwind_to_invalid<T>(f: impl FnOnce() -> T) -> std::result::Result<T, DecodeError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+    quiet_panics_while_decoding();
+    DECODING.with(|d| d.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    DECODING.with(|d| d.set(false));
+    r.map_err(|p| {
         let what = p
             .downcast_ref::<String>()
             .map(String::as_str)
@@ -185,6 +189,27 @@ fn unwind_to_invalid<T>(f: impl FnOnce() -> T) -> std::result::Result<T, DecodeE
             .unwrap_or("arrow's reader panicked");
         invalid(format!("malformed stream: {what}"))
     })
+}
+
+thread_local! {
+    /// Set while arrow's reader runs under [`unwind_to_invalid`].
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics of arrow's reader inside
+/// [`unwind_to_invalid`]: they become a refusal, and printing them (with a backtrace, when
+/// `RUST_BACKTRACE` is set) would cost tens of megabytes and log noise per malformed
+/// request. Every other panic goes to the previous hook.
+fn quiet_panics_while_decoding() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(|d| d.get()) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// What a stream declares.
