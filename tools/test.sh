@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import deltalake, pyarrow, adbc_driver_flightsql" 2>/dev/null; then
+if ! .venv/bin/python -c "import deltalake, pyarrow, adbc_driver_flightsql, duckdb, duckdb_ext, polars" 2>/dev/null; then
   echo "installing Python deltalake + pyarrow + adbc-driver-flightsql into .venv"
-  .venv/bin/pip install --quiet --disable-pip-version-check deltalake pyarrow adbc-driver-flightsql
+  # DuckDB's delta extension from the duckdb-ext-delta wheel (loads offline), pinned with
+  # the duckdb it is built for.
+  .venv/bin/pip install --quiet --disable-pip-version-check deltalake pyarrow adbc-driver-flightsql \
+    duckdb==1.4.4 duckdb-ext-delta polars
 fi
 if [ ! -x .venv/bin/moto_server ]; then
   echo "installing moto[server] (the S3-compatible server of the S3 tests) into .venv"
@@ -30,7 +33,7 @@ cargo build --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 helm/tests/run.sh "$PWD/.venv" 2>&1 | tee -a "$log" || status=$?
 # The benchmark harness on tiny tables (all contenders must agree), so it cannot rot.
 # (The binary from the workspace build: `cargo run -p` alone would resolve other features
