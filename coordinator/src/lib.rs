@@ -31,6 +31,7 @@ pub mod process;
 pub mod recovery;
 pub mod router;
 pub mod sink;
+pub mod source_metrics;
 pub mod source_ops;
 pub mod sources;
 pub mod stage;

@@ -5,13 +5,16 @@ pub use freshet_common::source::{PostgresTls, SourceConfig, SourceTable, SslMode
 
 use crate::error::{Result, SourceError};
 
+/// The port in the relay socket's name (`.s.PGSQL.<port>`, as libpq names sockets).
+pub const RELAY_PORT: u16 = 5432;
+
 /// Checks a source's names and builds its tokio-postgres configuration (with the password;
 /// without `sslmode`/`sslrootcert`, see [`tls`]).
 pub fn pg_config(source: &SourceConfig) -> Result<tokio_postgres::Config> {
     source.pg_config_inner()
 }
 
-/// The source's TLS settings, for both of its connections (see `crate::transport`).
+/// The source's TLS settings, for both of its connections (see the `transport` module).
 pub fn tls(source: &SourceConfig) -> Result<PostgresTls> {
     source
         .postgres_tls()
@@ -22,7 +25,7 @@ pub fn tls(source: &SourceConfig) -> Result<PostgresTls> {
 /// The replication connection's settings (`START_REPLICATION ... LOGICAL`, pgoutput), from
 /// the same connection string and password as [`pg_config`]: the user (default: `$USER`)
 /// and the database (default: the user). It connects to the relay socket in `relay_dir`
-/// (`crate::transport::relay`), which carries it over the connection opened with the
+/// (the `transport` module's relay), which carries it over the connection opened with the
 /// source's TLS settings. The walsender formats the text values pgoutput sends with its
 /// session settings, so they are pinned to what the snapshot's connection uses (UTC, ISO
 /// dates, exact floats).
@@ -50,7 +53,7 @@ pub fn replication_config(
     let slot = source.slot.as_str();
     let mut c = pgwire_replication::ReplicationConfig::unix(
         relay_dir.display().to_string(),
-        crate::transport::RELAY_PORT,
+        RELAY_PORT,
         user,
         password,
         dbname,
@@ -191,7 +194,7 @@ mod tests {
         );
         assert_eq!(r.start_lsn.as_u64(), 0x16_B374_D848);
         assert_eq!(r.status_interval, std::time::Duration::from_millis(250));
-        // TLS is the relay's upstream connection's (crate::transport), not pgwire's.
+        // TLS is the relay's upstream connection's (the transport module), not pgwire's.
         assert_eq!(r.tls.mode, pgwire_replication::SslMode::Disable);
         assert!(r.options.as_deref().unwrap().contains("TimeZone=UTC"));
         c.connection = "host=/var/run/postgresql port=5999 user=u".into();

@@ -539,8 +539,7 @@ impl AsyncWrite for PgStream {
     }
 }
 
-/// The port in the relay socket's name (`.s.PGSQL.<port>`, as libpq names sockets).
-pub const RELAY_PORT: u16 = 5432;
+pub use crate::config::RELAY_PORT;
 
 /// Serves `stream` to one client on a Unix-domain socket `<dir>/.s.PGSQL.5432` in a new
 /// directory of mode 0700 (so only this user can connect); returns the directory. The
