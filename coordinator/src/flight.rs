@@ -201,6 +201,11 @@ impl FreshetFlightSql {
     /// Plans `sql` read-only (DML, DDL and statements such as SET are refused).
     async fn plan(&self, sql: &str, freshness: Freshness) -> Result<DataFrame, Status> {
         let ctx = self.session(freshness).await?;
+        // Time travel: "table@v12" / "table@2026-12-01T10:00:00Z" in the query.
+        self.node
+            .coordinator()?
+            .register_time_travel(&ctx, sql)
+            .await?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)

@@ -194,3 +194,117 @@ impl Coordinator {
         Ok(view.into_view())
     }
 }
+
+/// A time-travel table reference in SQL: `"orders@v12"` (version 12) or
+/// `"orders@2026-12-01T10:00:00Z"` (the last version committed at or before that time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeTravel {
+    /// The whole quoted name, as the query writes it.
+    pub name: String,
+    /// The served table.
+    pub table: String,
+    /// Which version.
+    pub at: AsOf,
+}
+
+/// A version to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AsOf {
+    /// A Delta version.
+    Version(u64),
+    /// The last version committed at or before this time.
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// The time-travel references in `sql`: double-quoted identifiers `table@v<N>` or
+/// `table@<RFC 3339 time>`. A quoted name with `@` that fits neither is an error naming it.
+pub fn time_travel_refs(sql: &str) -> Result<Vec<TimeTravel>> {
+    let mut out: Vec<TimeTravel> = Vec::new();
+    let mut rest = sql;
+    while let Some(start) = rest.find('"') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('"') else { break };
+        let name = &after[..end];
+        rest = &after[end + 1..];
+        let Some((table, spec)) = name.split_once('@') else {
+            continue;
+        };
+        let at = if let Some(v) = spec.strip_prefix('v')
+            && let Ok(v) = v.parse::<u64>()
+        {
+            AsOf::Version(v)
+        } else if let Ok(t) = chrono::DateTime::parse_from_rfc3339(spec) {
+            AsOf::Time(t.with_timezone(&chrono::Utc))
+        } else {
+            return Err(Error::Config(format!(
+                "\"{name}\": after '@' give a version (v12) or an RFC 3339 time (2026-12-01T10:00:00Z)"
+            )));
+        };
+        if !out.iter().any(|t| t.name == name) {
+            out.push(TimeTravel {
+                name: name.to_string(),
+                table: table.to_string(),
+                at,
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl Coordinator {
+    /// Registers in `ctx` every time-travel reference of `sql` (see [`time_travel_refs`]):
+    /// the served table read at that version, under the quoted name the query uses.
+    pub async fn register_time_travel(&self, ctx: &SessionContext, sql: &str) -> Result<()> {
+        for r in time_travel_refs(sql)? {
+            let t = self.table(&r.table)?;
+            let log = self.context().log_store(&t.def)?;
+            let mut d = deltalake::DeltaTable::new(log);
+            let loaded = match &r.at {
+                AsOf::Version(v) => d.load_version(*v).await,
+                AsOf::Time(at) => d.load_with_datetime(*at).await,
+            };
+            loaded.map_err(|e| {
+                Error::Config(format!(
+                    "\"{}\": table '{}' has no such version: {e}",
+                    r.name, r.table
+                ))
+            })?;
+            d.update_datafusion_session(&ctx.state())
+                .map_err(|e| Error::delta(&r.table, e))?;
+            let provider = d.table_provider().await.map_err(df(&r.table))?;
+            ctx.register_table(
+                datafusion::common::TableReference::bare(r.name.as_str()),
+                provider,
+            )
+            .map_err(df(&r.table))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_travel_names_are_parsed_and_bad_ones_named() {
+        let r = time_travel_refs(
+            r#"SELECT * FROM "orders@v3" o JOIN freshet.public."users@2026-12-01T10:00:00Z" u ON true WHERE o.v = 'a@b' AND "plain" = 1"#,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].table.as_str(), &r[0].at),
+            ("orders", &AsOf::Version(3))
+        );
+        assert_eq!(r[1].table, "users");
+        assert!(matches!(r[1].at, AsOf::Time(_)));
+        let e = time_travel_refs(r#"SELECT * FROM "orders@yesterday""#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("orders@yesterday") && e.contains("RFC 3339"),
+            "{e}"
+        );
+    }
+}

@@ -214,3 +214,88 @@ async fn flight_sql_clients_ask_for_latest_with_a_header() {
     assert!(e.to_string().contains("x-freshet-freshness"), "{e}");
     c.stop();
 }
+
+/// Time travel over Flight SQL: `"t@v1"` reads version 1, `"t@<time>"` the version committed
+/// by then; an unknown version is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flight_sql_reads_older_versions_by_number_and_time() {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(
+        dir.path(),
+        vec![table_config(dir.path(), "t", false, 2048)],
+        1,
+    )
+    .await;
+    let mut ingest = c.ingest_client().await;
+    ingest
+        .ingest(request("t", false, &[(1, Some(("a".into(), 1)))]))
+        .await
+        .unwrap();
+    c.coordinator.trigger("t").await.unwrap(); // version 1: one row
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let between = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ingest
+        .ingest(request(
+            "t",
+            false,
+            &[(2, Some(("b".into(), 2))), (3, Some(("c".into(), 3)))],
+        ))
+        .await
+        .unwrap();
+    c.coordinator.trigger("t").await.unwrap(); // version 2: three rows
+    let ch = tonic::transport::Channel::from_shared(c.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let count = |sql: String| {
+        let ch = ch.clone();
+        async move {
+            let mut f = FlightSqlServiceClient::new(ch);
+            let info = f.execute(sql, None).await?;
+            let mut n = 0;
+            for ep in info.endpoint {
+                let batches: Vec<RecordBatch> =
+                    f.do_get(ep.ticket.unwrap()).await?.try_collect().await?;
+                n += batches[0].column(0).as_primitive::<Int64Type>().value(0);
+            }
+            Ok::<i64, arrow_flight::error::FlightError>(n)
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM t".into()).await.unwrap(), 3);
+    assert_eq!(
+        count(r#"SELECT count(*) FROM "t@v1""#.into())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        count(r#"SELECT count(*) FROM "t@v0""#.into())
+            .await
+            .unwrap(),
+        0
+    );
+    let at = between.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(
+        count(format!(r#"SELECT count(*) FROM "t@{at}""#))
+            .await
+            .unwrap(),
+        1,
+        "as of {at}"
+    );
+    // Both versions in one query.
+    assert_eq!(
+        count(r#"SELECT count(*) FROM t WHERE id NOT IN (SELECT id FROM "t@v1")"#.into())
+            .await
+            .unwrap(),
+        2
+    );
+    let e = count(r#"SELECT count(*) FROM "t@v99""#.into())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("t@v99"), "{e}");
+    c.stop();
+}
