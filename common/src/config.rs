@@ -45,6 +45,26 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Table maintenance on the leader: checkpoints, expired log cleanup, vacuum.
     pub maintenance: MaintenanceConfig,
+    /// Queries the coordinator answers (Flight SQL).
+    pub query: QueryConfig,
+}
+
+/// Queries the coordinator answers (Flight SQL, `freshet query`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Memory all running queries may hold together (sorts, joins, aggregations); a query
+    /// that needs more fails with RESOURCE_EXHAUSTED instead of growing the coordinator,
+    /// which also stages and commits changes.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            max_memory_bytes: 512 * 1024 * 1024,
+        }
+    }
 }
 
 /// Table maintenance, run by the leader per table between cycles (docs/maintenance.md).

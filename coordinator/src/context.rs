@@ -35,6 +35,8 @@ pub struct TermContext {
     pub stop: watch::Sender<bool>,
     /// The armed crash point (tests).
     pub crash: CrashSwitch,
+    /// The memory every query of the term shares (`query.max_memory_bytes`).
+    pub query_pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
     /// Set once an injected crash stopped the term's work.
     dead: AtomicBool,
 }
@@ -50,7 +52,11 @@ impl TermContext {
         metrics: Arc<CoordinatorMetrics>,
         crash: CrashSwitch,
     ) -> Self {
+        let query_pool = Arc::new(datafusion::execution::memory_pool::FairSpillPool::new(
+            config.query.max_memory_bytes.max(1 << 20),
+        ));
         TermContext {
+            query_pool,
             config,
             router,
             epoch,

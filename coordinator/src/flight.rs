@@ -35,7 +35,7 @@ use arrow_flight::{
 };
 use deltalake::datafusion::common::{ParamValues, ScalarValue};
 use deltalake::datafusion::dataframe::DataFrame;
-use deltalake::datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use deltalake::datafusion::execution::context::{SQLOptions, SessionContext};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
@@ -47,9 +47,9 @@ use crate::node::Node;
 pub use arrow_flight;
 
 /// The catalog the tables are listed under (and the session's default).
-pub const CATALOG: &str = "freshet";
+pub const CATALOG: &str = crate::fresh_read::QUERY_CATALOG;
 /// The schema the tables are listed under (and the session's default).
-pub const SCHEMA: &str = "public";
+pub const SCHEMA: &str = crate::fresh_read::QUERY_SCHEMA;
 /// Open prepared statements kept at most (clients that never close them cannot grow the
 /// coordinator's memory without bound).
 const MAX_PREPARED: usize = 10_000;
@@ -103,7 +103,14 @@ fn read_only(what: &str) -> Status {
 }
 
 fn df_status(e: deltalake::datafusion::error::DataFusionError) -> Status {
-    Status::invalid_argument(format!("query failed: {e}"))
+    use deltalake::datafusion::error::DataFusionError;
+    match e.find_root() {
+        // Over query.max_memory_bytes: the query is too big, not malformed.
+        DataFusionError::ResourcesExhausted(m) => Status::resource_exhausted(format!(
+            "query failed: over the coordinator's query memory (query.max_memory_bytes): {m}"
+        )),
+        _ => Status::invalid_argument(format!("query failed: {e}")),
+    }
 }
 
 fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
@@ -184,18 +191,7 @@ impl FreshetFlightSql {
     /// version (default), or with the acknowledged, not yet committed changes laid over it
     /// (`x-freshet-freshness: latest`, read-your-writes; see `fresh_read`).
     async fn session(&self, freshness: Freshness) -> Result<SessionContext, Status> {
-        let c = self.node.coordinator()?;
-        let config = SessionConfig::new()
-            .with_default_catalog_and_schema(CATALOG, SCHEMA)
-            .with_create_default_catalog_and_schema(true)
-            .with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
-        for t in c.tables() {
-            let provider = c.table_provider(&ctx, &t, freshness).await?;
-            ctx.register_table(t.def.name.as_str(), provider)
-                .map_err(df_status)?;
-        }
-        Ok(ctx)
+        Ok(self.node.coordinator()?.query_session(freshness).await?)
     }
 
     /// Plans `sql` read-only (DML, DDL and statements such as SET are refused).
@@ -237,7 +233,17 @@ impl FreshetFlightSql {
         }
         let stream = df.execute_stream().await.map_err(df_status)?;
         let schema = stream.schema();
-        let batches = stream.map_err(|e| FlightError::ExternalError(Box::new(e)));
+        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(df_status(e))));
+        // A panic inside the query engine ends this query with an error, not a reset stream
+        // (CatchUnwind ends the stream after it).
+        let batches = std::panic::AssertUnwindSafe(batches)
+            .catch_unwind()
+            .map(|item| match item {
+                Ok(item) => item,
+                Err(_) => Err(FlightError::Tonic(Box::new(Status::internal(
+                    "query failed: the query engine panicked (see the coordinator's log)",
+                )))),
+            });
         Ok(respond(schema, batches))
     }
 

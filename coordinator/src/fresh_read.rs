@@ -49,6 +49,11 @@ impl std::str::FromStr for Freshness {
     }
 }
 
+/// The catalog and schema the served tables are listed under (`freshet.public.orders`).
+pub const QUERY_CATALOG: &str = "freshet";
+/// See [`QUERY_CATALOG`].
+pub const QUERY_SCHEMA: &str = "public";
+
 fn df(table: &str) -> impl Fn(datafusion::error::DataFusionError) -> Error + '_ {
     move |e| Error::Internal(format!("table '{table}': {e}"))
 }
@@ -57,7 +62,27 @@ impl Coordinator {
     /// A DataFusion session with every served table registered under its name, as
     /// `freshness` says.
     pub async fn query_session(&self, freshness: Freshness) -> Result<SessionContext> {
-        let ctx = SessionContext::new();
+        let config = datafusion::prelude::SessionConfig::new()
+            .with_default_catalog_and_schema(QUERY_CATALOG, QUERY_SCHEMA)
+            .with_create_default_catalog_and_schema(true)
+            .with_information_schema(true)
+            // DataFusion 55's RepartitionExec panics ("partition not used yet") when an
+            // operator fails (say, over the memory limit) while partitions are still being
+            // set up; a single partition per query avoids it, and the coordinator is no
+            // analytics engine (it also stages and commits).
+            .with_target_partitions(1);
+        // Every query of the term draws from one bounded pool.
+        // No spilling: a query over the limit is refused rather than filling the
+        // coordinator's local disk.
+        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(self.context().query_pool.clone())
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         for t in self.tables() {
             let provider = self.table_provider(&ctx, &t, freshness).await?;
             ctx.register_table(t.def.name.as_str(), provider)

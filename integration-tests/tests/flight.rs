@@ -436,3 +436,38 @@ async fn freshet_query_goes_through_flight_sql() {
     assert_eq!(out.trim(), "c\n200");
     c.stop();
 }
+
+/// Queries share `query.max_memory_bytes`: one that needs more (a sort of the whole table)
+/// fails with RESOURCE_EXHAUSTED naming the setting, and the coordinator goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_the_memory_limit_is_refused_and_the_coordinator_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.tables = vec![table_config(dir.path(), "t", false, 1 << 20)];
+    config.cycle.interval_ms = 3_600_000;
+    config.cycle.trigger_changes = u64::MAX;
+    config.catalog.uri = Some(dir.path().join("_catalog").display().to_string());
+    config.query.max_memory_bytes = 1 << 20;
+    let c = Cluster::start_with(config, 1).await;
+    let rows: Vec<Change> = (0..40_000)
+        .map(|i| (i, Some((format!("{i:0>60}"), i))))
+        .collect();
+    c.ingest_client()
+        .await
+        .ingest(request("t", false, &rows))
+        .await
+        .unwrap();
+    c.coordinator.trigger("t").await.unwrap();
+    let mut f = client(&c).await;
+    let e = sql(&mut f, "SELECT id, v FROM t ORDER BY v DESC, id")
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("query.max_memory_bytes"), "{msg}");
+    // The coordinator still answers, within the limit.
+    assert_eq!(
+        single_i64(&sql(&mut f, "SELECT count(*) FROM t").await.unwrap()),
+        40_000
+    );
+    c.stop();
+}
