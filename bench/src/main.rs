@@ -310,6 +310,13 @@ fn main() -> Result<()> {
                 Dist::Recent,
             ))?;
             println!("{}", report::sustained_markdown(&s));
+            if s.read_your_writes_missed > 0 || s.read_your_writes_samples == 0 {
+                bail!(
+                    "smoke: {} of {} read-your-writes probes did not see their row",
+                    s.read_your_writes_missed,
+                    s.read_your_writes_missed + s.read_your_writes_samples
+                );
+            }
             if s.unapplied_at_end > 0 || s.batches == 0 {
                 bail!(
                     "smoke: sustained run left {} of {} batches unapplied",

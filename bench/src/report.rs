@@ -102,12 +102,12 @@ pub fn sustained_markdown(r: &Sustained) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate/s | seconds | workers | batches | cycles | freshness p50 / p90 / p99 / max ms | cycle p50 / p90 / max ms | drain after stop ms | keeps up | peak RSS MiB: coordinator + load generator / worker |"
+        "| rate/s | seconds | workers | batches | cycles | freshness p50 / p90 / p99 / max ms | cycle p50 / p90 / max ms | drain after stop ms | keeps up | peak RSS MiB: coordinator + load generator / worker | read-your-writes p50 / p99 ms (probes) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     let _ = writeln!(
         s,
-        "| {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {} | {:.0} / {:.0} |",
+        "| {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} | {} | {:.0} / {:.0} | {:.0} / {:.0} ({}) |",
         r.rate,
         r.seconds,
         r.workers,
@@ -124,6 +124,9 @@ pub fn sustained_markdown(r: &Sustained) -> String {
         if r.keeps_up { "yes" } else { "no" },
         r.peak_rss_mib,
         r.worker_peak_rss_mib,
+        r.read_your_writes_p50_ms,
+        r.read_your_writes_p99_ms,
+        r.read_your_writes_samples,
     );
     s
 }

@@ -1,6 +1,7 @@
 //! Sustained load: ingest at a fixed rate into a fresh copy of the table while cycles run
 //! on their interval; measure freshness (ack -> the commit that makes the batch visible)
-//! and cycle times.
+//! and cycle times; and read-your-writes: for every 5th batch, the time from its ack to a
+//! `freshness = latest` query that returns a row it inserted (before any cycle commits it).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -52,7 +53,41 @@ pub struct Sustained {
     /// The largest peak RSS of a worker process.
     #[serde(default)]
     pub worker_peak_rss_mib: f64,
+    /// Read-your-writes probes: ack -> a `latest` query returning the batch's first insert.
+    #[serde(default)]
+    pub read_your_writes_samples: usize,
+    #[serde(default)]
+    pub read_your_writes_p50_ms: f64,
+    #[serde(default)]
+    pub read_your_writes_p99_ms: f64,
+    /// Probes that did not see their row (must be 0).
+    #[serde(default)]
+    pub read_your_writes_missed: usize,
     pub machine: serde_json::Value,
+}
+
+/// Ack -> a `latest` read that returns the row `id` (ms), or None when it never does.
+async fn probe(c: &freshet_coordinator::Coordinator, id: i64, acked: Instant) -> Option<f64> {
+    use freshet_coordinator::fresh_read::Freshness;
+    for _ in 0..50 {
+        let ctx = c.query_session(Freshness::Latest).await.ok()?;
+        let n = ctx
+            .sql(&format!("SELECT count(*) FROM {TABLE} WHERE id = {id}"))
+            .await
+            .ok()?
+            .collect()
+            .await
+            .ok()?;
+        let seen = n.first().is_some_and(|b| {
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0)).value(0)
+                == 1
+        });
+        if seen {
+            return Some(acked.elapsed().as_secs_f64() * 1e3);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -88,6 +123,7 @@ pub async fn run(
     let ticks_per_s = 10u64;
     let per_batch = (rate / ticks_per_s).max(1) as usize;
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, Instant, usize)>();
+    let (ryw_tx, mut ryw_rx) = mpsc::unbounded_channel::<Option<f64>>();
     let schema = def.schema.clone();
     let c2 = coordinator.clone();
     let rows0 = shape.rows as i64;
@@ -105,14 +141,20 @@ pub async fn run(
                     break;
                 }
             };
+            let first_insert = (ch.inserts > 0).then_some(next);
             next += ch.inserts as i64;
             let req = engines::ingest_request(&ch.with_op().expect("op")).expect("request");
             let c = c2.clone();
             let tx = ack_tx.clone();
+            let ryw = (i % 5 == 0).then(|| ryw_tx.clone()).zip(first_insert);
             handles.push(tokio::spawn(async move {
                 match c.ingest(req).await {
                     Ok(resp) => {
-                        let _ = tx.send((resp.sequence, Instant::now(), per_batch));
+                        let at = Instant::now();
+                        let _ = tx.send((resp.sequence, at, per_batch));
+                        if let Some((ryw, id)) = ryw {
+                            let _ = ryw.send(probe(&c, id, at).await);
+                        }
                     }
                     Err(e) => eprintln!("ingest: {e}"),
                 }
@@ -177,6 +219,15 @@ pub async fn run(
         }
     }
     bar.finish_and_clear();
+    let mut ryw = Vec::new();
+    let mut ryw_missed = 0;
+    while let Ok(p) = ryw_rx.try_recv() {
+        match p {
+            Some(ms) => ryw.push(ms),
+            None => ryw_missed += 1,
+        }
+    }
+    ryw.sort_by(f64::total_cmp);
     let drain_ms = ingest_done_at
         .map(|d| last_visible_at.saturating_duration_since(d).as_secs_f64() * 1e3)
         .unwrap_or(0.0);
@@ -233,6 +284,10 @@ pub async fn run(
         keeps_up,
         peak_rss_mib: rss as f64 / 1024.0,
         worker_peak_rss_mib: worker_rss as f64 / 1024.0,
+        read_your_writes_samples: ryw.len(),
+        read_your_writes_p50_ms: pct(&ryw, 0.5),
+        read_your_writes_p99_ms: pct(&ryw, 0.99),
+        read_your_writes_missed: ryw_missed,
         machine: crate::report::machine(),
     })
 }
