@@ -110,7 +110,9 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
     if !config.server.http_listen.is_empty() {
         let mut registry = Registry::default();
         node.metrics.register(&mut registry);
-        registry.register_collector(Box::new(crate::source_metrics::SourcesCollector(node.clone())));
+        registry.register_collector(Box::new(crate::source_metrics::SourcesCollector(
+            node.clone(),
+        )));
         let n = node.clone();
         let ready: freshet_common::http::ReadyCheck = Arc::new(move || {
             let n = n.clone();

@@ -97,7 +97,11 @@ impl Builder {
         let capacity = self.worker_capacity.unwrap_or(config.worker.capacity);
         let mut workers = Vec::new();
         let mut endpoints = self.external.clone().unwrap_or_default();
-        let in_process = if self.external.is_some() { 0 } else { self.workers };
+        let in_process = if self.external.is_some() {
+            0
+        } else {
+            self.workers
+        };
         for i in 0..in_process {
             let (listener, addr) = freshet_worker::bind("127.0.0.1:0").await?;
             let w = Worker::new(

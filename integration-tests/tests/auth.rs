@@ -420,10 +420,7 @@ async fn the_cli_sends_its_token_and_admin_mutations_are_audited() {
         .status();
     let _ = proc.wait();
     let text = std::fs::read_to_string(&log).unwrap();
-    let audit: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("audit:"))
-        .collect();
+    let audit: Vec<&str> = text.lines().filter(|l| l.contains("audit:")).collect();
     assert!(
         audit.iter().any(|l| l.contains("principal=ops")
             && l.contains("PauseTable")

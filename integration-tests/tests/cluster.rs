@@ -507,7 +507,11 @@ fn bad_configuration_fails_at_start_naming_the_problem() {
     assert!(e.contains("capacityy"), "{e}");
     // etcd security without etcd: refused by both, naming the key.
     for role in ["coordinator", "worker"] {
-        let e = start_fails("[cluster]\netcd_ca_file = \"/etc/ca.pem\"\n", role, dir.path());
+        let e = start_fails(
+            "[cluster]\netcd_ca_file = \"/etc/ca.pem\"\n",
+            role,
+            dir.path(),
+        );
         assert!(e.contains("cluster.etcd_ca_file"), "{role}: {e}");
     }
 
