@@ -138,7 +138,8 @@ fn check_segments<'a>(segments: impl Iterator<Item = &'a str>) -> std::result::R
     Ok(())
 }
 
-fn percent_decode(s: &str) -> std::result::Result<String, String> {
+/// Decodes `%XX` escapes (URIs, connection strings); an error names the text.
+pub(crate) fn percent_decode(s: &str) -> std::result::Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -313,7 +313,10 @@ impl Conninfo {
             let mut params = Vec::new();
             for kv in query.split('&').filter(|kv| !kv.is_empty()) {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                params.push((percent_decode(k)?, percent_decode(v)?));
+                params.push((
+                    crate::prefixes::percent_decode(k)?,
+                    crate::prefixes::percent_decode(v)?,
+                ));
             }
             return Ok(Conninfo::Url {
                 base: base.to_string(),
@@ -402,26 +405,6 @@ impl Conninfo {
             }
         }
     }
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in '{s}'"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("'{s}' is not UTF-8"))
 }
 
 fn percent_encode(s: &str) -> String {
