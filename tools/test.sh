@@ -44,6 +44,8 @@ else
   echo "bench smoke: 1 failed" | tee -a "$log"
   status=1
 fi
+df -h . | tail -1 | awk '{print "disk after the tests: " $4 " free"}'
+echo "target/: $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1)"
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::procs::free_port;
 
+/// Held by the tests that each start a PostgreSQL server and a cluster, so they run one at a
+/// time (the machine has two cores); shared because they live in one test binary.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A running PostgreSQL server.
 pub struct Postgres {
     /// The port on 127.0.0.1.

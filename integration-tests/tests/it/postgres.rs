@@ -14,9 +14,7 @@ use freshet_integration_tests::pg::Postgres;
 use freshet_integration_tests::*;
 use freshet_source_postgres::{SourceConfig, SourceTable};
 
-/// The tests run one at a time: each starts a PostgreSQL server and a cluster, and the
-/// machine has two cores.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use freshet_integration_tests::pg::SERIAL;
 
 fn source(pg: &Postgres, dir: &std::path::Path, tables: &[&str]) -> SourceConfig {
     SourceConfig {

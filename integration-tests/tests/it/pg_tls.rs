@@ -13,8 +13,7 @@ use freshet_integration_tests::pg::{PgOptions, Postgres};
 use freshet_integration_tests::*;
 use freshet_source_postgres::SourceConfig;
 
-/// One PostgreSQL server and cluster at a time (two cores).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use freshet_integration_tests::pg::SERIAL;
 
 /// A source of table `items`, defined as in a configuration file; `extra` adds keys.
 fn source(connection: &str, dir: &Path, extra: &str) -> SourceConfig {
