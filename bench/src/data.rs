@@ -121,6 +121,7 @@ pub fn table_config(uri: &str, shape: &Shape) -> TableConfig {
             vec![]
         },
         target_file_size: Some(shape.target_file_size),
+        merge_mode: None,
     }
 }
 

@@ -558,7 +558,7 @@ fn explain_json(e: &ExplainCycleResponse) -> serde_json::Value {
         "bytes_to_write_estimate": e.bytes_to_write_estimate, "rounds": e.rounds,
         "tasks": e.tasks.iter().map(|t| serde_json::json!({
             "partition": t.partition, "inputs": t.inputs, "input_bytes": t.input_bytes,
-            "changes": t.changes, "worker": t.worker,
+            "changes": t.changes, "worker": t.worker, "mode": t.mode, "mode_reason": t.mode_reason,
         })).collect::<Vec<_>>(),
     })
 }
@@ -605,6 +605,8 @@ fn print_explain(e: &ExplainCycleResponse) {
         "input bytes",
         "changes",
         "worker",
+        "mode",
+        "why",
     ]);
     for (i, x) in e.tasks.iter().enumerate() {
         t.add_row(vec![
@@ -618,6 +620,8 @@ fn print_explain(e: &ExplainCycleResponse) {
             bytes(x.input_bytes),
             x.changes.to_string(),
             x.worker.clone(),
+            x.mode.clone(),
+            x.mode_reason.clone(),
         ]);
     }
     println!("{t}");

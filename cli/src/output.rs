@@ -62,6 +62,7 @@ pub fn cycle_json(c: &CycleRecord) -> Value {
             "changes": t.changes, "rows_read": t.rows_read, "rows_written": t.rows_written,
             "bytes_read": t.bytes_read, "bytes_written": t.bytes_written, "duration_ms": t.duration_ms,
             "attempts": t.attempts, "errors": t.errors,
+            "mode": t.mode, "mode_reason": t.mode_reason, "files_with_new_deletions": t.files_with_new_deletions,
         })).collect::<Vec<_>>(),
     })
 }
@@ -76,6 +77,7 @@ pub fn table_json(t: &TableInfo) -> Value {
         "pending_bytes": t.pending_bytes, "applied_sequence": t.applied_sequence, "paused": t.paused,
         "freshness_p50_ms": t.freshness_p50_ms, "freshness_p99_ms": t.freshness_p99_ms,
         "freshness_window": t.freshness_window,
+        "merge_mode": t.merge_mode, "deletion_vectors": t.deletion_vectors, "deleted_rows": t.deleted_rows,
         "last_cycle": t.last_cycle.as_ref().map(cycle_json),
     })
 }

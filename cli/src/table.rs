@@ -33,6 +33,13 @@ pub enum TableCommand {
         /// Target file size in bytes (default: the server's, 32 MiB).
         #[arg(long, default_value_t = 0)]
         target_file_size: u64,
+        /// How cycles apply changes: auto (the cost model picks deletion vectors or
+        /// copy-on-write per file group), copy_on_write, or deletion_vectors. A table created
+        /// with auto or deletion_vectors gets the Delta `deletionVectors` feature (reader 3 /
+        /// writer 7): readers without deletion-vector support cannot read it. An adopted
+        /// table keeps copy-on-write under auto.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "copy_on_write", "deletion_vectors"])]
+        merge_mode: String,
     },
     /// Add nullable columns at the end of a table fed by the ingest API (existing rows read
     /// them as null).
@@ -68,6 +75,7 @@ pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
             primary_key,
             partition_by,
             target_file_size,
+            merge_mode,
         } => {
             let spec = match (like, schema) {
                 (Some(p), None) => {
@@ -94,6 +102,7 @@ pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
                     primary_key,
                     partition_by,
                     target_file_size,
+                    merge_mode: merge_mode.clone(),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -105,6 +114,11 @@ pub async fn run(endpoint: &str, cmd: TableCommand) -> anyhow::Result<()> {
                 t.name,
                 t.uri
             );
+            if t.deletion_vectors {
+                println!(
+                    "note: the table has deletion vectors (Delta reader 3 / writer 7): readers without deletion-vector support cannot read it"
+                );
+            }
             println!("{}", serde_json::to_string_pretty(&table_json(&t))?);
         }
         TableCommand::Alter { name, add_column } => {

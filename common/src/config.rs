@@ -45,8 +45,63 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Table maintenance on the leader: checkpoints, expired log cleanup, vacuum.
     pub maintenance: MaintenanceConfig,
+    /// Background compaction of idle tables (docs/merge-on-read.md).
+    pub compaction: CompactionConfig,
     /// Queries the coordinator answers (Flight SQL).
     pub query: QueryConfig,
+}
+
+/// Background compaction: file groups no change touches are folded back into key-sorted,
+/// target-size files without deleted rows, while the table is idle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// Compact at all.
+    pub enabled: bool,
+    /// Least time between two compaction runs of a table, in milliseconds.
+    pub interval_ms: u64,
+    /// Input bytes one run rewrites at most (the most indebted groups first; at least one
+    /// group). Bounds how long changes that arrive during a run wait.
+    pub max_bytes_per_run: u64,
+    /// Groups smaller than this share of the target file size are merged with small
+    /// neighbours.
+    pub small_fraction: f64,
+    /// A one-file group with this share of its rows deleted is rewritten.
+    pub fold_deleted_fraction: f64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        CompactionConfig {
+            enabled: true,
+            interval_ms: 10_000,
+            max_bytes_per_run: 256 * 1024 * 1024,
+            small_fraction: 0.5,
+            fold_deleted_fraction: 0.10,
+        }
+    }
+}
+
+impl CompactionConfig {
+    /// Refuses fractions outside (0, 1] and a zero budget.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("small_fraction", self.small_fraction),
+            ("fold_deleted_fraction", self.fold_deleted_fraction),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(Error::Config(format!(
+                    "compaction.{name} = {v}: use a share in (0, 1]"
+                )));
+            }
+        }
+        if self.max_bytes_per_run == 0 {
+            return Err(Error::Config(
+                "compaction.max_bytes_per_run must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Queries the coordinator answers (Flight SQL, `freshet query`).

@@ -20,6 +20,31 @@ pub const TAG_MIN_KEY: &str = "freshet.minKey";
 /// Tag on Freshet's Add actions holding the file's largest local key (JSON).
 pub const TAG_MAX_KEY: &str = "freshet.maxKey";
 
+/// The table property that turns deletion vectors on (the protocol gets the
+/// `deletionVectors` reader and writer feature with it).
+pub const ENABLE_DELETION_VECTORS: &str = "delta.enableDeletionVectors";
+
+/// Whether the table may carry deletion vectors.
+pub fn deletion_vectors_enabled(table: &DeltaTable) -> bool {
+    table
+        .snapshot()
+        .map(|s| s.table_config().enable_deletion_vectors == Some(true))
+        .unwrap_or(false)
+}
+
+/// Turns deletion vectors on for an existing table (one metadata and protocol commit;
+/// readers without deletion-vector support can no longer read it).
+pub async fn enable_deletion_vectors(def: &TableDef, table: DeltaTable) -> Result<DeltaTable> {
+    table
+        .set_tbl_properties()
+        .with_properties(HashMap::from([(
+            ENABLE_DELETION_VECTORS.to_string(),
+            "true".to_string(),
+        )]))
+        .await
+        .map_err(|e| Error::delta(&def.name, e))
+}
+
 /// An active data file as the planner sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileEntry {
@@ -34,8 +59,29 @@ pub struct FileEntry {
     /// The file's local-key range: exact from Freshet's tags, or conservative from the
     /// column statistics; `None` when unknown (the file may hold any key).
     pub range: Option<(Key, Key)>,
-    /// Whether the file carries a deletion vector (not supported for rewriting).
-    pub has_deletion_vector: bool,
+    /// The file's deletion vector: rows of it that are no longer part of the table.
+    pub deletion_vector: Option<deltalake::kernel::DeletionVectorDescriptor>,
+    /// The Add action's `stats` JSON, `tags` and modification time, carried over when the
+    /// file is re-added with a new deletion vector.
+    pub stats: Option<String>,
+    pub tags: HashMap<String, Option<String>>,
+    pub modification_time: i64,
+}
+
+impl FileEntry {
+    /// Rows its deletion vector deletes.
+    pub fn deleted_rows(&self) -> u64 {
+        self.deletion_vector
+            .as_ref()
+            .map(|d| d.cardinality.max(0) as u64)
+            .unwrap_or(0)
+    }
+
+    /// Live rows (rows minus deleted ones), when the log says.
+    pub fn live_records(&self) -> Option<u64> {
+        self.num_records
+            .map(|n| n.saturating_sub(self.deleted_rows()))
+    }
 }
 
 /// Opens the table, or creates it when the location holds no Delta table.
@@ -67,6 +113,10 @@ pub async fn open_or_create_with(
             Ok((table, true))
         }
         Err(deltalake::DeltaTableError::NotATable(_)) => {
+            let mut properties = properties;
+            if def.merge_mode != crate::table::MergeMode::CopyOnWrite {
+                properties.insert(ENABLE_DELETION_VECTORS.to_string(), "true".to_string());
+            }
             let schema: StructType =
                 def.schema
                     .as_ref()
@@ -248,7 +298,10 @@ pub fn files(def: &TableDef, table: &DeltaTable) -> Result<Vec<FileEntry>> {
                 .collect(),
             num_records: view.num_records().map(|n| n as u64),
             range,
-            has_deletion_vector: add.deletion_vector.is_some(),
+            deletion_vector: add.deletion_vector.clone(),
+            stats: add.stats.clone(),
+            tags,
+            modification_time: add.modification_time,
         });
     }
     Ok(out)

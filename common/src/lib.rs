@@ -5,6 +5,7 @@ pub mod auth;
 pub mod changes;
 pub mod config;
 pub mod delta;
+pub mod dv;
 pub mod error;
 pub mod etcd;
 pub mod faults;

@@ -14,6 +14,49 @@ use crate::schema::{ColumnSpec, SchemaSpec};
 /// Default target size of a data file: 32 MiB.
 pub const DEFAULT_TARGET_FILE_SIZE: u64 = 32 * 1024 * 1024;
 
+/// How cycles apply changes to the files they touch (docs/merge-on-read.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMode {
+    /// The cost model chooses per file group: deletion vectors where the table's protocol
+    /// has them (tables Freshet creates do), else copy-on-write.
+    #[default]
+    Auto,
+    /// Always rewrite the touched files (readers without deletion-vector support can read
+    /// the table).
+    CopyOnWrite,
+    /// Deletion vectors wherever a group has files (folded back by copy-on-write when a
+    /// group grows too many files or deleted rows); the table's protocol gets the feature.
+    DeletionVectors,
+}
+
+impl MergeMode {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeMode::Auto => "auto",
+            MergeMode::CopyOnWrite => "copy_on_write",
+            MergeMode::DeletionVectors => "deletion_vectors",
+        }
+    }
+
+    /// Parses the configuration spelling (empty means `auto`); `table` names the table in
+    /// the error.
+    pub fn parse(s: &str, table: &str) -> Result<MergeMode> {
+        match s {
+            "" | "auto" => Ok(MergeMode::Auto),
+            "copy_on_write" => Ok(MergeMode::CopyOnWrite),
+            "deletion_vectors" => Ok(MergeMode::DeletionVectors),
+            other => Err(Error::InvalidTable {
+                table: table.to_string(),
+                message: format!(
+                    "merge_mode '{other}' is not one of auto, copy_on_write, deletion_vectors"
+                ),
+            }),
+        }
+    }
+}
+
 /// A table as written in the config file (or sent to CreateTable).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +75,9 @@ pub struct TableConfig {
     /// Target size of a data file in bytes (default 32 MiB).
     #[serde(default)]
     pub target_file_size: Option<u64>,
+    /// How cycles apply changes (default `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_mode: Option<MergeMode>,
 }
 
 /// A validated table definition.
@@ -49,6 +95,8 @@ pub struct TableDef {
     pub partition_by: Vec<String>,
     /// Target size of a data file in bytes.
     pub target_file_size: u64,
+    /// How cycles apply changes.
+    pub merge_mode: MergeMode,
 }
 
 impl TableConfig {
@@ -70,6 +118,7 @@ impl TableConfig {
             self.partition_by.clone(),
             self.target_file_size.unwrap_or(DEFAULT_TARGET_FILE_SIZE),
         )
+        .map(|d| d.with_merge_mode(self.merge_mode.unwrap_or_default()))
     }
 }
 
@@ -184,7 +233,14 @@ impl TableDef {
             primary_key,
             partition_by,
             target_file_size,
+            merge_mode: MergeMode::Auto,
         })
+    }
+
+    /// The definition with another merge mode.
+    pub fn with_merge_mode(mut self, mode: MergeMode) -> Self {
+        self.merge_mode = mode;
+        self
     }
 
     /// The Delta `txn` application id under which Freshet records applied sequences.
@@ -236,6 +292,7 @@ impl TableDef {
             primary_key: self.primary_key.clone(),
             partition_by: self.partition_by.clone(),
             target_file_size: Some(self.target_file_size),
+            merge_mode: Some(self.merge_mode),
         }
     }
 }

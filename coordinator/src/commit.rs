@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, Add, Remove, Transaction};
+use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, Transaction};
 use deltalake::protocol::{DeltaOperation, OutputMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use freshet_common::delta::{
@@ -17,8 +17,14 @@ use freshet_proto::worker::v1::OutputFile;
 
 use crate::fence::Fence;
 
-/// Builds the Remove and Add actions.
-pub fn actions(removed: &[FileEntry], added: &[OutputFile]) -> Vec<Action> {
+/// Builds the Remove and Add actions: `removed` leave the table, `added` join it, and each
+/// of `redeleted` (a file of the snapshot, its new deletion vector) is removed and added
+/// again with the new deletion vector, its stats, tags and modification time kept.
+pub fn actions(
+    removed: &[FileEntry],
+    added: &[OutputFile],
+    redeleted: &[(FileEntry, DeletionVectorDescriptor)],
+) -> Vec<Action> {
     let now = chrono::Utc::now().timestamp_millis();
     let mut out = Vec::with_capacity(removed.len() + added.len());
     for f in removed {
@@ -35,9 +41,41 @@ pub fn actions(removed: &[FileEntry], added: &[OutputFile]) -> Vec<Action> {
             ),
             size: Some(f.size as i64),
             tags: None,
-            deletion_vector: None,
+            deletion_vector: f.deletion_vector.clone(),
             base_row_id: None,
             default_row_commit_version: None,
+        }));
+    }
+    for (f, dv) in redeleted {
+        let partition_values: HashMap<String, Option<String>> = f
+            .partition_values
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        out.push(Action::Remove(Remove {
+            path: f.path.clone(),
+            data_change: true,
+            deletion_timestamp: Some(now),
+            extended_file_metadata: Some(true),
+            partition_values: Some(partition_values.clone()),
+            size: Some(f.size as i64),
+            tags: None,
+            deletion_vector: f.deletion_vector.clone(),
+            base_row_id: None,
+            default_row_commit_version: None,
+        }));
+        out.push(Action::Add(Add {
+            path: f.path.clone(),
+            partition_values,
+            size: f.size as i64,
+            modification_time: f.modification_time,
+            data_change: true,
+            stats: f.stats.clone(),
+            tags: (!f.tags.is_empty()).then(|| f.tags.clone()),
+            deletion_vector: Some(dv.clone()),
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
         }));
     }
     for f in added {
@@ -65,6 +103,55 @@ pub fn actions(removed: &[FileEntry], added: &[OutputFile]) -> Vec<Action> {
     out
 }
 
+/// The actions marked as rearranging data, not changing it (`dataChange = false`), as
+/// compaction writes them: streaming readers skip such a version.
+pub fn rearranging(mut actions: Vec<Action>) -> Vec<Action> {
+    for a in &mut actions {
+        match a {
+            Action::Add(add) => add.data_change = false,
+            Action::Remove(r) => r.data_change = false,
+            _ => {}
+        }
+    }
+    actions
+}
+
+/// The `txn` app id of a table's compaction commits.
+pub fn compaction_app_id(def: &TableDef) -> String {
+    format!("{}:compaction", def.app_id())
+}
+
+/// Commits a compaction run: its actions with a `txn` of its own (app id
+/// [`compaction_app_id`], version: the run's start in ms), by which a commit whose reply was
+/// lost is settled from the log, as a cycle's is by its staging sequence.
+pub async fn commit_compaction(
+    def: &TableDef,
+    table: &mut DeltaTable,
+    actions: Vec<Action>,
+    run_id: &str,
+    metrics: serde_json::Value,
+    fence: &Fence,
+) -> Result<i64> {
+    let app_id = compaction_app_id(def);
+    let stamp = chrono::Utc::now().timestamp_millis();
+    let operation = DeltaOperation::Optimize {
+        predicate: None,
+        target_size: def.target_file_size as i64,
+    };
+    commit_settled(
+        def,
+        table,
+        actions,
+        vec![Transaction::new(app_id.clone(), stamp)],
+        (app_id, stamp),
+        operation,
+        run_id,
+        metrics,
+        fence,
+    )
+    .await
+}
+
 /// Commits the actions with the txn at `last_seq` (and one txn per idempotent producer at
 /// its last batch). Returns the new version, or the
 /// current one when the log shows the sequence applied already (a duplicated commit).
@@ -84,16 +171,49 @@ pub async fn commit(
     metrics: serde_json::Value,
     fence: &Fence,
 ) -> Result<i64> {
-    let snapshot = table
-        .snapshot()
-        .map_err(|e| Error::delta(&def.name, e))?
-        .clone();
     let mut txns = vec![Transaction::new(def.app_id(), last_seq as i64)];
     txns.extend(
         producers
             .iter()
             .map(|(p, v)| Transaction::new(producer_app_id(def, p), *v as i64)),
     );
+    let operation = DeltaOperation::StreamingUpdate {
+        output_mode: OutputMode::Update,
+        query_id: def.app_id(),
+        epoch_id: last_seq as i64,
+    };
+    commit_settled(
+        def,
+        table,
+        actions,
+        txns,
+        (def.app_id(), last_seq as i64),
+        operation,
+        cycle_id,
+        metrics,
+        fence,
+    )
+    .await
+}
+
+/// Commits `actions` with `txns`; when the commit reports an error, the log decides: it
+/// landed when the txn `settle.0` is at `settle.1` or beyond.
+#[allow(clippy::too_many_arguments)]
+async fn commit_settled(
+    def: &TableDef,
+    table: &mut DeltaTable,
+    actions: Vec<Action>,
+    txns: Vec<Transaction>,
+    settle: (String, i64),
+    operation: DeltaOperation,
+    cycle_id: &str,
+    metrics: serde_json::Value,
+    fence: &Fence,
+) -> Result<i64> {
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| Error::delta(&def.name, e))?
+        .clone();
     let props = CommitProperties::default()
         .with_application_transactions(txns)
         .with_metadata([
@@ -105,11 +225,6 @@ pub async fn commit(
         ])
         // Any concurrent commit fails this one; the next cycle re-plans on fresh state.
         .with_max_retries(0);
-    let operation = DeltaOperation::StreamingUpdate {
-        output_mode: OutputMode::Update,
-        query_id: def.app_id(),
-        epoch_id: last_seq as i64,
-    };
     let result = CommitBuilder::from(props)
         .with_actions(actions)
         .build(Some(&snapshot), table.log_store(), operation)
@@ -132,11 +247,15 @@ pub async fn commit(
                         .update_state()
                         .await
                         .map_err(|e| Error::delta(&def.name, e))?;
-                    applied_sequence(def, table).await
+                    let snapshot = table.snapshot().map_err(|e| Error::delta(&def.name, e))?;
+                    snapshot
+                        .transaction_version(table.log_store().as_ref(), settle.0.clone())
+                        .await
+                        .map_err(|e| Error::delta(&def.name, e))
                 }
                 .await;
                 match read {
-                    Ok(applied) if applied >= last_seq => {
+                    Ok(Some(applied)) if applied >= settle.1 => {
                         tracing::warn!(table = %def.name, error = %err, "commit reported an error but the log has it; treating as committed");
                         return Ok(table.version().map(|v| v as i64).unwrap_or(-1));
                     }
@@ -247,7 +366,7 @@ mod tests {
         commit(
             def,
             table,
-            actions(&[], &[file]),
+            actions(&[], &[file], &[]),
             seq,
             &BTreeMap::new(),
             &format!("c{seq}"),

@@ -1,20 +1,23 @@
 //! One merge cycle of one table: pending changes → last change per key → plan → workers →
 //! one Delta commit → staging cleanup, with every phase timed into a cycle record.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deltalake::kernel::DeletionVectorDescriptor;
 use freshet_common::changes::{change_schema, last_change_per_key};
+use freshet_common::dv;
 use freshet_common::delta::{FileEntry, applied_sequence, files};
 use freshet_common::error::{Error, Result};
 use freshet_common::staging::{batch_sequence, delete_segment, read_segment_contents};
 use freshet_common::table::partition_dir;
 use freshet_proto::admin::v1::{CycleRecord, CycleState, Phase, TaskRecord};
-use freshet_proto::worker::v1::{InputFile, OutputFile, RewriteRequest, TableSpec};
+use freshet_proto::worker::v1::{InputFile, MergeMode, OutputFile, RewriteRequest, TableSpec};
 use tracing::Instrument;
 
 use crate::commit;
+use crate::cost;
 use crate::context::TermContext;
 use crate::orphans::{self, InflightRecord};
 use crate::planner::plan;
@@ -112,7 +115,10 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
         let original = files(def, &table)?;
         let (total_bytes, total_rows) = original
             .iter()
-            .fold((0u64, 0u64), |(b, r), f| (b + f.size, r + f.num_records.unwrap_or(0)));
+            .fold((0u64, 0u64), |(b, r), f| (b + f.size, r + f.live_records().unwrap_or(0)));
+        let dv_enabled = freshet_common::delta::deletion_vectors_enabled(&table);
+        // The snapshot's entries: what a Remove must name (the deletion vector it had).
+        let snapshot_entries: HashMap<String, FileEntry> = original.iter().map(|f| (f.path.clone(), f.clone())).collect();
         let read_version = table.version().map(|v| v as u64);
         let mut inflight = InflightRecord { cycle_id: id.clone(), last_sequence: rec.last_sequence, dirs: Vec::new(), aborted: false, read_version };
         let log = table.log_store();
@@ -132,6 +138,9 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
         let mut current = original.clone();
         let mut removed: Vec<FileEntry> = Vec::new();
         let mut added: Vec<OutputFile> = Vec::new();
+        // Files of the snapshot given a new deletion vector (the latest, when several rounds
+        // touched one), re-added with it by the commit.
+        let mut redeleted: BTreeMap<String, DeletionVectorDescriptor> = BTreeMap::new();
         let mut retried = false;
         let mut task_no = 0u64;
         let mut rounds = 0u32;
@@ -172,9 +181,17 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                 orphans::write_record(&t.store, &inflight).await?;
             }
 
+            let choices: Vec<cost::Choice> = p
+                .tasks
+                .iter()
+                .map(|task| {
+                    let uncommitted = task.inputs.iter().any(|f| added.iter().any(|a| a.path == f.path));
+                    cost::choose(def.merge_mode, dv_enabled, task, uncommitted)
+                })
+                .collect();
             let mut requests = Vec::with_capacity(p.tasks.len());
             let mut weights = Vec::with_capacity(p.tasks.len());
-            for task in &p.tasks {
+            for (task, choice) in p.tasks.iter().zip(&choices) {
                 let changes_ipc = freshet_common::ipc::encode(&cschema, std::slice::from_ref(&task.changes))?;
                 weights.push(task.input_bytes() + changes_ipc.len() as u64);
                 requests.push(RewriteRequest {
@@ -183,10 +200,18 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                     attempt: 1,
                     epoch: inner.epoch,
                     table: Some(spec.clone()),
-                    inputs: task.inputs.iter().map(|f| InputFile { path: f.path.clone(), size: f.size }).collect(),
+                    inputs: task
+                        .inputs
+                        .iter()
+                        .map(|f| InputFile { path: f.path.clone(), size: f.size, deletion_vector: f.deletion_vector.as_ref().map(dv::to_proto) })
+                        .collect(),
                     partition_values: task.partition_values.clone(),
                     changes_ipc,
                     target_file_size: def.target_file_size,
+                    mode: match choice.mode {
+                        cost::Mode::CopyOnWrite => MergeMode::CopyOnWrite as i32,
+                        cost::Mode::DeletionVectors => MergeMode::DeletionVectors as i32,
+                    },
                 });
             }
             phases.end("prepare");
@@ -204,7 +229,7 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
 
             let mut failed = Vec::new();
             let mut outputs = Vec::new();
-            for (task, o) in p.tasks.iter().zip(&outcomes) {
+            for ((task, o), choice) in p.tasks.iter().zip(&outcomes).zip(&choices) {
                 retried |= o.attempts > 1;
                 let mut tr = TaskRecord {
                     task_id: task_no,
@@ -214,6 +239,8 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                     duration_ms: o.duration.as_millis() as u64,
                     attempts: o.attempts,
                     errors: o.errors.clone(),
+                    mode: choice.mode.as_str().to_string(),
+                    mode_reason: choice.reason.clone(),
                     ..Default::default()
                 };
                 match &o.response {
@@ -229,6 +256,24 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                         rec.bytes_read += r.bytes_read;
                         rec.bytes_written += r.bytes_written;
                         outputs.extend(r.files.iter().cloned());
+                        for d in &r.deletions {
+                            // Only an input of the task may get a deletion vector.
+                            let Some(input) = task.inputs.iter().find(|f| f.path == d.path) else {
+                                return Err(Error::Internal(format!("task {task_no}: worker returned a deletion vector for {}, not an input", d.path)));
+                            };
+                            let Some(wire) = d.deletion_vector.as_ref() else {
+                                return Err(Error::Internal(format!("task {task_no}: no deletion vector for {}", d.path)));
+                            };
+                            let descriptor = dv::from_proto(wire, &d.path)?;
+                            if choice.mode != cost::Mode::DeletionVectors || input.num_records.is_some_and(|n| descriptor.cardinality.max(0) as u64 > n) {
+                                return Err(Error::Internal(format!("task {task_no}: deletion vector for {} does not fit the task", d.path)));
+                            }
+                            tr.files_with_new_deletions.push(d.path.clone());
+                            if let Some(f) = current.iter_mut().find(|f| f.path == d.path) {
+                                f.deletion_vector = Some(descriptor.clone());
+                            }
+                            redeleted.insert(d.path.clone(), descriptor);
+                        }
                     }
                     None => failed.push(format!("task {task_no}: {}", o.errors.join("; "))),
                 }
@@ -241,10 +286,13 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
             }
             // The round's inputs leave the table: files of the snapshot are removed by the
             // commit; files of an earlier round were never committed (the sweep takes them).
-            let consumed: HashSet<&str> = p.tasks.iter().flat_map(|t| t.inputs.iter().map(|f| f.path.as_str())).collect();
-            for f in p.tasks.iter().flat_map(|t| &t.inputs) {
+            // (Deletion-vector tasks leave their inputs in place.)
+            let rewritten = || p.tasks.iter().zip(&choices).filter(|(_, c)| c.mode == cost::Mode::CopyOnWrite).flat_map(|(t, _)| &t.inputs);
+            let consumed: HashSet<&str> = rewritten().map(|f| f.path.as_str()).collect();
+            for f in rewritten() {
                 if !added.iter().any(|a| a.path == f.path) {
-                    removed.push(f.clone());
+                    removed.push(snapshot_entries.get(&f.path).cloned().unwrap_or_else(|| f.clone()));
+                    redeleted.remove(&f.path);
                 }
             }
             added.retain(|a| !consumed.contains(a.path.as_str()));
@@ -272,7 +320,11 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
             "firstSequence": rec.first_sequence, "lastSequence": rec.last_sequence,
             "epoch": inner.epoch, "coordinator": inner.node_id,
         });
-        let actions = commit::actions(&removed, &added);
+        let redeleted: Vec<(FileEntry, DeletionVectorDescriptor)> = redeleted
+            .into_iter()
+            .filter_map(|(path, d)| Some((snapshot_entries.get(&path)?.clone(), d)))
+            .collect();
+        let actions = commit::actions(&removed, &added, &redeleted);
         // The last moment to find out that another coordinator leads now.
         inner.fence.check().await.inspect_err(|_| orphans::abandon(t.store.clone(), log.clone(), &inflight, grace))?;
         rec.delta_version = commit::commit(def, &mut table, actions, rec.last_sequence, &producers, &id, metrics, &inner.fence).await
@@ -412,7 +464,13 @@ fn output_entry(def: &freshet_common::table::TableDef, o: &OutputFile) -> Result
         partition_values: o.partition_values.clone(),
         num_records,
         range: Some((key(&o.min_key_json)?, key(&o.max_key_json)?)),
-        has_deletion_vector: false,
+        deletion_vector: None,
+        stats: Some(o.stats_json.clone()),
+        tags: HashMap::from([
+            (freshet_common::delta::TAG_MIN_KEY.to_string(), Some(o.min_key_json.clone())),
+            (freshet_common::delta::TAG_MAX_KEY.to_string(), Some(o.max_key_json.clone())),
+        ]),
+        modification_time: o.modification_time,
     })
 }
 

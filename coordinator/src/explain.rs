@@ -90,7 +90,9 @@ impl Coordinator {
             .map(|task| task.input_bytes() + task.changes.get_array_memory_size() as u64)
             .collect();
         let workers = ctx.router.preview(&weights);
+        let dv_enabled = freshet_common::delta::deletion_vectors_enabled(&delta);
         for (task, worker) in p.tasks.iter().zip(workers) {
+            let choice = crate::cost::choose(def.merge_mode, dv_enabled, task, false);
             let mut partition: Vec<String> = task
                 .partition_values
                 .iter()
@@ -107,6 +109,8 @@ impl Coordinator {
                 input_bytes: task.input_bytes(),
                 changes: task.changes.num_rows() as u64,
                 worker,
+                mode: choice.mode.as_str().to_string(),
+                mode_reason: choice.reason,
             });
         }
         Ok(out)

@@ -79,7 +79,9 @@ impl Inner {
         if rec.state() == CycleState::Noop {
             return;
         }
-        *t.last_cycle.lock().expect("lock") = Some(rec.clone());
+        if rec.kind.is_empty() {
+            *t.last_cycle.lock().expect("lock") = Some(rec.clone());
+        }
         let keep = self.ctx.config.cycle.history.max(1);
         {
             let mut h = self.history.lock().expect("lock");
@@ -97,7 +99,8 @@ impl Inner {
                 state: rec.state().label().to_string(),
             })
             .observe(rec.duration_ms as f64 / 1000.0);
-        if rec.state() == CycleState::Committed {
+        // A compaction applies no changes: it says nothing about freshness.
+        if rec.state() == CycleState::Committed && rec.kind.is_empty() {
             let lag = rec.freshness_lag_ms as f64 / 1000.0;
             m.freshness_seconds.get_or_create(&table).observe(lag);
             m.freshness_lag.get_or_create(&table).set(lag);

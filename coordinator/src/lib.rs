@@ -9,7 +9,9 @@
 pub mod access;
 pub mod catalog;
 pub mod commit;
+pub mod compaction;
 pub mod context;
+pub mod cost;
 pub mod cycle;
 pub mod election;
 pub mod explain;

@@ -67,7 +67,13 @@ impl Coordinator {
         } else {
             Default::default()
         };
-        let (delta, adopted) = open_or_create_with(&def, log, properties).await?;
+        let (mut delta, adopted) = open_or_create_with(&def, log, properties).await?;
+        if def.merge_mode == freshet_common::table::MergeMode::DeletionVectors
+            && !freshet_common::delta::deletion_vectors_enabled(&delta)
+        {
+            tracing::warn!(table = %def.name, "merge_mode = deletion_vectors: enabling deletion vectors on the table; readers without support for them can no longer read it");
+            delta = freshet_common::delta::enable_deletion_vectors(&def, delta).await?;
+        }
         let grace = Duration::from_millis(self.inner().ctx.config.cycle.orphan_grace_ms);
         let budget = self.inner().ctx.config.ingest.max_pending_bytes;
         let rec = recovery::recover(&def, &store, &delta, grace, budget).await?;
@@ -252,7 +258,7 @@ impl Coordinator {
             let h = self.inner().history.lock().expect("lock");
             let mut v: Vec<u64> = h
                 .iter()
-                .filter(|c| c.table == t.def.name && c.state() == CycleState::Committed)
+                .filter(|c| c.table == t.def.name && c.state() == CycleState::Committed && c.kind.is_empty())
                 .take(100)
                 .map(|c| c.freshness_lag_ms)
                 .collect();
@@ -276,7 +282,7 @@ impl Coordinator {
             version: table.version().map(|v| v as i64).unwrap_or(-1),
             num_files: active.len() as u64,
             total_bytes: active.iter().map(|f| f.size).sum(),
-            total_rows: active.iter().map(|f| f.num_records.unwrap_or(0)).sum(),
+            total_rows: active.iter().map(|f| f.live_records().unwrap_or(0)).sum(),
             pending_changes,
             pending_bytes,
             applied_sequence: applied,
@@ -285,6 +291,9 @@ impl Coordinator {
             freshness_p50_ms: lags.0,
             freshness_p99_ms: lags.1,
             freshness_window: lags.2,
+            merge_mode: t.def.merge_mode.as_str().to_string(),
+            deletion_vectors: freshet_common::delta::deletion_vectors_enabled(&table),
+            deleted_rows: active.iter().map(|f| f.deleted_rows()).sum(),
         })
     }
 }
@@ -293,6 +302,8 @@ pub(crate) async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
     let interval = Duration::from_millis(inner.ctx.config.cycle.interval_ms.max(1));
     let mut stop = inner.ctx.stop.subscribe();
     let mut closed = t.closed.subscribe();
+    let compaction = inner.ctx.config.compaction.clone();
+    let mut last_compaction = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -300,7 +311,22 @@ pub(crate) async fn table_loop(inner: Arc<Inner>, t: Arc<TableRuntime>) {
             _ = stop.wait_for(|s| *s) => return,
             _ = closed.wait_for(|s| *s) => return,
         }
-        if t.paused.load(Ordering::SeqCst) || t.pending.lock().expect("lock").segments.is_empty() {
+        if t.paused.load(Ordering::SeqCst) {
+            continue;
+        }
+        if t.pending.lock().expect("lock").segments.is_empty() {
+            // Idle: fold what cycles left behind, at most every `compaction.interval_ms`.
+            if compaction.enabled
+                && last_compaction.elapsed() >= Duration::from_millis(compaction.interval_ms)
+                && !inner.ctx.is_dead()
+            {
+                last_compaction = std::time::Instant::now();
+                match crate::compaction::run_compaction(&inner.ctx, &t).await {
+                    Ok(Some(rec)) => inner.record(&t, &rec),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(table = %t.def.name, error = %e, "compaction skipped"),
+                }
+            }
             continue;
         }
         if inner.ctx.is_dead() || *stop.borrow() {

@@ -69,6 +69,9 @@ struct State {
     files_vacuumed_total: u64,
     bytes_freed_total: u64,
     warned_short_retention: bool,
+    /// Deletion-vector files no active file references, and when this term first saw
+    /// them so (see [`dv_files_due`]).
+    dv_unreferenced: HashMap<String, Instant>,
 }
 
 type Registry = Mutex<Vec<(Weak<TableRuntime>, Arc<Mutex<State>>)>>;
@@ -327,11 +330,14 @@ async fn run_inner(
             .with_dry_run(true)
             .await
             .map_err(derr)?;
-        plan.files_deleted
+        let planned: Vec<Path> = plan
+            .files_deleted
             .iter()
             .map(|p| Path::parse(p).unwrap_or_else(|_| Path::from(p.as_str())))
             .filter(|p| !protected(p))
-            .collect::<Vec<_>>()
+            .collect();
+        let mut s = state.lock().expect("lock");
+        dv_files_due(&mut s.dv_unreferenced, planned, Instant::now(), file_retention)
     };
 
     if doomed.is_empty() {
@@ -363,6 +369,44 @@ async fn run_inner(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Whether a path is a deletion-vector file.
+fn is_dv_file(p: &Path) -> bool {
+    p.filename()
+        .is_some_and(|n| n.starts_with("deletion_vector_") && n.ends_with(".bin"))
+}
+
+/// What of deltalake's vacuum plan may go now. Data files go as planned (their Remove
+/// actions carry the time they left the table). A DV file has no such time: the Remove that
+/// replaced its DV is not visible in deltalake's tombstones, and its modification time says
+/// when it was written, not when the table stopped using it, so time travel to a version
+/// within the retention may still need it. It goes only once this term has seen it
+/// unreferenced for a whole retention period (a new leader starts counting afresh: later,
+/// never earlier).
+fn dv_files_due(
+    seen: &mut HashMap<String, Instant>,
+    planned: Vec<Path>,
+    now: Instant,
+    retention: Duration,
+) -> Vec<Path> {
+    let mut still = HashMap::new();
+    let mut due = Vec::new();
+    for p in planned {
+        if !is_dv_file(&p) {
+            due.push(p);
+            continue;
+        }
+        let first = seen.get(p.as_ref()).copied().unwrap_or(now);
+        if now.duration_since(first) >= retention {
+            due.push(p);
+        } else {
+            still.insert(p.as_ref().to_string(), first);
+        }
+    }
+    // Forget what is referenced again or gone: the map stays bounded.
+    *seen = still;
+    due
 }
 
 fn protected(p: &Path) -> bool {
@@ -655,6 +699,28 @@ mod tests {
             table.snapshot().unwrap().metadata().configuration()[DELETED_FILE_RETENTION],
             "interval 1 milliseconds"
         );
+    }
+
+    #[test]
+    fn dv_files_wait_a_retention_period_after_they_are_first_seen_unreferenced() {
+        let mut seen = HashMap::new();
+        let t0 = Instant::now();
+        let day = Duration::from_secs(86_400);
+        let dv = Path::from("deletion_vector_0b1c.bin");
+        let data = Path::from("part-0001.parquet");
+        let plan = || vec![dv.clone(), data.clone()];
+        assert_eq!(dv_files_due(&mut seen, plan(), t0, day), vec![data.clone()]);
+        assert_eq!(
+            dv_files_due(&mut seen, plan(), t0 + day / 2, day),
+            vec![data.clone()],
+            "seen unreferenced for half the retention: kept"
+        );
+        assert_eq!(dv_files_due(&mut seen, plan(), t0 + day, day), plan());
+        // Referenced again in between (not in the plan): the clock starts over.
+        let mut seen = HashMap::new();
+        dv_files_due(&mut seen, plan(), t0, day);
+        dv_files_due(&mut seen, vec![], t0 + day / 2, day);
+        assert!(dv_files_due(&mut seen, plan(), t0 + day, day).len() == 1);
     }
 
     #[test]

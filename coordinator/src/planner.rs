@@ -6,6 +6,11 @@
 //! to the group whose range covers it; a key in a gap goes to a neighbouring group with room,
 //! or to a new file; a delete in a gap needs no work. Rewriting a whole group in one task is
 //! what keeps keys unique: no other file can hold a key of the group's range.
+//!
+//! With deletion vectors a group also holds the small files of earlier cycles' changed
+//! rows, and a key's live row may be in any file of its group; the group is still every
+//! file whose range covers the key, so a task sees every live version of its keys, whichever
+//! mode (`cost`) it then runs in.
 
 use std::collections::HashMap;
 
@@ -51,13 +56,18 @@ pub struct Plan {
 }
 
 /// A run of files with overlapping ranges; `range` is `None` when it covers every key.
-struct Group<'a> {
-    files: Vec<&'a FileEntry>,
-    range: Option<(Key, Key)>,
-    size: u64,
+pub struct Group<'a> {
+    /// The files.
+    pub files: Vec<&'a FileEntry>,
+    /// The union of their key ranges.
+    pub range: Option<(Key, Key)>,
+    /// Their bytes.
+    pub size: u64,
 }
 
-fn groups<'a>(files: Vec<&'a FileEntry>) -> Vec<Group<'a>> {
+/// A partition's files grouped by overlapping key ranges, in key order (one group of all
+/// files when one of them has no range).
+pub fn groups<'a>(files: Vec<&'a FileEntry>) -> Vec<Group<'a>> {
     if files.is_empty() {
         return Vec::new();
     }
@@ -126,15 +136,6 @@ pub fn plan(def: &TableDef, files: &[FileEntry], changes: Vec<PartitionChanges>)
                     .all(|c| f.partition_values.get(c) == part.partition_values.get(c))
             })
             .collect();
-        if let Some(f) = pfiles.iter().find(|f| f.has_deletion_vector) {
-            return Err(Error::InvalidTable {
-                table: def.name.clone(),
-                message: format!(
-                    "file {} has a deletion vector; rewriting such files is not supported yet",
-                    f.path
-                ),
-            });
-        }
         plan.files_considered += pfiles.len() as u64;
         let groups = groups(pfiles);
         let batch = &part.batch;
@@ -261,7 +262,10 @@ mod tests {
                 vec![KeyPart::Int(lo as i128)],
                 vec![KeyPart::Int(hi as i128)],
             )),
-            has_deletion_vector: false,
+            deletion_vector: None,
+            stats: None,
+            tags: HashMap::new(),
+            modification_time: 0,
         }
     }
 

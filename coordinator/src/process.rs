@@ -20,6 +20,7 @@ pub async fn run(config: Config, sources: Option<Arc<dyn crate::SourceFactory>>)
     // Fail at start, naming the problem, rather than at the first cycle.
     // Half-configured etcd security is refused even when there is no etcd to connect to.
     config.cluster.validate()?;
+    config.compaction.validate()?;
     for t in &config.tables {
         let def = t.to_def()?;
         // Outside storage.allowed_prefixes is refused before table_url creates a directory.

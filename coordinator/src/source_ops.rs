@@ -115,7 +115,7 @@ impl Coordinator {
         }
         self.inner().ctx.fence.check().await?;
         let removed = files(&t.def, &delta)?;
-        let actions = commit::actions(&removed, &[]);
+        let actions = commit::actions(&removed, &[], &[]);
         let id = uuid::Uuid::now_v7().to_string();
         let metrics = serde_json::json!({
             "truncate": true, "filesRemoved": removed.len(), "lastSequence": sequence,

@@ -192,4 +192,18 @@ impl Coordinator {
         self.inner.record(&t, &rec);
         Ok(rec)
     }
+
+    /// Runs a compaction of the table now (whether or not it is idle); `None` when nothing
+    /// is due.
+    pub async fn compact(&self, table: &str) -> Result<Option<CycleRecord>> {
+        if self.inner.ctx.is_dead() {
+            return Err(Error::Unavailable("coordinator stopped".into()));
+        }
+        let t = self.table(table)?;
+        let rec = crate::compaction::run_compaction(&self.inner.ctx, &t).await?;
+        if let Some(r) = &rec {
+            self.inner.record(&t, r);
+        }
+        Ok(rec)
+    }
 }

@@ -83,6 +83,7 @@ pub fn table_config(
             vec![]
         },
         target_file_size: Some(target_file_size),
+        merge_mode: None,
     }
 }
 
@@ -95,6 +96,9 @@ impl Cluster {
         config.cycle.interval_ms = 3_600_000;
         config.cycle.trigger_changes = u64::MAX;
         config.cycle.orphan_grace_ms = 200;
+        // No background commits between a test's own cycles (tests of compaction turn it on
+        // or call `compact`).
+        config.compaction.enabled = false;
         config.catalog.uri = Some(data.join("_catalog").display().to_string());
         Self::start_with(config, workers).await
     }

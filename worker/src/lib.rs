@@ -1,6 +1,7 @@
 //! The stateless Freshet worker: serves `freshet.worker.v1.WorkerService`, rewriting files
 //! with their changes directly against object storage.
 
+pub mod deletion;
 pub mod epoch;
 pub mod format;
 pub mod metrics;

@@ -24,6 +24,9 @@ pub struct Outcome {
     /// Row groups copied byte for byte / decoded and re-encoded (row-group path only).
     pub groups_copied: u64,
     pub groups_rewritten: u64,
+    /// Deletion-vector mode: the inputs given new deletions, and the DV file written.
+    pub deletions: Vec<freshet_proto::worker::v1::InputDeletions>,
+    pub deletion_vector_file: String,
 }
 
 /// A finished file's description (its bytes aside).
@@ -83,6 +86,8 @@ impl Outcome {
             bytes_written: self.bytes_written,
             duration_ms: started.elapsed().as_millis() as u64,
             worker_id: worker_id.to_string(),
+            deletions: self.deletions,
+            deletion_vector_file: self.deletion_vector_file,
         }
     }
 }

@@ -12,7 +12,7 @@ use freshet_common::key::{key_at, key_to_json};
 use freshet_common::merge::{MergeCounts, apply_changes, conform, split_points};
 use freshet_common::stats::file_stats;
 use freshet_common::table::{TableDef, partition_dir};
-use freshet_proto::worker::v1::{RewriteRequest, RewriteResponse};
+use freshet_proto::worker::v1::{MergeMode, RewriteRequest, RewriteResponse};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -75,7 +75,14 @@ pub async fn rewrite_with(
     let started = Instant::now();
     let def = table_def(req)?;
     let changes = task_changes(&def, &req.changes_ipc, opts.max_decoded_bytes)?;
-    let fast = if opts.row_groups {
+    if req.mode == MergeMode::DeletionVectors as i32 && !req.inputs.is_empty() {
+        let done = crate::deletion::rewrite(store, &def, req, &changes, opts.format).await?;
+        return Ok(done.response(started, worker_id));
+    }
+    // The row-group path copies row groups verbatim, which would bring back rows that a
+    // deletion vector deletes.
+    let has_dv = req.inputs.iter().any(|i| i.deletion_vector.is_some());
+    let fast = if opts.row_groups && !has_dv {
         crate::rowgroup::try_rewrite(store, &def, req, &changes, opts.format).await?
     } else {
         None
@@ -193,10 +200,53 @@ async fn read_inputs(
     let mut bytes_read = 0;
     for input in &req.inputs {
         let (batches, size) = read_file(store, def, &input.path).await?;
-        existing.extend(batches);
         bytes_read += size;
+        match &input.deletion_vector {
+            None => existing.extend(batches),
+            Some(d) => {
+                let context = format!("table '{}', file {}", def.name, input.path);
+                let deleted = freshet_common::dv::read(
+                    store,
+                    &freshet_common::dv::from_proto(d, &context)?,
+                    &context,
+                )
+                .await?;
+                existing.extend(without_deleted(batches, &deleted, &context)?);
+            }
+        }
     }
     Ok((existing, bytes_read))
+}
+
+/// The batches of one file (in file order) without the rows `deleted` names.
+fn without_deleted(
+    batches: Vec<RecordBatch>,
+    deleted: &roaring::RoaringTreemap,
+    context: &str,
+) -> Result<Vec<RecordBatch>> {
+    let mut row = 0u64;
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let n = b.num_rows() as u64;
+        if deleted.range_cardinality(row..row + n) == 0 {
+            out.push(b);
+        } else {
+            let keep: arrow::array::BooleanArray =
+                (row..row + n).map(|r| Some(!deleted.contains(r))).collect();
+            out.push(
+                arrow::compute::filter_record_batch(&b, &keep)
+                    .map_err(|e| Error::data(context, e))?,
+            );
+        }
+        row += n;
+    }
+    if deleted.max().is_some_and(|m| m >= row) {
+        return Err(Error::data(
+            context,
+            format!("its deletion vector names row {} of {row}", deleted.max().unwrap_or(0)),
+        ));
+    }
+    Ok(out)
 }
 
 async fn read_file(
@@ -222,7 +272,7 @@ async fn read_file(
 
 /// Rows per output file, so files come out near the target size: from the input's bytes
 /// per row, or from encoding a sample; the rows are then spread evenly over the files.
-fn rows_per_file(
+pub(crate) fn rows_per_file(
     def: &TableDef,
     format: FileFormat,
     merged: &RecordBatch,
@@ -244,7 +294,7 @@ fn rows_per_file(
 }
 
 /// Writes `merged` as files of `per_file` rows, each described from its rows.
-async fn write_split(
+pub(crate) async fn write_split(
     store: &Arc<dyn ObjectStore>,
     def: &TableDef,
     req: &RewriteRequest,

@@ -9,7 +9,7 @@ use std::process::Command;
 use freshet_integration_tests::*;
 use rand::{Rng, SeedableRng};
 
-const DUCKDB: &str = r#"
+pub(crate) const DUCKDB: &str = r#"
 import json, os, sys
 import duckdb, duckdb_ext
 # The wheel ships the extension under duckdb_ext/extensions/<version>/<platform>/.
@@ -23,14 +23,25 @@ rows = con.execute(f"SELECT id, v, n FROM delta_scan('{sys.argv[1]}') ORDER BY i
 print(json.dumps([[r[0], r[1], r[2]] for r in rows]))
 "#;
 
-const POLARS: &str = r#"
+pub(crate) const POLARS: &str = r#"
 import json, sys
 import polars as pl
 df = pl.read_delta(sys.argv[1]).select(["id", "v", "n"]).sort("id")
 print(json.dumps(df.rows()))
 "#;
 
-fn read_with(script: &str, uri: &str, who: &str) -> BTreeMap<i64, (String, i64)> {
+/// The Python `deltalake` package (delta-rs) reading the latest version.
+pub(crate) const PYDELTA: &str = r#"
+import json, os, sys
+from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1]).to_pyarrow_table().to_pylist()
+print(json.dumps(sorted([[r["id"], r["v"], r["n"]] for r in t])))
+sys.stdout.flush()
+# deltalake's runtime threads can abort the interpreter at exit; leave at once instead.
+os._exit(0)
+"#;
+
+pub(crate) fn read_with(script: &str, uri: &str, who: &str) -> BTreeMap<i64, (String, i64)> {
     let out = Command::new(python())
         .args(["-c", script, uri])
         .output()

@@ -1,0 +1,410 @@
+//! Deletion-vector mode: the inputs stay in place. Only their key columns are read; every
+//! live row whose key a change names is marked deleted in the input's deletion vector (its
+//! old one plus the new rows, written to one DV file per task), and the upserted rows go to
+//! new key-sorted files. Rows that did not change are neither read in full nor rewritten,
+//! so the task costs a key-column scan plus the changed rows, whatever the input size.
+//!
+//! The coordinator sends every file whose key range covers a changed key (the file group,
+//! see `coordinator::planner`), so each changed key's live row, if any, is among the rows
+//! scanned here; finding a key live twice means the table broke the one-live-row
+//! invariant, and the task fails rather than guess which row is right.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::Int8Type;
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
+use freshet_common::changes::{OP_COLUMN, OP_UPSERT};
+use freshet_common::dv::{self, DvFileWriter};
+use freshet_common::error::{Error, Result};
+use freshet_common::merge::conform;
+use freshet_common::table::TableDef;
+use freshet_proto::worker::v1::{InputDeletions, RewriteRequest};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use roaring::RoaringTreemap;
+
+use crate::format::{FileFormat, READ_BATCH_ROWS};
+use crate::output::Outcome;
+
+/// Runs a deletion-vector task (the request has inputs).
+pub async fn rewrite(
+    store: &Arc<dyn ObjectStore>,
+    def: &TableDef,
+    req: &RewriteRequest,
+    changes: &RecordBatch,
+    format: FileFormat,
+) -> Result<Outcome> {
+    let local_key = def.local_key();
+    let key_types = def.local_key_types();
+    let converter = RowConverter::new(
+        key_types
+            .iter()
+            .map(|t| SortField::new(t.clone()))
+            .collect(),
+    )
+    .map_err(|e| Error::data("key rows", e))?;
+    let change_keys = converter
+        .convert_columns(
+            &local_key
+                .iter()
+                .map(|k| changes.column_by_name(k).expect("key column").clone())
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| Error::data("key rows", e))?;
+    let index: HashMap<&[u8], usize> = (0..changes.num_rows())
+        .map(|i| (change_keys.row(i).data(), i))
+        .collect();
+    let ops = changes
+        .column_by_name(OP_COLUMN)
+        .expect("op column")
+        .as_primitive::<Int8Type>();
+    // Where each changed key's live row was found (input, row), if anywhere.
+    let mut found: Vec<Option<usize>> = vec![None; changes.num_rows()];
+    let mut done = Outcome::default();
+    let mut dvs = DvFileWriter::new();
+    let mut deletions = Vec::new();
+
+    for (n, input) in req.inputs.iter().enumerate() {
+        let context = format!("table '{}', file {}", def.name, input.path);
+        let old = match &input.deletion_vector {
+            Some(d) => dv::read(store, &dv::from_proto(d, &context)?, &context).await?,
+            None => RoaringTreemap::new(),
+        };
+        let mut deleted = RoaringTreemap::new();
+        let (batches, bytes) = read_keys(store, def, &input.path, &local_key).await?;
+        done.bytes_read += bytes;
+        let mut row: u64 = 0;
+        for b in batches {
+            let arrays = local_key
+                .iter()
+                .zip(&key_types)
+                .map(|(k, t)| {
+                    let c = b
+                        .column_by_name(k)
+                        .ok_or_else(|| Error::data(&context, format!("no key column '{k}'")))?;
+                    if c.data_type() == t {
+                        Ok(c.clone())
+                    } else {
+                        cast(c, t).map_err(|e| Error::data(&context, e))
+                    }
+                })
+                .collect::<Result<Vec<ArrayRef>>>()?;
+            let rows = converter
+                .convert_columns(&arrays)
+                .map_err(|e| Error::data(&context, e))?;
+            for r in 0..b.num_rows() {
+                let at = row + r as u64;
+                if old.contains(at) {
+                    continue;
+                }
+                done.counts.rows_read += 1;
+                if let Some(&i) = index.get(rows.row(r).data()) {
+                    if let Some(prev) = found[i] {
+                        return Err(Error::InvalidTable {
+                            table: def.name.clone(),
+                            message: format!(
+                                "a key is live twice, in {} and in {} (row {at}); the table breaks the one-live-row-per-key invariant",
+                                req.inputs[prev].path, input.path
+                            ),
+                        });
+                    }
+                    found[i] = Some(n);
+                    deleted.insert(at);
+                }
+            }
+            row += b.num_rows() as u64;
+        }
+        if !deleted.is_empty() {
+            let rows_deleted = deleted.len();
+            let all = &old | &deleted;
+            let descriptor = dvs.add(&all)?;
+            deletions.push(InputDeletions {
+                path: input.path.clone(),
+                deletion_vector: Some(dv::to_proto(&descriptor)),
+                rows_deleted,
+            });
+        }
+    }
+    for (i, at) in found.iter().enumerate() {
+        match (at.is_some(), ops.value(i) == OP_UPSERT) {
+            (true, true) => done.counts.updated += 1,
+            (true, false) => done.counts.deleted += 1,
+            (false, true) => done.counts.inserted += 1,
+            (false, false) => {}
+        }
+    }
+    if !deletions.is_empty() {
+        let path = Path::from(dvs.relative_path().as_str());
+        let bytes = dvs.into_bytes();
+        done.bytes_written += bytes.len() as u64;
+        store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| Error::store(&path, e))?;
+        done.deletion_vector_file = path.to_string();
+        done.deletions = deletions;
+    }
+    let upserts = filter_record_batch(
+        changes,
+        &arrow::compute::kernels::cmp::eq(ops, &arrow::array::Int8Array::new_scalar(OP_UPSERT))
+            .map_err(|e| Error::data("changes", e))?,
+    )
+    .map_err(|e| Error::data("changes", e))?;
+    if upserts.num_rows() > 0 {
+        // `conform` builds the batch under the file schema, which refuses a null in a NOT
+        // NULL column with an error naming it.
+        let rows = conform(&upserts, &def.file_schema(), "upserted rows")?;
+        let per_file = crate::rewrite::rows_per_file(def, format, &rows, &done.counts, 0)?;
+        crate::rewrite::write_split(store, def, req, format, &rows, per_file, &mut done).await?;
+    }
+    Ok(done)
+}
+
+/// The key columns of a data file, and the bytes fetched (footer and key column chunks).
+async fn read_keys(
+    store: &Arc<dyn ObjectStore>,
+    def: &TableDef,
+    path: &str,
+    key: &[String],
+) -> Result<(Vec<RecordBatch>, u64)> {
+    let context = || format!("table '{}', file {path}", def.name);
+    let location = Path::from(path);
+    let meta = store
+        .head(&location)
+        .await
+        .map_err(|e| Error::store(&location, e))?;
+    let reader = ParquetObjectReader::new(store.clone(), location).with_file_size(meta.size);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(|e| Error::data(context(), e))?;
+    let schema = builder.parquet_schema();
+    let leaves: Vec<usize> = (0..schema.num_columns())
+        .filter(|&i| key.iter().any(|k| schema.column(i).path().string() == *k))
+        .collect();
+    if leaves.len() != key.len() {
+        return Err(Error::data(
+            context(),
+            format!("the file lacks a key column of ({})", key.join(", ")),
+        ));
+    }
+    let metadata = builder.metadata().clone();
+    let chunk_bytes: u64 = metadata
+        .row_groups()
+        .iter()
+        .flat_map(|rg| leaves.iter().map(move |&i| rg.column(i).compressed_size() as u64))
+        .sum();
+    let mask = ProjectionMask::leaves(schema, leaves);
+    let stream = builder
+        .with_projection(mask)
+        .with_batch_size(READ_BATCH_ROWS)
+        .build()
+        .map_err(|e| Error::data(context(), e))?;
+    let batches: Vec<RecordBatch> = stream
+        .try_collect()
+        .await
+        .map_err(|e| Error::data(context(), e))?;
+    Ok((batches, chunk_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rewrite::rewrite;
+    use arrow::array::{Int8Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use freshet_proto::worker::v1::{
+        InputFile, MergeMode, OutputFile, RewriteResponse, TableSpec,
+    };
+    use object_store::memory::InMemory;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    type Model = BTreeMap<i64, Option<String>>;
+
+    fn def(target: u64) -> TableDef {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        TableDef::new("t", "memory:///t", schema, vec!["id".into()], vec![], target).unwrap()
+    }
+
+    /// A change per key: `Some(v)` upserts, `None` deletes.
+    fn request(
+        def: &TableDef,
+        inputs: Vec<InputFile>,
+        ch: &BTreeMap<i64, Option<Option<String>>>,
+        mode: MergeMode,
+    ) -> RewriteRequest {
+        let s = freshet_common::changes::change_schema(def);
+        let b = RecordBatch::try_new(
+            s.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(ch.keys().copied())),
+                Arc::new(StringArray::from(
+                    ch.values().map(|v| v.clone().flatten()).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int8Array::from(
+                    ch.values()
+                        .map(|v| if v.is_some() { 0 } else { 1 })
+                        .collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap();
+        RewriteRequest {
+            cycle_id: "c".into(),
+            task_id: 1,
+            attempt: 1,
+            epoch: 1,
+            table: Some(TableSpec {
+                name: def.name.clone(),
+                uri: def.uri.clone(),
+                schema_ipc: freshet_common::ipc::encode_schema(&def.schema).unwrap(),
+                primary_key: def.primary_key.clone(),
+                partition_columns: vec![],
+            }),
+            inputs,
+            partition_values: Default::default(),
+            changes_ipc: freshet_common::ipc::encode(&s, &[b]).unwrap(),
+            target_file_size: def.target_file_size,
+            mode: mode as i32,
+        }
+    }
+
+    /// The live rows of a file group: each file's rows minus its deletion vector.
+    async fn live(store: &Arc<dyn ObjectStore>, files: &[InputFile]) -> Vec<(i64, Option<String>)> {
+        let mut out = Vec::new();
+        for f in files {
+            let bytes = freshet_common::storage::read_existing(store, &Path::from(f.path.as_str()))
+                .await
+                .unwrap();
+            let deleted = match &f.deletion_vector {
+                Some(d) => dv::read(store, &dv::from_proto(d, "t").unwrap(), "t").await.unwrap(),
+                None => RoaringTreemap::new(),
+            };
+            let mut row = 0u64;
+            for b in ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+                let b = b.unwrap();
+                let ids = b.column(0).as_primitive::<Int64Type>();
+                let vs = b.column(1).as_string::<i32>();
+                for i in 0..b.num_rows() {
+                    if !deleted.contains(row) {
+                        out.push((ids.value(i), (!vs.is_null(i)).then(|| vs.value(i).to_string())));
+                    }
+                    row += 1;
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The group after a task: inputs with their new deletion vectors (copy-on-write drops
+    /// them), plus the outputs.
+    fn group_after(inputs: &[InputFile], resp: &RewriteResponse, mode: MergeMode) -> Vec<InputFile> {
+        let mut out: Vec<InputFile> = if mode == MergeMode::DeletionVectors {
+            inputs
+                .iter()
+                .map(|f| {
+                    let mut f = f.clone();
+                    if let Some(d) = resp.deletions.iter().find(|d| d.path == f.path) {
+                        f.deletion_vector = d.deletion_vector.clone();
+                    }
+                    f
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.extend(resp.files.iter().map(|f: &OutputFile| InputFile {
+            path: f.path.clone(),
+            size: f.size,
+            deletion_vector: None,
+        }));
+        out
+    }
+
+    fn changes() -> impl Strategy<Value = BTreeMap<i64, Option<Option<String>>>> {
+        proptest::collection::btree_map(
+            -10i64..260,
+            proptest::option::weighted(0.7, proptest::option::of("[a-z]{0,5}")),
+            0..40,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        // Rounds of changes over a group, each round in deletion-vector or copy-on-write
+        // mode at random: the group's live rows always equal a BTreeMap model, and the
+        // counts say what happened.
+        #[test]
+        fn deletion_vector_rounds_equal_the_model(
+            base in proptest::collection::btree_map(0i64..250, proptest::option::of("[a-z]{0,5}"), 1..120),
+            rounds in proptest::collection::vec((changes(), any::<bool>()), 1..6),
+            small_files in any::<bool>(),
+        ) {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+                let d = def(if small_files { 1024 } else { 1 << 30 });
+                let ch: BTreeMap<i64, Option<Option<String>>> = base.iter().map(|(k, v)| (*k, Some(v.clone()))).collect();
+                let resp = rewrite(&store, &request(&d, vec![], &ch, MergeMode::CopyOnWrite), "w").await.unwrap();
+                let mut group = group_after(&[], &resp, MergeMode::CopyOnWrite);
+                let mut model: Model = base.clone();
+                for (ch, dv_mode) in rounds {
+                    let mode = if dv_mode { MergeMode::DeletionVectors } else { MergeMode::CopyOnWrite };
+                    let resp = rewrite(&store, &request(&d, group.clone(), &ch, mode), "w").await.unwrap();
+                    let (mut ins, mut upd, mut del) = (0, 0, 0);
+                    for (k, c) in &ch {
+                        match (c, model.contains_key(k)) {
+                            (Some(v), true) => { upd += 1; model.insert(*k, v.clone()); }
+                            (Some(v), false) => { ins += 1; model.insert(*k, v.clone()); }
+                            (None, true) => { del += 1; model.remove(k); }
+                            (None, false) => {}
+                        }
+                    }
+                    prop_assert_eq!((resp.rows_inserted, resp.rows_updated, resp.rows_deleted), (ins, upd, del));
+                    if mode == MergeMode::DeletionVectors {
+                        // Deletions only on inputs, and only as many rows as were replaced.
+                        let marked: u64 = resp.deletions.iter().map(|d| d.rows_deleted).sum();
+                        prop_assert_eq!(marked, upd + del);
+                        prop_assert!(resp.deletions.iter().all(|d| group.iter().any(|f| f.path == d.path)));
+                        prop_assert_eq!(resp.rows_written, ch.values().filter(|c| c.is_some()).count() as u64);
+                    }
+                    group = group_after(&group, &resp, mode);
+                    let want: Vec<(i64, Option<String>)> = model.iter().map(|(k, v)| (*k, v.clone())).collect();
+                    prop_assert_eq!(live(&store, &group).await, want);
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_live_in_two_files_fails_the_task() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let d = def(1 << 30);
+        let mut group = Vec::new();
+        for v in ["a", "b"] {
+            let ch = BTreeMap::from([(7, Some(Some(v.to_string())))]);
+            let resp = rewrite(&store, &request(&d, vec![], &ch, MergeMode::CopyOnWrite), "w")
+                .await
+                .unwrap();
+            group.extend(group_after(&[], &resp, MergeMode::CopyOnWrite));
+        }
+        let ch = BTreeMap::from([(7, None)]);
+        let e = rewrite(&store, &request(&d, group, &ch, MergeMode::DeletionVectors), "w")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("live twice"), "{e}");
+    }
+}
