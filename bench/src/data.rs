@@ -399,13 +399,14 @@ pub async fn ensure_base(root: &Path, shape: &Shape, progress: bool) -> Result<P
                     .unwrap_or_default(),
                 changes_ipc: freshet_common::ipc::encode(&change_schema, &[with_op])?,
                 target_file_size: shape.target_file_size,
+                mode: Default::default(),
             };
             let resp = freshet_worker::rewrite::rewrite(&store, &req, "bench-load").await?;
             outputs.extend(resp.files);
             bar.inc(chunk.len() as u64);
         }
     }
-    let actions = freshet_coordinator::commit::actions(&[], &outputs);
+    let actions = freshet_coordinator::commit::actions(&[], &outputs, &[]);
     freshet_coordinator::commit::commit(
         &def,
         &mut table,

@@ -2,6 +2,9 @@
 //! ingest, query and admin. `main.rs` and the `freshet-coordinator` / `freshet-worker`
 //! binaries are thin wrappers over [`run`].
 
+// `json!` of a cycle record with its tasks nests past the default limit.
+#![recursion_limit = "256"]
+
 mod admin;
 mod dev;
 mod ingest;

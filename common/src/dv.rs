@@ -182,9 +182,11 @@ pub async fn read(
     let rows = match locate(dv, context)? {
         DvLocation::Inline(bytes) => decode_inline(&bytes, context)?,
         DvLocation::File { path, offset } => {
-            let bytes =
-                crate::storage::read_existing(store, &object_store::path::Path::from(path.as_str()))
-                    .await?;
+            let bytes = crate::storage::read_existing(
+                store,
+                &object_store::path::Path::from(path.as_str()),
+            )
+            .await?;
             decode_at(&bytes, offset, dv.size_in_bytes.max(0) as usize, context)?
         }
     };
@@ -298,16 +300,29 @@ mod tests {
         let mut w = DvFileWriter::new();
         let d = w.add(&rows).unwrap();
         assert_eq!(w.into_bytes(), file);
-        assert_eq!((d.offset, d.size_in_bytes, d.cardinality), (Some(1), body.len() as i32, 3));
+        assert_eq!(
+            (d.offset, d.size_in_bytes, d.cardinality),
+            (Some(1), body.len() as i32, 3)
+        );
     }
 
     #[test]
     fn absolute_and_escaping_paths_are_refused() {
         let mut d = DvFileWriter::new().add(&RoaringTreemap::new()).unwrap();
         d.path_or_inline_dv = format!("../x{}", d.path_or_inline_dv);
-        assert!(locate(&d, "f").unwrap_err().to_string().contains("leaves the table"));
+        assert!(
+            locate(&d, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("leaves the table")
+        );
         d.storage_type = StorageType::AbsolutePath;
         d.path_or_inline_dv = "s3://elsewhere/dv.bin".into();
-        assert!(locate(&d, "f").unwrap_err().to_string().contains("not supported"));
+        assert!(
+            locate(&d, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("not supported")
+        );
     }
 }

@@ -8,9 +8,7 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, Transactio
 use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, Transaction};
 use deltalake::protocol::{DeltaOperation, OutputMode};
 use deltalake::{DeltaTable, DeltaTableError};
-use freshet_common::delta::{
-    FileEntry, TAG_MAX_KEY, TAG_MIN_KEY, applied_sequence, producer_app_id,
-};
+use freshet_common::delta::{FileEntry, TAG_MAX_KEY, TAG_MIN_KEY, producer_app_id};
 use freshet_common::error::{Error, Result};
 use freshet_common::table::TableDef;
 use freshet_proto::worker::v1::OutputFile;

@@ -72,7 +72,12 @@ pub fn candidates(
     for f in active {
         let mut key: Vec<(String, String)> = partition_by
             .iter()
-            .map(|c| (c.clone(), f.partition_values.get(c).cloned().unwrap_or_default()))
+            .map(|c| {
+                (
+                    c.clone(),
+                    f.partition_values.get(c).cloned().unwrap_or_default(),
+                )
+            })
             .collect();
         key.sort();
         parts.entry(key).or_default().push(f);
@@ -84,22 +89,23 @@ pub fn candidates(
         let gs = groups(pfiles);
         let mut run: Vec<&FileEntry> = Vec::new();
         let mut run_groups = 0;
-        let mut flush = |run: &mut Vec<&FileEntry>, run_groups: &mut usize, out: &mut Vec<Candidate>| {
-            if *run_groups >= 2 {
-                out.push(Candidate {
-                    inputs: run.iter().map(|f| (*f).clone()).collect(),
-                    partition_values: pv.clone(),
-                    reason: format!("merge {run_groups} small neighbouring groups"),
-                });
-            }
-            run.clear();
-            *run_groups = 0;
-        };
+        let flush =
+            |run: &mut Vec<&FileEntry>, run_groups: &mut usize, out: &mut Vec<Candidate>| {
+                if *run_groups >= 2 {
+                    out.push(Candidate {
+                        inputs: run.iter().map(|f| (*f).clone()).collect(),
+                        partition_values: pv.clone(),
+                        reason: format!("merge {run_groups} small neighbouring groups"),
+                    });
+                }
+                run.clear();
+                *run_groups = 0;
+            };
         for g in &gs {
             let physical: u64 = g.files.iter().map(|f| f.num_records.unwrap_or(0)).sum();
             let deleted: u64 = g.files.iter().map(|f| f.deleted_rows()).sum();
-            let holey = deleted > 0
-                && deleted as f64 >= cfg.fold_deleted_fraction * physical.max(1) as f64;
+            let holey =
+                deleted > 0 && deleted as f64 >= cfg.fold_deleted_fraction * physical.max(1) as f64;
             if g.files.len() >= 2 || holey {
                 flush(&mut run, &mut run_groups, &mut out);
                 out.push(Candidate {
@@ -340,7 +346,10 @@ mod tests {
             size,
             partition_values: HashMap::new(),
             num_records: Some(rows),
-            range: Some((vec![KeyPart::Int(lo as i128)], vec![KeyPart::Int(hi as i128)])),
+            range: Some((
+                vec![KeyPart::Int(lo as i128)],
+                vec![KeyPart::Int(hi as i128)],
+            )),
             deletion_vector: (deleted > 0).then(|| deltalake::kernel::DeletionVectorDescriptor {
                 storage_type: Default::default(),
                 path_or_inline_dv: "x".into(),
@@ -365,15 +374,15 @@ mod tests {
         let cfg = CompactionConfig::default();
         let target = 1000;
         let files = vec![
-            file("a", 0, 9, 900, 100, 0),    // healthy
-            file("b", 10, 19, 900, 100, 0),  // a group with its delta file "b2"
+            file("a", 0, 9, 900, 100, 0),   // healthy
+            file("b", 10, 19, 900, 100, 0), // a group with its delta file "b2"
             file("b2", 12, 15, 50, 4, 0),
             file("c", 20, 29, 900, 100, 30), // 30% deleted
             file("d", 30, 39, 100, 10, 0),   // three small neighbours
             file("e", 40, 49, 100, 10, 0),
             file("f", 50, 59, 100, 10, 0),
-            file("g", 60, 69, 900, 100, 5),  // healthy, few deletes
-            file("h", 70, 79, 100, 10, 0),   // small, alone: nothing to merge with
+            file("g", 60, 69, 900, 100, 5), // healthy, few deletes
+            file("h", 70, 79, 100, 10, 0),  // small, alone: nothing to merge with
         ];
         let c = candidates(&files, &[], target, &cfg);
         let mut got = names(&c);

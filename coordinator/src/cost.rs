@@ -84,7 +84,9 @@ pub fn choose(table_mode: MergeMode, dv_enabled: bool, task: &Task, uncommitted:
     let bytes: u64 = task.inputs.iter().map(|f| f.size).sum();
     let changed = task.changes.num_rows() as u64;
     if files >= FOLD_FILES {
-        return cow(format!("fold: the group has {files} files (>= {FOLD_FILES})"));
+        return cow(format!(
+            "fold: the group has {files} files (>= {FOLD_FILES})"
+        ));
     }
     // At most `changed` more rows deleted after this task.
     let deleted_after = (deleted + changed.min(live)) as f64 / physical.max(1) as f64;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use deltalake::kernel::DeletionVectorDescriptor;
 use freshet_common::changes::{change_schema, last_change_per_key};
-use freshet_common::dv;
 use freshet_common::delta::{FileEntry, applied_sequence, files};
+use freshet_common::dv;
 use freshet_common::error::{Error, Result};
 use freshet_common::staging::{batch_sequence, delete_segment, read_segment_contents};
 use freshet_common::table::partition_dir;
@@ -17,8 +17,8 @@ use freshet_proto::worker::v1::{InputFile, MergeMode, OutputFile, RewriteRequest
 use tracing::Instrument;
 
 use crate::commit;
-use crate::cost;
 use crate::context::TermContext;
+use crate::cost;
 use crate::orphans::{self, InflightRecord};
 use crate::planner::plan;
 use crate::tables::{PendingSegment, TableRuntime};
@@ -467,8 +467,14 @@ fn output_entry(def: &freshet_common::table::TableDef, o: &OutputFile) -> Result
         deletion_vector: None,
         stats: Some(o.stats_json.clone()),
         tags: HashMap::from([
-            (freshet_common::delta::TAG_MIN_KEY.to_string(), Some(o.min_key_json.clone())),
-            (freshet_common::delta::TAG_MAX_KEY.to_string(), Some(o.max_key_json.clone())),
+            (
+                freshet_common::delta::TAG_MIN_KEY.to_string(),
+                Some(o.min_key_json.clone()),
+            ),
+            (
+                freshet_common::delta::TAG_MAX_KEY.to_string(),
+                Some(o.max_key_json.clone()),
+            ),
         ]),
         modification_time: o.modification_time,
     })

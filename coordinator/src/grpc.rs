@@ -343,7 +343,10 @@ impl CoordinatorGrpc {
                 r.target_file_size
             },
         )?
-        .with_merge_mode(freshet_common::table::MergeMode::parse(&r.merge_mode, &r.name)?);
+        .with_merge_mode(freshet_common::table::MergeMode::parse(
+            &r.merge_mode,
+            &r.name,
+        )?);
         let (table, adopted) = c.create_table(def).await?;
         Ok(Response::new(CreateTableResponse {
             table: Some(table),

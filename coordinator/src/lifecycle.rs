@@ -258,7 +258,9 @@ impl Coordinator {
             let h = self.inner().history.lock().expect("lock");
             let mut v: Vec<u64> = h
                 .iter()
-                .filter(|c| c.table == t.def.name && c.state() == CycleState::Committed && c.kind.is_empty())
+                .filter(|c| {
+                    c.table == t.def.name && c.state() == CycleState::Committed && c.kind.is_empty()
+                })
                 .take(100)
                 .map(|c| c.freshness_lag_ms)
                 .collect();

@@ -337,7 +337,12 @@ async fn run_inner(
             .filter(|p| !protected(p))
             .collect();
         let mut s = state.lock().expect("lock");
-        dv_files_due(&mut s.dv_unreferenced, planned, Instant::now(), file_retention)
+        dv_files_due(
+            &mut s.dv_unreferenced,
+            planned,
+            Instant::now(),
+            file_retention,
+        )
     };
 
     if doomed.is_empty() {
@@ -635,7 +640,7 @@ mod tests {
             commit(
                 &d,
                 &mut table,
-                actions(&[], &[output(a)]),
+                actions(&[], &[output(a)], &[]),
                 1,
                 &none,
                 "c1",
@@ -648,7 +653,7 @@ mod tests {
             commit(
                 &d,
                 &mut table,
-                actions(&old, &[output(b)]),
+                actions(&old, &[output(b)], &[]),
                 2,
                 &none,
                 "c2",

@@ -665,6 +665,7 @@ impl ProcCluster {
                 primary_key: cfg.primary_key.clone(),
                 partition_by: cfg.partition_by.clone(),
                 target_file_size: cfg.target_file_size.unwrap_or(0),
+                merge_mode: Default::default(),
             })
             .await
             .unwrap();

@@ -51,6 +51,7 @@ fn create_request(cfg: &freshet_common::table::TableConfig) -> CreateTableReques
         primary_key: cfg.primary_key.clone(),
         partition_by: cfg.partition_by.clone(),
         target_file_size: cfg.target_file_size.unwrap_or(0),
+        merge_mode: Default::default(),
     }
 }
 
@@ -154,6 +155,7 @@ async fn a_worker_refuses_a_uri_outside_its_prefixes_with_nothing_read_or_writte
     let input = InputFile {
         path: "key.parquet".into(),
         size: 21,
+        deletion_vector: None,
     };
     let e = client
         .rewrite(write_task(&secrets.display().to_string(), 1, vec![input]))

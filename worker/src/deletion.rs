@@ -27,7 +27,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use roaring::RoaringTreemap;
 
 use crate::format::{FileFormat, READ_BATCH_ROWS};
@@ -167,6 +167,53 @@ pub async fn rewrite(
     Ok(done)
 }
 
+/// Ranges of one object, fetched on demand and counted (the bytes a task really read).
+struct RangeReader {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+    fetched: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AsyncFileReader for RangeReader {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
+        use futures::FutureExt;
+        async move {
+            let b = self
+                .store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            self.fetched
+                .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(b)
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a parquet::arrow::arrow_reader::ArrowReaderOptions>,
+    ) -> futures::future::BoxFuture<
+        'a,
+        parquet::errors::Result<Arc<parquet::file::metadata::ParquetMetaData>>,
+    > {
+        use futures::FutureExt;
+        async move {
+            let size = self.size;
+            let md = parquet::file::metadata::ParquetMetaDataReader::new()
+                .with_prefetch_hint(Some(64 * 1024))
+                .load_and_finish(&mut *self, size)
+                .await?;
+            Ok(Arc::new(md))
+        }
+        .boxed()
+    }
+}
+
 /// The key columns of a data file, and the bytes fetched (footer and key column chunks).
 async fn read_keys(
     store: &Arc<dyn ObjectStore>,
@@ -180,7 +227,13 @@ async fn read_keys(
         .head(&location)
         .await
         .map_err(|e| Error::store(&location, e))?;
-    let reader = ParquetObjectReader::new(store.clone(), location).with_file_size(meta.size);
+    let fetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = RangeReader {
+        store: store.clone(),
+        path: location,
+        size: meta.size,
+        fetched: fetched.clone(),
+    };
     let builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
         .map_err(|e| Error::data(context(), e))?;
@@ -194,12 +247,6 @@ async fn read_keys(
             format!("the file lacks a key column of ({})", key.join(", ")),
         ));
     }
-    let metadata = builder.metadata().clone();
-    let chunk_bytes: u64 = metadata
-        .row_groups()
-        .iter()
-        .flat_map(|rg| leaves.iter().map(move |&i| rg.column(i).compressed_size() as u64))
-        .sum();
     let mask = ProjectionMask::leaves(schema, leaves);
     let stream = builder
         .with_projection(mask)
@@ -210,18 +257,16 @@ async fn read_keys(
         .try_collect()
         .await
         .map_err(|e| Error::data(context(), e))?;
-    Ok((batches, chunk_bytes))
+    Ok((batches, fetched.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rewrite::rewrite;
-    use arrow::array::{Int8Array, Int64Array, StringArray};
+    use arrow::array::{Array, Int8Array, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-    use freshet_proto::worker::v1::{
-        InputFile, MergeMode, OutputFile, RewriteResponse, TableSpec,
-    };
+    use freshet_proto::worker::v1::{InputFile, MergeMode, OutputFile, RewriteResponse, TableSpec};
     use object_store::memory::InMemory;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use proptest::prelude::*;
@@ -234,7 +279,15 @@ mod tests {
             Field::new("id", DataType::Int64, false),
             Field::new("v", DataType::Utf8, true),
         ]));
-        TableDef::new("t", "memory:///t", schema, vec!["id".into()], vec![], target).unwrap()
+        TableDef::new(
+            "t",
+            "memory:///t",
+            schema,
+            vec!["id".into()],
+            vec![],
+            target,
+        )
+        .unwrap()
     }
 
     /// A change per key: `Some(v)` upserts, `None` deletes.
@@ -288,17 +341,26 @@ mod tests {
                 .await
                 .unwrap();
             let deleted = match &f.deletion_vector {
-                Some(d) => dv::read(store, &dv::from_proto(d, "t").unwrap(), "t").await.unwrap(),
+                Some(d) => dv::read(store, &dv::from_proto(d, "t").unwrap(), "t")
+                    .await
+                    .unwrap(),
                 None => RoaringTreemap::new(),
             };
             let mut row = 0u64;
-            for b in ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+            for b in ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
                 let b = b.unwrap();
                 let ids = b.column(0).as_primitive::<Int64Type>();
                 let vs = b.column(1).as_string::<i32>();
                 for i in 0..b.num_rows() {
                     if !deleted.contains(row) {
-                        out.push((ids.value(i), (!vs.is_null(i)).then(|| vs.value(i).to_string())));
+                        out.push((
+                            ids.value(i),
+                            (!vs.is_null(i)).then(|| vs.value(i).to_string()),
+                        ));
                     }
                     row += 1;
                 }
@@ -310,7 +372,11 @@ mod tests {
 
     /// The group after a task: inputs with their new deletion vectors (copy-on-write drops
     /// them), plus the outputs.
-    fn group_after(inputs: &[InputFile], resp: &RewriteResponse, mode: MergeMode) -> Vec<InputFile> {
+    fn group_after(
+        inputs: &[InputFile],
+        resp: &RewriteResponse,
+        mode: MergeMode,
+    ) -> Vec<InputFile> {
         let mut out: Vec<InputFile> = if mode == MergeMode::DeletionVectors {
             inputs
                 .iter()
@@ -395,16 +461,24 @@ mod tests {
         let mut group = Vec::new();
         for v in ["a", "b"] {
             let ch = BTreeMap::from([(7, Some(Some(v.to_string())))]);
-            let resp = rewrite(&store, &request(&d, vec![], &ch, MergeMode::CopyOnWrite), "w")
-                .await
-                .unwrap();
+            let resp = rewrite(
+                &store,
+                &request(&d, vec![], &ch, MergeMode::CopyOnWrite),
+                "w",
+            )
+            .await
+            .unwrap();
             group.extend(group_after(&[], &resp, MergeMode::CopyOnWrite));
         }
         let ch = BTreeMap::from([(7, None)]);
-        let e = rewrite(&store, &request(&d, group, &ch, MergeMode::DeletionVectors), "w")
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = rewrite(
+            &store,
+            &request(&d, group, &ch, MergeMode::DeletionVectors),
+            "w",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("live twice"), "{e}");
     }
 }

@@ -243,7 +243,10 @@ fn without_deleted(
     if deleted.max().is_some_and(|m| m >= row) {
         return Err(Error::data(
             context,
-            format!("its deletion vector names row {} of {row}", deleted.max().unwrap_or(0)),
+            format!(
+                "its deletion vector names row {} of {row}",
+                deleted.max().unwrap_or(0)
+            ),
         ));
     }
     Ok(out)

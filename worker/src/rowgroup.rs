@@ -160,6 +160,7 @@ mod tests {
             partition_values: Default::default(),
             changes_ipc: change_batch(def, ch),
             target_file_size: def.target_file_size,
+            mode: Default::default(),
         }
     }
 
@@ -205,6 +206,7 @@ mod tests {
             .map(|f| InputFile {
                 path: f.path.clone(),
                 size: f.size,
+                deletion_vector: None,
             })
             .collect()
     }
@@ -451,6 +453,7 @@ mod tests {
             partition_values: Default::default(),
             changes_ipc: ipc,
             target_file_size: d.target_file_size,
+            mode: Default::default(),
         };
         let ids: Vec<i64> = (0..100).collect();
         let base = rewrite_with(
@@ -467,6 +470,7 @@ mod tests {
             .map(|f| InputFile {
                 path: f.path.clone(),
                 size: f.size,
+                deletion_vector: None,
             })
             .collect();
         // Update 41 and 95, delete 42, insert 120.
@@ -540,6 +544,7 @@ mod tests {
             vec![InputFile {
                 path: "foreign.parquet".into(),
                 size,
+                deletion_vector: None,
             }],
             &ch,
         );

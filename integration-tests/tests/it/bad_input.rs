@@ -261,6 +261,7 @@ async fn table_definitions_are_checked() {
             primary_key: pk.into_iter().map(String::from).collect(),
             partition_by: parts.into_iter().map(String::from).collect(),
             target_file_size: 0,
+            merge_mode: Default::default(),
         }
     };
     let schema = r#"{"fields":[{"name":"id","type":"int64"},{"name":"region","type":"string"}]}"#;

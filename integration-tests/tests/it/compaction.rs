@@ -26,7 +26,9 @@ async fn compaction_folds_deletion_vectors_and_small_files_and_changes_no_row() 
     let c = Cluster::start(dir.path(), vec![cfg.clone()], 2).await;
     let mut ingest = c.ingest_client().await;
     let mut model = BTreeMap::new();
-    let base: Vec<Change> = (0..10_000).map(|i| (i, Some((format!("b{i}"), i)))).collect();
+    let base: Vec<Change> = (0..10_000)
+        .map(|i| (i, Some((format!("b{i}"), i))))
+        .collect();
     ingest.ingest(request("t", false, &base)).await.unwrap();
     c.coordinator.trigger("t").await.unwrap();
     apply(&mut model, &base);
@@ -58,7 +60,12 @@ async fn compaction_folds_deletion_vectors_and_small_files_and_changes_no_row() 
     assert!(rec.tasks.iter().all(|t| t.mode == "copy_on_write"));
     assert_eq!(read_table(&cfg.uri).await, model);
     let after = files_of(&c, "t").await;
-    assert!(after.len() < before.len(), "{} files before, {} after", before.len(), after.len());
+    assert!(
+        after.len() < before.len(),
+        "{} files before, {} after",
+        before.len(),
+        after.len()
+    );
     assert!(
         after.iter().all(|f| f.deletion_vector.is_none()),
         "every DV folded (the budget covers this table)"
@@ -67,7 +74,12 @@ async fn compaction_folds_deletion_vectors_and_small_files_and_changes_no_row() 
     let mut ranges: Vec<_> = after.iter().map(|f| f.range.clone().unwrap()).collect();
     ranges.sort();
     for w in ranges.windows(2) {
-        assert!(w[0].1 < w[1].0, "overlap after compaction: {:?} {:?}", w[0], w[1]);
+        assert!(
+            w[0].1 < w[1].0,
+            "overlap after compaction: {:?} {:?}",
+            w[0],
+            w[1]
+        );
     }
     // The commit rearranges only, under its own txn.
     let actions = commit_actions(&dir.path().join("t"), rec.delta_version);
@@ -78,9 +90,10 @@ async fn compaction_folds_deletion_vectors_and_small_files_and_changes_no_row() 
             }
         }
     }
-    assert!(actions.iter().any(|a| a
-        .get("txn")
-        .is_some_and(|t| t["appId"] == "freshet:t:compaction")));
+    assert!(actions.iter().any(|a| {
+        a.get("txn")
+            .is_some_and(|t| t["appId"] == "freshet:t:compaction")
+    }));
     // Nothing left to do; cycles go on as before.
     assert!(c.coordinator.compact("t").await.unwrap().is_none());
     ingest
@@ -109,7 +122,9 @@ async fn an_idle_table_is_compacted_by_the_table_loop() {
     let mut events = c.coordinator.subscribe();
     let mut ingest = c.ingest_client().await;
     let mut model = BTreeMap::new();
-    let rows: Vec<Change> = (0..6_000).map(|i| (i, Some((format!("v{i}"), i)))).collect();
+    let rows: Vec<Change> = (0..6_000)
+        .map(|i| (i, Some((format!("v{i}"), i))))
+        .collect();
     ingest.ingest(request("t", false, &rows)).await.unwrap();
     apply(&mut model, &rows);
     wait_until("the load's cycle", Duration::from_secs(60), || {
@@ -118,7 +133,10 @@ async fn an_idle_table_is_compacted_by_the_table_loop() {
     })
     .await;
     // Delete 90% of the rows: every file shrinks to a tenth.
-    let deletes: Vec<Change> = (0..6_000).filter(|i| i % 10 != 0).map(|i| (i, None)).collect();
+    let deletes: Vec<Change> = (0..6_000)
+        .filter(|i| i % 10 != 0)
+        .map(|i| (i, None))
+        .collect();
     ingest.ingest(request("t", false, &deletes)).await.unwrap();
     apply(&mut model, &deletes);
     let rec = wait_until("a compaction", Duration::from_secs(60), || {
@@ -127,7 +145,11 @@ async fn an_idle_table_is_compacted_by_the_table_loop() {
     })
     .await;
     assert_eq!(rec.state, "committed", "{}", rec.error);
-    assert!(rec.tasks.iter().any(|t| t.mode_reason.contains("small neighbouring")));
+    assert!(
+        rec.tasks
+            .iter()
+            .any(|t| t.mode_reason.contains("small neighbouring"))
+    );
     assert!(rec.files_added < rec.files_rewritten, "{rec:?}");
     assert_eq!(read_table(&cfg.uri).await, model);
     c.stop();

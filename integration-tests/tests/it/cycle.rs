@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use freshet_common::delta::{files, open};
-use freshet_integration_tests::*;
 use freshet_common::table::MergeMode;
+use freshet_integration_tests::*;
 use proptest::prelude::*;
 
 /// Checks that files within a partition never overlap and that count(*) (answered from the

@@ -122,22 +122,30 @@ async fn deletion_vector_cycles_equal_the_model_and_cost_less_than_copy_on_write
         assert_eq!(read_table(&dv.uri).await, model, "round {round}");
         assert_eq!(read_table(&cow.uri).await, model, "round {round}");
         let count = query(&dv.uri, "select count(*) from t").await;
-        let n = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(
-            count[0].column(0),
-        )
-        .value(0);
+        let n =
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(count[0].column(0))
+                .value(0);
         assert_eq!(n as usize, model.len(), "count(*) with deletion vectors");
     }
-    assert!(dv_tasks > 0 && redeleted > 0, "no deletion vector was written");
+    assert!(
+        dv_tasks > 0 && redeleted > 0,
+        "no deletion vector was written"
+    );
     assert!(folds > 0, "12 rounds over the same groups should fold one");
     let deleted = check_deletion_vectors(&dv.uri, "dv", &dv).await;
     assert!(deleted > 0, "the table ends with deleted rows in DVs");
     // The admin view counts live rows.
-    let info = c.coordinator.table_info(&c.coordinator.table("dv").unwrap()).await.unwrap();
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("dv").unwrap())
+        .await
+        .unwrap();
     assert_eq!(info.total_rows as usize, model.len());
     assert!(info.deletion_vectors && info.deleted_rows == deleted);
     // Bytes written for the same changes, side by side.
-    println!("bytes written over 12 rounds: deletion vectors {dv_bytes}, copy-on-write {cow_bytes}");
+    println!(
+        "bytes written over 12 rounds: deletion vectors {dv_bytes}, copy-on-write {cow_bytes}"
+    );
     assert!(
         dv_bytes * 4 < cow_bytes,
         "deletion vectors wrote {dv_bytes} bytes, copy-on-write {cow_bytes}"
@@ -165,8 +173,8 @@ async fn deletion_vector_cycles_equal_the_model_and_cost_less_than_copy_on_write
         .await
         .unwrap();
     assert_eq!(
-        arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(n[0].column(0))
-            .value(0) as usize,
+        arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(n[0].column(0)).value(0)
+            as usize,
         model_before.len()
     );
     c.stop();
@@ -191,7 +199,11 @@ async fn a_table_created_under_auto_has_deletion_vectors_and_copy_on_write_keeps
     assert!(p["readerFeatures"].to_string().contains("deletionVectors"));
     let p = protocol("cow");
     assert!(!p.to_string().contains("deletionVectors"), "{p}");
-    let info = c.coordinator.table_info(&c.coordinator.table("cow").unwrap()).await.unwrap();
+    let info = c
+        .coordinator
+        .table_info(&c.coordinator.table("cow").unwrap())
+        .await
+        .unwrap();
     assert!(!info.deletion_vectors && info.merge_mode == "copy_on_write");
     // Auto on a small table: the cost model rewrites (cheap) and says why.
     let mut ingest = c.ingest_client().await;
@@ -204,6 +216,10 @@ async fn a_table_created_under_auto_has_deletion_vectors_and_copy_on_write_keeps
         .unwrap();
     let r = c.coordinator.trigger("auto").await.unwrap();
     assert_eq!(r.tasks[0].mode, "copy_on_write");
-    assert!(r.tasks[0].mode_reason.contains("small group"), "{}", r.tasks[0].mode_reason);
+    assert!(
+        r.tasks[0].mode_reason.contains("small group"),
+        "{}",
+        r.tasks[0].mode_reason
+    );
     c.stop();
 }

@@ -30,12 +30,15 @@ df = pl.read_delta(sys.argv[1]).select(["id", "v", "n"]).sort("id")
 print(json.dumps(df.rows()))
 "#;
 
-/// The Python `deltalake` package (delta-rs) reading the latest version.
+/// The Python `deltalake` package (delta-rs) reading the latest version through its SQL
+/// engine (`QueryBuilder`, which applies deletion vectors; its pyarrow-dataset path,
+/// `to_pyarrow_table`, refuses tables with the `deletionVectors` feature).
 pub(crate) const PYDELTA: &str = r#"
 import json, os, sys
-from deltalake import DeltaTable
-t = DeltaTable(sys.argv[1]).to_pyarrow_table().to_pylist()
-print(json.dumps(sorted([[r["id"], r["v"], r["n"]] for r in t])))
+from deltalake import DeltaTable, QueryBuilder
+import pyarrow as pa
+t = pa.table(QueryBuilder().register("t", DeltaTable(sys.argv[1])).execute("select id, v, n from t order by id").read_all()).to_pylist()
+print(json.dumps([[r["id"], r["v"], r["n"]] for r in t]))
 sys.stdout.flush()
 # deltalake's runtime threads can abort the interpreter at exit; leave at once instead.
 os._exit(0)

@@ -192,6 +192,7 @@ async fn killed_process_after_commit_converges() {
             primary_key: vec!["id".into()],
             partition_by: vec![],
             target_file_size: 1 << 20,
+            merge_mode: Default::default(),
         })
         .await
         .unwrap();
