@@ -205,6 +205,22 @@ async fn a_table_created_under_auto_has_deletion_vectors_and_copy_on_write_keeps
         .await
         .unwrap();
     assert!(!info.deletion_vectors && info.merge_mode == "copy_on_write");
+    // Readers without deletion-vector support: Python deltalake's pyarrow-dataset path reads
+    // the copy-on-write table and refuses the other, naming the feature.
+    let pyarrow = |name: &str| {
+        std::process::Command::new(python())
+            .args([
+                "-c",
+                "import sys, os\nfrom deltalake import DeltaTable\nprint(DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows)\nsys.stdout.flush(); os._exit(0)",
+                &dir.path().join(name).display().to_string(),
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(pyarrow("cow").status.success());
+    let refused = pyarrow("auto");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("deletionVectors"));
     // Auto on a small table: the cost model rewrites (cheap) and says why.
     let mut ingest = c.ingest_client().await;
     let rows: Vec<Change> = (0..100).map(|i| (i, Some((format!("v{i}"), i)))).collect();

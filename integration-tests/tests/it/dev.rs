@@ -79,6 +79,8 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
 /// PostgreSQL sees the table appear and follow the database.
 #[test]
 fn dev_runs_the_sources_of_its_config_file() {
+    // One PostgreSQL test at a time (they share the test binary and two cores).
+    let _serial = freshet_integration_tests::pg::SERIAL.blocking_lock();
     let pg = freshet_integration_tests::pg::Postgres::start();
     pg.psql("CREATE TABLE t (id bigint PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;");
     let dir = tempfile::tempdir().unwrap();

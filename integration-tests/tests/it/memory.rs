@@ -39,6 +39,8 @@ async fn a_paused_cdc_table_under_load_keeps_the_coordinator_bounded_across_a_ki
         .unwrap_or(30);
     let bound = 1024 * MIB;
     let limit = 32 * MIB;
+    // One PostgreSQL test at a time (they share the test binary and two cores).
+    let _serial = freshet_integration_tests::pg::SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql("CREATE TABLE events (id bigint PRIMARY KEY, payload text NOT NULL);");
     let tmp = tempfile::tempdir().unwrap();

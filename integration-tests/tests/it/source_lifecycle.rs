@@ -35,6 +35,8 @@ async fn sources(c: &Cluster) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_source_releases_its_slot_and_publication_and_stays_removed() {
+    // One PostgreSQL test at a time (they share the test binary and two cores).
+    let _serial = freshet_integration_tests::pg::SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql("CREATE TABLE t (id bigint PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');");
     let dir = tempfile::tempdir().unwrap();
@@ -153,6 +155,8 @@ async fn both(pg: &Postgres, uri: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_paused_by_an_incompatible_change_is_copied_again_and_streams_on() {
+    // One PostgreSQL test at a time (they share the test binary and two cores).
+    let _serial = freshet_integration_tests::pg::SERIAL.lock().await;
     let pg = Postgres::start();
     pg.psql(
         "CREATE TABLE t (id bigint PRIMARY KEY, a text, b text);
@@ -225,6 +229,8 @@ async fn a_table_paused_by_an_incompatible_change_is_copied_again_and_streams_on
 #[test]
 fn source_lag_and_state_are_metrics() {
     use freshet_integration_tests::procs::{free_port, http_get};
+    // One PostgreSQL test at a time (they share the test binary and two cores).
+    let _serial = freshet_integration_tests::pg::SERIAL.blocking_lock();
     let pg = Postgres::start();
     pg.psql("CREATE TABLE t (id bigint PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');");
     let dir = tempfile::tempdir().unwrap();
