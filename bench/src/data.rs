@@ -121,7 +121,9 @@ pub fn table_config(uri: &str, shape: &Shape) -> TableConfig {
             vec![]
         },
         target_file_size: Some(shape.target_file_size),
-        merge_mode: None,
+        // The base table keeps the classic protocol (MERGE and the full rewrite run on it as
+        // on any Delta table); a deletion-vector run turns the feature on in its copy.
+        merge_mode: Some(freshet_common::table::MergeMode::CopyOnWrite),
     }
 }
 

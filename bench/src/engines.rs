@@ -27,12 +27,28 @@ use crate::procs::WorkerProcs;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
-    /// One Freshet cycle.
+    /// One Freshet cycle, copy-on-write.
     Freshet,
+    /// One Freshet cycle with deletion vectors (merge_mode = deletion_vectors).
+    #[value(name = "freshet-dv")]
+    #[serde(rename = "freshet-dv")]
+    FreshetDv,
     /// delta-rs MERGE.
     Merge,
     /// Read everything, apply, write everything.
     Full,
+}
+
+impl Engine {
+    /// The name on the command line and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Freshet => "freshet",
+            Engine::FreshetDv => "freshet-dv",
+            Engine::Merge => "merge",
+            Engine::Full => "full",
+        }
+    }
 }
 
 /// What one run measured.
@@ -152,9 +168,12 @@ pub async fn start_cluster(
     shape: &Shape,
     workers: usize,
     interval_ms: u64,
+    merge_mode: freshet_common::table::MergeMode,
 ) -> Result<(Arc<Coordinator>, WorkerProcs)> {
     let mut config = Config::default();
-    config.tables = vec![data::table_config(uri, shape)];
+    let mut table = data::table_config(uri, shape);
+    table.merge_mode = Some(merge_mode);
+    config.tables = vec![table];
     config.cycle.interval_ms = interval_ms;
     config.cycle.trigger_changes = u64::MAX;
     config.catalog.uri = Some(format!("{uri}/_freshet_catalog"));
@@ -185,9 +204,10 @@ async fn run_freshet(
     shape: &Shape,
     ch: &Changes,
     workers: usize,
+    merge_mode: freshet_common::table::MergeMode,
     r: &mut RunResult,
 ) -> Result<()> {
-    let (coordinator, procs) = start_cluster(uri, shape, workers, 3_600_000).await?;
+    let (coordinator, procs) = start_cluster(uri, shape, workers, 3_600_000, merge_mode).await?;
     let req = ingest_request(&ch.with_op()?)?;
     let (cpu0, _) = rusage();
     let wcpu0 = procs.cpu_s();
@@ -348,8 +368,8 @@ pub async fn run_one(
     let before = file_sizes(&def).await?;
     let total_bytes: u64 = before.values().sum();
     let mut r = RunResult {
-        engine: format!("{engine:?}").to_lowercase(),
-        workers: if engine == Engine::Freshet {
+        engine: engine.name().to_string(),
+        workers: if matches!(engine, Engine::Freshet | Engine::FreshetDv) {
             workers
         } else {
             0
@@ -364,13 +384,20 @@ pub async fn run_one(
         r.notes.push_str("(peak RSS includes the setup) ");
     }
     match engine {
-        Engine::Freshet => run_freshet(&uri, shape, &ch, workers, &mut r).await?,
+        Engine::Freshet => {
+            let mode = freshet_common::table::MergeMode::CopyOnWrite;
+            run_freshet(&uri, shape, &ch, workers, mode, &mut r).await?
+        }
+        Engine::FreshetDv => {
+            let mode = freshet_common::table::MergeMode::DeletionVectors;
+            run_freshet(&uri, shape, &ch, workers, mode, &mut r).await?
+        }
         Engine::Merge => run_merge(&def, &ch, &mut r).await?,
         Engine::Full => run_full(&def, &ch, &mut r).await?,
     }
     r.peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     let after = file_sizes(&def).await?;
-    if engine != Engine::Freshet {
+    if !matches!(engine, Engine::Freshet | Engine::FreshetDv) {
         let removed: Vec<&String> = before.keys().filter(|p| !after.contains_key(*p)).collect();
         let added: Vec<&String> = after.keys().filter(|p| !before.contains_key(*p)).collect();
         r.files_total = before.len() as u64;
@@ -418,7 +445,7 @@ pub fn spawn_one(
         .arg("--target-file-size")
         .arg(shape.target_file_size.to_string())
         .arg("--engine")
-        .arg(format!("{engine:?}").to_lowercase())
+        .arg(engine.name())
         .arg("--changes")
         .arg(changes.to_string())
         .arg("--dist")

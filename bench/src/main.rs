@@ -110,6 +110,9 @@ enum Cmd {
         /// Key distribution of the changes.
         #[arg(long, default_value = "uniform")]
         dist: Dist,
+        /// The table's merge mode: copy_on_write, deletion_vectors or auto.
+        #[arg(long, default_value = "copy_on_write")]
+        merge_mode: String,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -139,7 +142,10 @@ fn compare(
     let rt = tokio::runtime::Runtime::new()?;
     let base = rt.block_on(data::ensure_base(&table.data, &shape, progress))?;
     drop(rt);
-    let mut engines: Vec<(Engine, usize)> = workers.iter().map(|w| (Engine::Freshet, *w)).collect();
+    let mut engines: Vec<(Engine, usize)> = workers
+        .iter()
+        .flat_map(|w| [(Engine::Freshet, *w), (Engine::FreshetDv, *w)])
+        .collect();
     engines.push((Engine::Merge, 0));
     if full {
         engines.push((Engine::Full, 0));
@@ -237,8 +243,10 @@ fn main() -> Result<()> {
             workers,
             interval_ms,
             dist,
+            merge_mode,
             out,
         } => {
+            let merge_mode = freshet_common::table::MergeMode::parse(&merge_mode, "bench")?;
             let rt = tokio::runtime::Runtime::new()?;
             std::fs::create_dir_all(&out)?;
             for r in rate {
@@ -250,11 +258,13 @@ fn main() -> Result<()> {
                     workers,
                     interval_ms,
                     dist,
+                    merge_mode,
                 ))?;
                 let stem = format!(
-                    "sustained-{}-{r}-{}",
+                    "sustained-{}-{r}-{}-{}",
                     table.shape().name(),
-                    format!("{dist:?}").to_lowercase()
+                    format!("{dist:?}").to_lowercase(),
+                    merge_mode.as_str()
                 );
                 std::fs::write(
                     out.join(format!("{stem}.json")),
@@ -308,6 +318,8 @@ fn main() -> Result<()> {
                 2,
                 300,
                 Dist::Recent,
+                // Deletion vectors under sustained load, with read-your-writes probes.
+                freshet_common::table::MergeMode::DeletionVectors,
             ))?;
             println!("{}", report::sustained_markdown(&s));
             if s.read_your_writes_missed > 0 || s.read_your_writes_samples == 0 {

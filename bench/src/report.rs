@@ -56,8 +56,8 @@ pub fn compare_markdown(results: &[RunResult]) -> String {
                 && m.partitioned == r.partitioned
         });
         let same = merge.map(|m| m.fingerprint == r.fingerprint);
-        let engine = if r.engine == "freshet" {
-            format!("freshet ({} w)", r.workers)
+        let engine = if r.engine.starts_with("freshet") {
+            format!("{} ({} w)", r.engine, r.workers)
         } else {
             r.engine.clone()
         };
@@ -83,7 +83,7 @@ pub fn compare_markdown(results: &[RunResult]) -> String {
             mb(r.bytes_read),
             mb(r.bytes_written),
             r.write_amplification,
-            if r.engine == "freshet" {
+            if r.engine.starts_with("freshet") {
                 format!("{:.0} / {:.0}", r.peak_rss_mib, r.worker_peak_rss_mib)
             } else {
                 format!("{:.0}", r.peak_rss_mib)

@@ -106,6 +106,7 @@ pub async fn run(
     workers: usize,
     interval_ms: u64,
     dist: Dist,
+    merge_mode: freshet_common::table::MergeMode,
 ) -> Result<Sustained> {
     let base = data::ensure_base(root, shape, true).await?;
     let dir = root
@@ -114,7 +115,8 @@ pub async fn run(
     data::copy_table(&base, &dir)?;
     let uri = dir.display().to_string();
     let def = data::table_def(&uri, shape)?;
-    let (coordinator, procs) = engines::start_cluster(&uri, shape, workers, interval_ms).await?;
+    let (coordinator, procs) =
+        engines::start_cluster(&uri, shape, workers, interval_ms, merge_mode).await?;
     let mut cycles_rx = coordinator.subscribe();
     let start = Instant::now();
 
