@@ -63,6 +63,7 @@ pub fn cycle_json(c: &CycleRecord) -> Value {
             "bytes_read": t.bytes_read, "bytes_written": t.bytes_written, "duration_ms": t.duration_ms,
             "attempts": t.attempts, "errors": t.errors,
             "mode": t.mode, "mode_reason": t.mode_reason, "files_with_new_deletions": t.files_with_new_deletions,
+            "rewritten_files": t.rewritten_files,
         })).collect::<Vec<_>>(),
     })
 }

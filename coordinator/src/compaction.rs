@@ -230,6 +230,7 @@ async fn run(ctx: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<Opt
                         path: f.path.clone(),
                         size: f.size,
                         deletion_vector: f.deletion_vector.as_ref().map(dv::to_proto),
+                        rewrite: true,
                     })
                     .collect(),
                 partition_values: c.partition_values.clone(),

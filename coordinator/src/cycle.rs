@@ -181,14 +181,8 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                 orphans::write_record(&t.store, &inflight).await?;
             }
 
-            let choices: Vec<cost::Choice> = p
-                .tasks
-                .iter()
-                .map(|task| {
-                    let uncommitted = task.inputs.iter().any(|f| added.iter().any(|a| a.path == f.path));
-                    cost::choose(def.merge_mode, dv_enabled, task, uncommitted)
-                })
-                .collect();
+            let uncommitted: Vec<bool> = p.tasks.iter().map(|task| task.inputs.iter().any(|f| added.iter().any(|a| a.path == f.path))).collect();
+            let choices = cost::choose_all(def.merge_mode, dv_enabled, &p.tasks, &uncommitted, def.target_file_size);
             let mut requests = Vec::with_capacity(p.tasks.len());
             let mut weights = Vec::with_capacity(p.tasks.len());
             for (task, choice) in p.tasks.iter().zip(&choices) {
@@ -203,7 +197,8 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                     inputs: task
                         .inputs
                         .iter()
-                        .map(|f| InputFile { path: f.path.clone(), size: f.size, deletion_vector: f.deletion_vector.as_ref().map(dv::to_proto) })
+                        .zip(&choice.rewrite)
+                        .map(|(f, rewrite)| InputFile { path: f.path.clone(), size: f.size, deletion_vector: f.deletion_vector.as_ref().map(dv::to_proto), rewrite: *rewrite })
                         .collect(),
                     partition_values: task.partition_values.clone(),
                     changes_ipc,
@@ -241,6 +236,7 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                     errors: o.errors.clone(),
                     mode: choice.mode.as_str().to_string(),
                     mode_reason: choice.reason.clone(),
+                    rewritten_files: task.inputs.iter().zip(&choice.rewrite).filter(|(_, r)| **r).map(|(f, _)| f.path.clone()).collect(),
                     ..Default::default()
                 };
                 match &o.response {
@@ -258,8 +254,9 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
                         outputs.extend(r.files.iter().cloned());
                         for d in &r.deletions {
                             // Only an input of the task may get a deletion vector.
-                            let Some(input) = task.inputs.iter().find(|f| f.path == d.path) else {
-                                return Err(Error::Internal(format!("task {task_no}: worker returned a deletion vector for {}, not an input", d.path)));
+                            // Only an input the task left in place may get a deletion vector.
+                            let Some((input, _)) = task.inputs.iter().zip(&choice.rewrite).find(|(f, rewrite)| f.path == d.path && !**rewrite) else {
+                                return Err(Error::Internal(format!("task {task_no}: worker returned a deletion vector for {}, not an input left in place", d.path)));
                             };
                             let Some(wire) = d.deletion_vector.as_ref() else {
                                 return Err(Error::Internal(format!("task {task_no}: no deletion vector for {}", d.path)));
@@ -287,7 +284,7 @@ async fn run(inner: &TermContext, t: &Arc<TableRuntime>, id: String) -> Result<C
             // The round's inputs leave the table: files of the snapshot are removed by the
             // commit; files of an earlier round were never committed (the sweep takes them).
             // (Deletion-vector tasks leave their inputs in place.)
-            let rewritten = || p.tasks.iter().zip(&choices).filter(|(_, c)| c.mode == cost::Mode::CopyOnWrite).flat_map(|(t, _)| &t.inputs);
+            let rewritten = || p.tasks.iter().zip(&choices).flat_map(|(t, c)| t.inputs.iter().zip(&c.rewrite).filter(|(_, r)| **r).map(|(f, _)| f));
             let consumed: HashSet<&str> = rewritten().map(|f| f.path.as_str()).collect();
             for f in rewritten() {
                 if !added.iter().any(|a| a.path == f.path) {

@@ -91,8 +91,14 @@ impl Coordinator {
             .collect();
         let workers = ctx.router.preview(&weights);
         let dv_enabled = freshet_common::delta::deletion_vectors_enabled(&delta);
-        for (task, worker) in p.tasks.iter().zip(workers) {
-            let choice = crate::cost::choose(def.merge_mode, dv_enabled, task, false);
+        let choices = crate::cost::choose_all(
+            def.merge_mode,
+            dv_enabled,
+            &p.tasks,
+            &vec![false; p.tasks.len()],
+            def.target_file_size,
+        );
+        for ((task, worker), choice) in p.tasks.iter().zip(workers).zip(choices) {
             let mut partition: Vec<String> = task
                 .partition_values
                 .iter()

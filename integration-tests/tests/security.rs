@@ -156,6 +156,7 @@ async fn a_worker_refuses_a_uri_outside_its_prefixes_with_nothing_read_or_writte
         path: "key.parquet".into(),
         size: 21,
         deletion_vector: None,
+        rewrite: false,
     };
     let e = client
         .rewrite(write_task(&secrets.display().to_string(), 1, vec![input]))

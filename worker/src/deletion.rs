@@ -4,6 +4,10 @@
 //! new key-sorted files. Rows that did not change are neither read in full nor rewritten,
 //! so the task costs a key-column scan plus the changed rows, whatever the input size.
 //!
+//! Inputs flagged `rewrite` (the group's small files, by the cost model's choice per file)
+//! are instead read whole and merged with the changes into the new files, so a group does
+//! not gather a small file per cycle: it stays at its large files plus one small one.
+//!
 //! The coordinator sends every file whose key range covers a changed key (the file group,
 //! see `coordinator::planner`), so each changed key's live row, if any, is among the rows
 //! scanned here; finding a key live twice means the table broke the one-live-row
@@ -13,14 +17,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::compute::cast;
 use arrow::datatypes::Int8Type;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use freshet_common::changes::{OP_COLUMN, OP_UPSERT};
 use freshet_common::dv::{self, DvFileWriter};
 use freshet_common::error::{Error, Result};
-use freshet_common::merge::conform;
+use freshet_common::merge::apply_changes;
 use freshet_common::table::TableDef;
 use freshet_proto::worker::v1::{InputDeletions, RewriteRequest};
 use futures::TryStreamExt;
@@ -72,6 +76,9 @@ pub async fn rewrite(
     let mut deletions = Vec::new();
 
     for (n, input) in req.inputs.iter().enumerate() {
+        if input.rewrite {
+            continue;
+        }
         let context = format!("table '{}', file {}", def.name, input.path);
         let old = match &input.deletion_vector {
             Some(d) => dv::read(store, &dv::from_proto(d, &context)?, &context).await?,
@@ -132,12 +139,16 @@ pub async fn rewrite(
             });
         }
     }
+    // Keys whose live row is in a file left in place: upserts replace it (a new version in
+    // the new files), deletes are done by the deletion vector.
+    let (mut dv_updated, mut dv_deleted) = (0u64, 0u64);
     for (i, at) in found.iter().enumerate() {
-        match (at.is_some(), ops.value(i) == OP_UPSERT) {
-            (true, true) => done.counts.updated += 1,
-            (true, false) => done.counts.deleted += 1,
-            (false, true) => done.counts.inserted += 1,
-            (false, false) => {}
+        if at.is_some() {
+            if ops.value(i) == OP_UPSERT {
+                dv_updated += 1;
+            } else {
+                dv_deleted += 1;
+            }
         }
     }
     if !deletions.is_empty() {
@@ -151,18 +162,21 @@ pub async fn rewrite(
         done.deletion_vector_file = path.to_string();
         done.deletions = deletions;
     }
-    let upserts = filter_record_batch(
-        changes,
-        &arrow::compute::kernels::cmp::eq(ops, &arrow::array::Int8Array::new_scalar(OP_UPSERT))
-            .map_err(|e| Error::data("changes", e))?,
-    )
-    .map_err(|e| Error::data("changes", e))?;
-    if upserts.num_rows() > 0 {
-        // `conform` builds the batch under the file schema, which refuses a null in a NOT
-        // NULL column with an error naming it.
-        let rows = conform(&upserts, &def.file_schema(), "upserted rows")?;
-        let per_file = crate::rewrite::rows_per_file(def, format, &rows, &done.counts, 0)?;
-        crate::rewrite::write_split(store, def, req, format, &rows, per_file, &mut done).await?;
+    // The inputs to rewrite, merged with every change: a key found above is in none of
+    // them, so its upsert comes out as a new row and its delete as nothing.
+    let rewritten: Vec<&freshet_proto::worker::v1::InputFile> =
+        req.inputs.iter().filter(|i| i.rewrite).collect();
+    let (existing, bytes) = crate::rewrite::read_inputs(store, def, &rewritten).await?;
+    done.bytes_read += bytes;
+    let (merged, counts) = apply_changes(&def.file_schema(), &def.local_key(), &existing, changes)?;
+    drop(existing);
+    done.counts.rows_read += counts.rows_read;
+    done.counts.updated = counts.updated + dv_updated;
+    done.counts.deleted = counts.deleted + dv_deleted;
+    done.counts.inserted = counts.inserted - dv_updated;
+    if merged.num_rows() > 0 {
+        let per_file = crate::rewrite::rows_per_file(def, format, &merged, &counts, bytes)?;
+        crate::rewrite::write_split(store, def, req, format, &merged, per_file, &mut done).await?;
     }
     Ok(done)
 }
@@ -370,8 +384,8 @@ mod tests {
         out
     }
 
-    /// The group after a task: inputs with their new deletion vectors (copy-on-write drops
-    /// them), plus the outputs.
+    /// The group after a task: inputs left in place with their new deletion vectors
+    /// (copy-on-write and inputs flagged `rewrite` drop out), plus the outputs.
     fn group_after(
         inputs: &[InputFile],
         resp: &RewriteResponse,
@@ -380,6 +394,7 @@ mod tests {
         let mut out: Vec<InputFile> = if mode == MergeMode::DeletionVectors {
             inputs
                 .iter()
+                .filter(|f| !f.rewrite)
                 .map(|f| {
                     let mut f = f.clone();
                     if let Some(d) = resp.deletions.iter().find(|d| d.path == f.path) {
@@ -395,6 +410,7 @@ mod tests {
             path: f.path.clone(),
             size: f.size,
             deletion_vector: None,
+            rewrite: false,
         }));
         out
     }
@@ -409,13 +425,13 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
-        // Rounds of changes over a group, each round in deletion-vector or copy-on-write
-        // mode at random: the group's live rows always equal a BTreeMap model, and the
-        // counts say what happened.
+        // Rounds of changes over a group, each round copy-on-write, deletion vectors on
+        // every file, or per file at random (some files rewritten, others given DVs): the
+        // group's live rows always equal a BTreeMap model, and the counts say what happened.
         #[test]
         fn deletion_vector_rounds_equal_the_model(
             base in proptest::collection::btree_map(0i64..250, proptest::option::of("[a-z]{0,5}"), 1..120),
-            rounds in proptest::collection::vec((changes(), any::<bool>()), 1..6),
+            rounds in proptest::collection::vec((changes(), 0u8..3, any::<u64>()), 1..6),
             small_files in any::<bool>(),
         ) {
             tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -425,8 +441,12 @@ mod tests {
                 let resp = rewrite(&store, &request(&d, vec![], &ch, MergeMode::CopyOnWrite), "w").await.unwrap();
                 let mut group = group_after(&[], &resp, MergeMode::CopyOnWrite);
                 let mut model: Model = base.clone();
-                for (ch, dv_mode) in rounds {
-                    let mode = if dv_mode { MergeMode::DeletionVectors } else { MergeMode::CopyOnWrite };
+                for (ch, how, bits) in rounds {
+                    // Copy-on-write; deletion vectors on every input; or per file at random.
+                    let mode = if how == 0 { MergeMode::CopyOnWrite } else { MergeMode::DeletionVectors };
+                    for (i, f) in group.iter_mut().enumerate() {
+                        f.rewrite = how == 2 && (bits >> (i % 64)) & 1 == 1;
+                    }
                     let resp = rewrite(&store, &request(&d, group.clone(), &ch, mode), "w").await.unwrap();
                     let (mut ins, mut upd, mut del) = (0, 0, 0);
                     for (k, c) in &ch {
@@ -442,8 +462,10 @@ mod tests {
                         // Deletions only on inputs, and only as many rows as were replaced.
                         let marked: u64 = resp.deletions.iter().map(|d| d.rows_deleted).sum();
                         prop_assert_eq!(marked, upd + del);
-                        prop_assert!(resp.deletions.iter().all(|d| group.iter().any(|f| f.path == d.path)));
-                        prop_assert_eq!(resp.rows_written, ch.values().filter(|c| c.is_some()).count() as u64);
+                        prop_assert!(resp.deletions.iter().all(|d| group.iter().any(|f| f.path == d.path && !f.rewrite)));
+                        if group.iter().all(|f| !f.rewrite) {
+                            prop_assert_eq!(resp.rows_written, ch.values().filter(|c| c.is_some()).count() as u64);
+                        }
                     }
                     group = group_after(&group, &resp, mode);
                     let want: Vec<(i64, Option<String>)> = model.iter().map(|(k, v)| (*k, v.clone())).collect();

@@ -12,7 +12,7 @@ use freshet_common::key::{key_at, key_to_json};
 use freshet_common::merge::{MergeCounts, apply_changes, conform, split_points};
 use freshet_common::stats::file_stats;
 use freshet_common::table::{TableDef, partition_dir};
-use freshet_proto::worker::v1::{MergeMode, RewriteRequest, RewriteResponse};
+use freshet_proto::worker::v1::{InputFile, MergeMode, RewriteRequest, RewriteResponse};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -176,7 +176,8 @@ async fn full_rewrite(
     changes: &RecordBatch,
     format: FileFormat,
 ) -> Result<Outcome> {
-    let (existing, bytes_read) = read_inputs(store, def, req).await?;
+    let inputs: Vec<&InputFile> = req.inputs.iter().collect();
+    let (existing, bytes_read) = read_inputs(store, def, &inputs).await?;
     let (merged, counts): (RecordBatch, MergeCounts) =
         apply_changes(&def.file_schema(), &def.local_key(), &existing, changes)?;
     drop(existing);
@@ -190,15 +191,16 @@ async fn full_rewrite(
     Ok(done)
 }
 
-/// Every input file's rows, and the bytes read.
-async fn read_inputs(
+/// The live rows of `inputs` (rows their deletion vectors delete left out), and the bytes
+/// read.
+pub(crate) async fn read_inputs(
     store: &Arc<dyn ObjectStore>,
     def: &TableDef,
-    req: &RewriteRequest,
+    inputs: &[&InputFile],
 ) -> Result<(Vec<RecordBatch>, u64)> {
     let mut existing = Vec::new();
     let mut bytes_read = 0;
-    for input in &req.inputs {
+    for input in inputs {
         let (batches, size) = read_file(store, def, &input.path).await?;
         bytes_read += size;
         match &input.deletion_vector {

@@ -207,6 +207,7 @@ mod tests {
                 path: f.path.clone(),
                 size: f.size,
                 deletion_vector: None,
+                rewrite: false,
             })
             .collect()
     }
@@ -471,6 +472,7 @@ mod tests {
                 path: f.path.clone(),
                 size: f.size,
                 deletion_vector: None,
+                rewrite: false,
             })
             .collect();
         // Update 41 and 95, delete 42, insert 120.
@@ -545,6 +547,7 @@ mod tests {
                 path: "foreign.parquet".into(),
                 size,
                 deletion_vector: None,
+                rewrite: false,
             }],
             &ch,
         );

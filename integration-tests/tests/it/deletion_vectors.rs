@@ -70,6 +70,14 @@ async fn deletion_vector_cycles_equal_the_model_and_cost_less_than_copy_on_write
         assert_eq!(c.coordinator.trigger(t).await.unwrap().state, "committed");
     }
     apply(&mut model, &base);
+    let base_files = freshet_common::delta::files(
+        &dv.to_def().unwrap(),
+        &freshet_common::delta::open(&dv.to_def().unwrap(), &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+    .len();
     let version_before = {
         let info = c.coordinator.table("dv").unwrap();
         let t = info.delta.lock().await;
@@ -104,7 +112,10 @@ async fn deletion_vector_cycles_equal_the_model_and_cost_less_than_copy_on_write
                         folds += 1;
                     } else {
                         assert!(
-                            task.input_files.is_empty(),
+                            task.input_files.is_empty()
+                                || task
+                                    .mode_reason
+                                    .starts_with("every file of the group is small"),
                             "forced deletion vectors, yet copy-on-write: {}",
                             task.mode_reason
                         );
@@ -131,7 +142,21 @@ async fn deletion_vector_cycles_equal_the_model_and_cost_less_than_copy_on_write
         dv_tasks > 0 && redeleted > 0,
         "no deletion vector was written"
     );
-    assert!(folds > 0, "12 rounds over the same groups should fold one");
+    // Small files are rewritten with the next changes (the cost model per file), so the
+    // groups do not gather a file per cycle.
+    let files = freshet_common::delta::files(
+        &dv.to_def().unwrap(),
+        &freshet_common::delta::open(&dv.to_def().unwrap(), &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+    .len();
+    println!("files: {base_files} after the load, {files} after 12 rounds; {folds} folds");
+    assert!(
+        files <= 2 * base_files,
+        "{files} files, {base_files} after the load"
+    );
     let deleted = check_deletion_vectors(&dv.uri, "dv", &dv).await;
     assert!(deleted > 0, "the table ends with deleted rows in DVs");
     // The admin view counts live rows.
