@@ -5,6 +5,7 @@ mod data;
 mod engines;
 mod procs;
 mod report;
+mod scan;
 mod sustained;
 
 use std::path::PathBuf;
@@ -113,6 +114,22 @@ enum Cmd {
         /// The table's merge mode: copy_on_write, deletion_vectors or auto.
         #[arg(long, default_value = "copy_on_write")]
         merge_mode: String,
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// What deletion vectors cost readers: a full scan after rounds of uniform DV cycles
+    /// against the same table compacted.
+    ScanCost {
+        #[command(flatten)]
+        table: TableArgs,
+        /// Deletion-vector cycles before the first scan.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Uniform changes per cycle.
+        #[arg(long, default_value_t = 10_000)]
+        changes: usize,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -275,6 +292,31 @@ fn main() -> Result<()> {
                 std::fs::write(out.join(format!("{stem}.md")), &md)?;
                 println!("{md}");
             }
+        }
+        Cmd::ScanCost {
+            table,
+            rounds,
+            changes,
+            workers,
+            out,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            std::fs::create_dir_all(&out)?;
+            let r = rt.block_on(scan::run(
+                &table.data,
+                &table.shape(),
+                rounds,
+                changes,
+                workers,
+            ))?;
+            let stem = format!("scan-cost-{}", table.shape().name());
+            std::fs::write(
+                out.join(format!("{stem}.json")),
+                serde_json::to_string_pretty(&r)?,
+            )?;
+            let md = scan::markdown(&r);
+            std::fs::write(out.join(format!("{stem}.md")), &md)?;
+            println!("{md}");
         }
         Cmd::Smoke { data } => {
             let data = data.unwrap_or_else(|| std::env::temp_dir().join("freshet-bench-smoke"));
