@@ -169,8 +169,14 @@ pub async fn start_cluster(
     workers: usize,
     interval_ms: u64,
     merge_mode: freshet_common::table::MergeMode,
+    vacuum_retention: Option<std::time::Duration>,
 ) -> Result<(Arc<Coordinator>, WorkerProcs)> {
     let mut config = Config::default();
+    if let Some(r) = vacuum_retention {
+        // Maintenance every 10 s, deleting what left the table `r` ago.
+        config.maintenance.interval_ms = 10_000;
+        config.maintenance.deleted_file_retention = freshet_common::config::HumanDuration(r);
+    }
     let mut table = data::table_config(uri, shape);
     table.merge_mode = Some(merge_mode);
     config.tables = vec![table];
@@ -207,7 +213,8 @@ async fn run_freshet(
     merge_mode: freshet_common::table::MergeMode,
     r: &mut RunResult,
 ) -> Result<()> {
-    let (coordinator, procs) = start_cluster(uri, shape, workers, 3_600_000, merge_mode).await?;
+    let (coordinator, procs) =
+        start_cluster(uri, shape, workers, 3_600_000, merge_mode, None).await?;
     let req = ingest_request(&ch.with_op()?)?;
     let (cpu0, _) = rusage();
     let wcpu0 = procs.cpu_s();

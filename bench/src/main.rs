@@ -114,6 +114,10 @@ enum Cmd {
         /// The table's merge mode: copy_on_write, deletion_vectors or auto.
         #[arg(long, default_value = "copy_on_write")]
         merge_mode: String,
+        /// Vacuum what left the table this many seconds ago (maintenance every 10 s); 0 keeps
+        /// everything.
+        #[arg(long, default_value_t = 0)]
+        vacuum_retention_s: u64,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -261,6 +265,7 @@ fn main() -> Result<()> {
             interval_ms,
             dist,
             merge_mode,
+            vacuum_retention_s,
             out,
         } => {
             let merge_mode = freshet_common::table::MergeMode::parse(&merge_mode, "bench")?;
@@ -276,6 +281,8 @@ fn main() -> Result<()> {
                     interval_ms,
                     dist,
                     merge_mode,
+                    (vacuum_retention_s > 0)
+                        .then(|| std::time::Duration::from_secs(vacuum_retention_s)),
                 ))?;
                 let stem = format!(
                     "sustained-{}-{r}-{}-{}",
@@ -362,6 +369,7 @@ fn main() -> Result<()> {
                 Dist::Recent,
                 // Deletion vectors under sustained load, with read-your-writes probes.
                 freshet_common::table::MergeMode::DeletionVectors,
+                None,
             ))?;
             println!("{}", report::sustained_markdown(&s));
             if s.read_your_writes_missed > 0 || s.read_your_writes_samples == 0 {

@@ -128,6 +128,18 @@ pub fn sustained_markdown(r: &Sustained) -> String {
         r.read_your_writes_p99_ms,
         r.read_your_writes_samples,
     );
+    let mb = |b: u64| b as f64 / 1_048_576.0;
+    let _ = writeln!(
+        s,
+        "\n| merge mode | files start → end | live MB at end | storage MB at end (vacuum retention {} s) | storage ÷ live |\n|---|---|---|---|---|\n| {} | {} → {} | {:.0} | {:.0} | {:.2}x |",
+        r.vacuum_retention_s,
+        r.merge_mode,
+        r.files_at_start,
+        r.files_at_end,
+        mb(r.live_bytes_at_end),
+        mb(r.storage_bytes_at_end),
+        r.storage_bytes_at_end as f64 / r.live_bytes_at_end.max(1) as f64,
+    );
     s
 }
 

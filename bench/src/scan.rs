@@ -62,6 +62,7 @@ pub async fn run(
         workers,
         3_600_000,
         freshet_common::table::MergeMode::DeletionVectors,
+        None,
     )
     .await?;
     let mut next = shape.rows as i64;

@@ -64,6 +64,23 @@ pub struct Sustained {
     #[serde(default)]
     pub read_your_writes_missed: usize,
     pub machine: serde_json::Value,
+    /// The table's merge mode.
+    #[serde(default)]
+    pub merge_mode: String,
+    /// Active files at the start and at the end.
+    #[serde(default)]
+    pub files_at_start: u64,
+    #[serde(default)]
+    pub files_at_end: u64,
+    /// Bytes of the active files at the end, and of every data and DV file in the table's
+    /// directory (what storage holds: active plus not yet vacuumed).
+    #[serde(default)]
+    pub live_bytes_at_end: u64,
+    #[serde(default)]
+    pub storage_bytes_at_end: u64,
+    /// The vacuum retention of the run (0: none, nothing is deleted).
+    #[serde(default)]
+    pub vacuum_retention_s: u64,
 }
 
 /// Ack -> a `latest` read that returns the row `id` (ms), or None when it never does.
@@ -98,6 +115,31 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Bytes of the data and deletion-vector files under `dir` (the Delta log and Freshet's
+/// staging area left out).
+fn data_bytes(dir: &Path) -> u64 {
+    fn walk(p: &Path, top: bool) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if top && (name == "_delta_log" || name.starts_with("_freshet")) {
+                continue;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                n += walk(&e.path(), false);
+            } else {
+                n += m.len();
+            }
+        }
+        n
+    }
+    walk(dir, true)
+}
+
 pub async fn run(
     root: &Path,
     shape: &Shape,
@@ -107,6 +149,7 @@ pub async fn run(
     interval_ms: u64,
     dist: Dist,
     merge_mode: freshet_common::table::MergeMode,
+    vacuum_retention: Option<Duration>,
 ) -> Result<Sustained> {
     let base = data::ensure_base(root, shape, true).await?;
     let dir = root
@@ -115,8 +158,20 @@ pub async fn run(
     data::copy_table(&base, &dir)?;
     let uri = dir.display().to_string();
     let def = data::table_def(&uri, shape)?;
-    let (coordinator, procs) =
-        engines::start_cluster(&uri, shape, workers, interval_ms, merge_mode).await?;
+    let (coordinator, procs) = engines::start_cluster(
+        &uri,
+        shape,
+        workers,
+        interval_ms,
+        merge_mode,
+        vacuum_retention,
+    )
+    .await?;
+    let info = |c: std::sync::Arc<freshet_coordinator::Coordinator>| async move {
+        let t = c.table(data::TABLE)?;
+        c.table_info(&t).await
+    };
+    let files_at_start = info(coordinator.clone()).await?.num_files;
     let mut cycles_rx = coordinator.subscribe();
     let start = Instant::now();
 
@@ -233,6 +288,8 @@ pub async fn run(
     let drain_ms = ingest_done_at
         .map(|d| last_visible_at.saturating_duration_since(d).as_secs_f64() * 1e3)
         .unwrap_or(0.0);
+    let end_info = info(coordinator.clone()).await?;
+    let storage_bytes = data_bytes(&dir);
     coordinator.shutdown();
     let worker_rss = procs.peak_rss_kib();
     drop(procs);
@@ -263,6 +320,12 @@ pub async fn run(
     let keeps_up = unapplied == 0 && late <= 1.5 * early + interval_ms as f64;
     std::fs::remove_dir_all(&dir).ok();
     Ok(Sustained {
+        merge_mode: merge_mode.as_str().to_string(),
+        files_at_start,
+        files_at_end: end_info.num_files,
+        live_bytes_at_end: end_info.total_bytes,
+        storage_bytes_at_end: storage_bytes,
+        vacuum_retention_s: vacuum_retention.map(|d| d.as_secs()).unwrap_or(0),
         rows: shape.rows,
         partitioned: shape.partitioned,
         rate,
