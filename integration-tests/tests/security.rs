@@ -348,7 +348,11 @@ async fn a_run_time_source_cannot_name_an_arbitrary_credential_and_nothing_reach
     pg.psql("INSERT INTO items VALUES (1, 'a'), (2, 'b');");
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        if Path::new(&uri).join("_delta_log").exists()
+        // The first commit, not just the directory: the local store writes a temporary file
+        // there before renaming it into place.
+        if Path::new(&uri)
+            .join("_delta_log/00000000000000000000.json")
+            .exists()
             && freshet_integration_tests::query(&uri, "select count(*) from t")
                 .await
                 .first()

@@ -111,7 +111,10 @@ fn dev_runs_the_sources_of_its_config_file() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let uri = dir.path().join("t").display().to_string();
     let count = |uri: &str| -> i64 {
-        if !std::path::Path::new(uri).join("_delta_log").exists() {
+        if !std::path::Path::new(uri)
+            .join("_delta_log/00000000000000000000.json")
+            .exists()
+        {
             return -1;
         }
         rt.block_on(async {

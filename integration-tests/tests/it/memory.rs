@@ -186,7 +186,10 @@ async fn table_info(c: &ProcCluster, i: usize) -> freshet_proto::admin::v1::Tabl
 }
 
 async fn count(uri: &str) -> i64 {
-    if !std::path::Path::new(uri).join("_delta_log").exists() {
+    if !std::path::Path::new(uri)
+        .join("_delta_log/00000000000000000000.json")
+        .exists()
+    {
         return 0;
     }
     let batches = query(uri, "select count(*) from t").await;

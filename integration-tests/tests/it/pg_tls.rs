@@ -44,7 +44,10 @@ async fn rows_reach(dir: &Path, src: &freshet_source_postgres::PostgresSource, n
     loop {
         let s = src.status();
         assert_ne!(s.state, SourceState::Error, "source failed: {}", s.error);
-        if Path::new(&uri).join("_delta_log").exists() {
+        if Path::new(&uri)
+            .join("_delta_log/00000000000000000000.json")
+            .exists()
+        {
             let b = query(&uri, "SELECT count(*) FROM t").await;
             if b[0].column(0).as_primitive::<Int64Type>().value(0) == n {
                 return;

@@ -1099,7 +1099,10 @@ async fn converges(pg: &Postgres, pg_sql: &str, uri: &str, delta_sql: &str, what
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let want = pg_rows(pg, pg_sql);
-        let got = if std::path::Path::new(uri).join("_delta_log").exists() {
+        let got = if std::path::Path::new(uri)
+            .join("_delta_log/00000000000000000000.json")
+            .exists()
+        {
             delta_rows(uri, delta_sql).await
         } else {
             BTreeMap::new()

@@ -55,7 +55,10 @@ async fn a_removed_source_releases_its_slot_and_publication_and_stays_removed() 
         .unwrap();
     let uri = dir.path().join("t").display().to_string();
     wait_until("the snapshot", Duration::from_secs(60), || async {
-        (std::path::Path::new(&uri).join("_delta_log").exists() && read_table_rows(&uri).await == 1)
+        (std::path::Path::new(&uri)
+            .join("_delta_log/00000000000000000000.json")
+            .exists()
+            && read_table_rows(&uri).await == 1)
             .then_some(())
     })
     .await;
@@ -125,7 +128,10 @@ async fn read_table_rows(uri: &str) -> usize {
 /// The `id,a` rows of PostgreSQL's `t` and of the Delta table, as text lines.
 async fn both(pg: &Postgres, uri: &str) -> (String, String) {
     let want = pg.psql("SELECT id || ',' || a FROM t ORDER BY id");
-    let got = if std::path::Path::new(uri).join("_delta_log").exists() {
+    let got = if std::path::Path::new(uri)
+        .join("_delta_log/00000000000000000000.json")
+        .exists()
+    {
         let batches = query(
             uri,
             "SELECT CAST(id AS VARCHAR) || ',' || a AS r FROM t ORDER BY id",
