@@ -24,47 +24,34 @@ pub fn actions(
     redeleted: &[(FileEntry, DeletionVectorDescriptor)],
 ) -> Vec<Action> {
     let now = chrono::Utc::now().timestamp_millis();
-    let mut out = Vec::with_capacity(removed.len() + added.len());
-    for f in removed {
-        out.push(Action::Remove(Remove {
-            path: f.path.clone(),
-            data_change: true,
-            deletion_timestamp: Some(now),
-            extended_file_metadata: Some(true),
-            partition_values: Some(
-                f.partition_values
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Some(v.clone())))
-                    .collect(),
-            ),
-            size: Some(f.size as i64),
-            tags: None,
-            deletion_vector: f.deletion_vector.clone(),
-            base_row_id: None,
-            default_row_commit_version: None,
-        }));
-    }
-    for (f, dv) in redeleted {
-        let partition_values: HashMap<String, Option<String>> = f
-            .partition_values
+    let partition_values = |f: &FileEntry| -> HashMap<String, Option<String>> {
+        f.partition_values
             .iter()
             .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect();
-        out.push(Action::Remove(Remove {
+            .collect()
+    };
+    // The Remove of a snapshot file names it as the log has it (with its deletion vector).
+    let remove = |f: &FileEntry| {
+        Action::Remove(Remove {
             path: f.path.clone(),
             data_change: true,
             deletion_timestamp: Some(now),
             extended_file_metadata: Some(true),
-            partition_values: Some(partition_values.clone()),
+            partition_values: Some(partition_values(f)),
             size: Some(f.size as i64),
             tags: None,
             deletion_vector: f.deletion_vector.clone(),
             base_row_id: None,
             default_row_commit_version: None,
-        }));
+        })
+    };
+    let mut out = Vec::with_capacity(removed.len() + 2 * redeleted.len() + added.len());
+    out.extend(removed.iter().map(remove));
+    for (f, dv) in redeleted {
+        out.push(remove(f));
         out.push(Action::Add(Add {
             path: f.path.clone(),
-            partition_values,
+            partition_values: partition_values(f),
             size: f.size as i64,
             modification_time: f.modification_time,
             data_change: true,
